@@ -1,0 +1,485 @@
+"""airbench.py: the airbench94 CIFAR-10 training recipe as a small library, on CUDA and on CPU.
+
+    import airbench
+    images, labels = airbench.load_cifar10('data')                  # uint8 (50000, 32, 32, 3), int64
+    net = airbench.train94(images, labels, seed=0, lr=5.0, label_smoothing=0, batch_size=512)
+    logits = airbench.infer(net, images)                            # (50000, 10) float32, no TTA
+
+The recipe (94% CIFAR-10 test accuracy in a few seconds on one A100): a frozen 2x2 whitening conv fit
+to the training patches, three conv groups of widths 64/256/256 with BatchNorm (scale frozen at 1),
+Nesterov SGD with hyperparameters per 1024 examples, a triangular learning rate, and lookahead
+(an EMA pulled into the live weights every 5 steps). The net runs channels-last (faster on CUDA and on
+CPU), in float16 with BatchNorm in float32 on CUDA, in float32 on CPU. `keep=` restricts training to a subset of the examples so
+that the others are never in a batch nor in the whitening statistics, while every kept example sees
+the same batches and augmentations as in the run without the restriction (paired runs).
+"""
+import math
+import os
+import pickle
+import tarfile
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+# Library defaults. The self-influence experiment sets lr 5.0, label_smoothing 0, batch_size 512, flip 'random'.
+hyp = {
+    'lr': 11.5,                # per 1024 examples
+    'momentum': 0.85,          # Nesterov
+    'weight_decay': 0.0153,    # per 1024 examples, decoupled from lr
+    'bias_scaler': 64.0,       # lr multiplier for BatchNorm biases (decay unchanged)
+    'label_smoothing': 0.2,
+    'batch_size': 1024,        # last partial batch dropped
+    'epochs': 9.9,             # the last one partial: ceil(epochs x batches per epoch) steps in all
+    'whiten_bias_epochs': 3,   # the whitening bias trains for this many epochs, then freezes
+    'flip': 'alternate',       # 'random' (per image per epoch), 'alternate' (random, then flipped each epoch) or 'none'
+    'translate': 2,            # pixels, reflect padding
+    'cutout': 0,               # side of one zeroed square per image, pixels (0: none)
+    'widths': (64, 256, 256),  # channels of the three conv groups
+    'batchnorm_momentum': 0.6, # weight of the old running statistic (torch momentum = 1 - this)
+    'scaling_factor': 1 / 9,   # fixed multiplier of the output logits
+    'tta_level': 2,            # used by evaluate(): 0 none, 1 mirror, 2 mirror + two translations
+}
+
+
+def default_device():
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def dtype_for(device):
+    """float16 on CUDA (BatchNorm stays float32); float32 on CPU."""
+    return torch.float16 if torch.device(device).type == 'cuda' else torch.float32
+
+
+############################################
+#               CIFAR-10 files             #
+############################################
+
+class DataError(Exception):
+    """Dataset missing or unreadable; the message says which file to put where."""
+
+
+TRAIN_FILES = [f'data_batch_{i}' for i in range(1, 6)]
+TEST_FILES = ['test_batch']
+
+
+def load_cifar10(data_dir='data', train=True, download=True):
+    """CIFAR-10 from the standard python version, in torchvision's order (data_batch_1 .. 5).
+
+    Looks for data_dir/cifar-10-batches-py/, then data_dir/cifar-10-python.tar.gz (read in place),
+    else downloads through torchvision. Returns images uint8 (N, 32, 32, 3), labels int64 (N,), on CPU.
+    """
+    names = TRAIN_FILES if train else TEST_FILES
+    folder = os.path.join(data_dir, 'cifar-10-batches-py')
+    archive = os.path.join(data_dir, 'cifar-10-python.tar.gz')
+    if not os.path.isdir(folder) and not os.path.exists(archive):
+        if not download:
+            raise DataError(f'CIFAR-10 not found in {data_dir}: expected {folder}/ or {archive}. '
+                            'Put cifar-10-python.tar.gz there, or allow the download.')
+        _download(data_dir)
+    if os.path.isdir(folder):
+        batches = []
+        for name in names:
+            path = os.path.join(folder, name)
+            if not os.path.exists(path):
+                raise DataError(f'{path} is missing. Put the complete cifar-10-batches-py/ folder '
+                                f'(or cifar-10-python.tar.gz) in {data_dir}.')
+            with open(path, 'rb') as f:
+                batches.append(_read_batch(f.read(), path, name))
+    else:
+        try:
+            with tarfile.open(archive, 'r:gz') as tar:
+                batches = []
+                for name in names:
+                    try:
+                        member = tar.extractfile(f'cifar-10-batches-py/{name}')
+                    except KeyError:
+                        raise DataError(f'{archive} has no cifar-10-batches-py/{name}: not the '
+                                        'CIFAR-10 python archive. Replace it with cifar-10-python.tar.gz.')
+                    batches.append(_read_batch(member.read(), f'{archive}:{name}', name))
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f'{archive} is truncated or corrupt ({e}). Delete it and rerun to download '
+                            'again, or put a complete cifar-10-python.tar.gz there.') from e
+    images = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1] for b in batches])
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def _read_batch(raw, where, name):
+    """One pickled batch -> (uint8 (n, 32, 32, 3), int64 (n,)), checked."""
+    fix = 'Delete it and rerun to download again, or put a fresh cifar-10-python.tar.gz in the data folder.'
+    try:
+        d = pickle.loads(raw, encoding='bytes')
+        data, labels = np.asarray(d[b'data']), np.asarray(d[b'labels'], dtype=np.int64)
+    except Exception as e:  # a truncated pickle fails in many ways
+        raise DataError(f'{where} is truncated or corrupt ({type(e).__name__}: {e}). {fix}') from e
+    expected = 'testing batch 1 of 1' if name == 'test_batch' else f'training batch {name[-1]} of 5'
+    found = d.get(b'batch_label', b'').decode(errors='replace')
+    if found != expected:
+        raise DataError(f'{where} is labelled {found!r}, expected {expected!r}: a file in the wrong place. {fix}')
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise DataError(f'{where} holds data {data.dtype} {data.shape} and {len(labels)} labels, expected '
+                        f'uint8 (n, 3072) and n labels. {fix}')
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f'{where} has labels outside 0..9. {fix}')
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
+
+
+def _download(data_dir):
+    import torchvision
+    try:
+        torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
+    except Exception as e:
+        raise DataError(f'CIFAR-10 not found in {data_dir} and the download failed ({type(e).__name__}: {e}); '
+                        f'offline? Put cifar-10-python.tar.gz in {data_dir}/ or pass another --data-dir.') from e
+
+
+def fingerprint(images, labels):
+    """A short hash of the dataset, so that a store knows which data made its runs."""
+    import hashlib
+    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+############################################
+#            Loader and augmentation       #
+############################################
+
+def normalise(images, device, dtype):
+    """uint8 (N, 32, 32, 3) -> normalised (N, 3, 32, 32) in `dtype` on `device`, channels-last."""
+    x = torch.as_tensor(images).to(device).permute(0, 3, 1, 2).float().div(255)
+    mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def crop(padded, dy, dx, size=32):
+    """Per-image crops: padded (B, C, H, W), offsets dy, dx (B,) -> (B, C, size, size)."""
+    B, C = padded.shape[:2]
+    ar = torch.arange(size, device=padded.device)
+    rows = (dy[:, None] + ar).view(B, 1, size, 1)
+    cols = (dx[:, None] + ar).view(B, 1, 1, size)
+    return padded[torch.arange(B, device=padded.device).view(B, 1, 1, 1),
+                  torch.arange(C, device=padded.device).view(1, C, 1, 1), rows, cols]
+
+
+def cutout_mask(y0, x0, size, side=32):
+    """(B, 1, side, side) bool: True inside the size x size square at (y0, x0) of each image."""
+    ar = torch.arange(side, device=y0.device)
+    in_rows = (ar >= y0[:, None]) & (ar < y0[:, None] + size)
+    in_cols = (ar >= x0[:, None]) & (ar < x0[:, None] + size)
+    return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
+
+
+class Loader:
+    """Batches of augmented, normalised CIFAR images kept on `device` for the whole run.
+
+    Each epoch draws, from `seed`, one permutation of all N examples and one augmentation per example
+    (flip, translation offsets, cutout corner), cuts the permutation into N // batch_size batches
+    (drop_last) and then removes the examples not in `keep` from the batches they fall in. Runs that
+    differ only in `keep` therefore take the same number of steps with the same batches, minus the
+    excluded examples, and every kept example gets the same augmentation in both.
+    """
+
+    def __init__(self, images, labels, batch_size, *, keep=None, flip='random', translate=0, cutout=0,
+                 seed=0, device=None, dtype=None, drop_last=True):
+        self.device = torch.device(device or default_device())
+        self.dtype = dtype or dtype_for(self.device)
+        self.n = len(images)
+        self.batch_size, self.flip, self.translate, self.cutout = batch_size, flip, translate, cutout
+        self.drop_last = drop_last
+        self.labels = torch.as_tensor(labels).to(self.device)
+        self.images = normalise(images, self.device, self.dtype)  # (N, 3, 32, 32)
+        if translate:
+            self.padded = F.pad(self.images, (translate,) * 4, mode='reflect')
+        self.kept = torch.ones(self.n, dtype=torch.bool)
+        if keep is not None:
+            self.kept[:] = False
+            self.kept[torch.as_tensor(keep, dtype=torch.long)] = True
+        self.kept_device = self.kept.to(self.device)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        if flip not in ('random', 'alternate', 'none'):
+            raise ValueError(f"flip={flip!r}, expected 'random', 'alternate' or 'none'")
+
+    def __len__(self):
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def first_kept(self, n):
+        """The first n kept images, un-augmented (for the whitening statistics)."""
+        return self.images[self.kept.nonzero()[:n, 0].to(self.device)]
+
+    def draw_epoch(self):
+        """This epoch's random choices for all N examples, drawn on the CPU so that a seed gives the
+        same data order on every device."""
+        g, n = self.generator, self.n
+        order = torch.randperm(n, generator=g)
+        flip = torch.rand(n, generator=g) < 0.5
+        if self.flip == 'alternate':
+            if self.epoch == 0:
+                self.first_flip = flip
+            flip = self.first_flip ^ bool(self.epoch % 2)
+        elif self.flip == 'none':
+            flip = torch.zeros(n, dtype=torch.bool)
+        shift = torch.randint(0, 2 * self.translate + 1, (n, 2), generator=g)
+        corner = torch.randint(0, 32 - self.cutout + 1, (n, 2), generator=g)
+        return order, flip, shift, corner
+
+    def batches(self):
+        """One epoch: for each batch, (indices, flip, shift, corner) of its kept examples."""
+        order, flip, shift, corner = (t.to(self.device) for t in self.draw_epoch())
+        self.epoch += 1
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = idx[self.kept_device[idx]]
+            if len(idx):
+                yield idx, flip[idx], shift[idx], corner[idx]
+
+    def __iter__(self):
+        for idx, flip, shift, corner in self.batches():
+            yield self.augment(idx, flip, shift, corner), self.labels[idx]
+
+    def augment(self, idx, flip, shift, corner):
+        if self.translate:
+            x = crop(self.padded[idx], shift[:, 0], shift[:, 1])
+        else:
+            x = self.images[idx]
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        if self.cutout:
+            x = x.masked_fill(cutout_mask(corner[:, 0], corner[:, 1], self.cutout), 0)
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+############################################
+#                  Network                 #
+############################################
+
+class Mul(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """Scale frozen at 1, bias trained; `momentum` is the weight of the old running statistic."""
+
+    def __init__(self, num_features, momentum, eps=1e-12):
+        super().__init__(num_features, eps=eps, momentum=1 - momentum)
+        self.weight.requires_grad = False
+
+
+class Conv(nn.Conv2d):
+    """3x3 same-padding conv without bias; its first in_channels filters start as the identity."""
+
+    def __init__(self, channels_in, channels_out):
+        super().__init__(channels_in, channels_out, kernel_size=3, padding='same', bias=False)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        w = self.weight.data
+        torch.nn.init.dirac_(w[:w.size(1)])
+
+
+class ConvGroup(nn.Module):
+    def __init__(self, channels_in, channels_out, momentum):
+        super().__init__()
+        self.conv1 = Conv(channels_in, channels_out)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = BatchNorm(channels_out, momentum)
+        self.conv2 = Conv(channels_out, channels_out)
+        self.norm2 = BatchNorm(channels_out, momentum)
+        self.activ = nn.GELU()
+
+    def forward(self, x):
+        x = self.activ(self.norm1(self.pool(self.conv1(x))))
+        return self.activ(self.norm2(self.conv2(x)))
+
+
+WHITEN_WIDTH = 2 * 3 * 2 * 2  # 12 patch eigenvectors and their negatives
+
+
+def make_net(widths=hyp['widths'], batchnorm_momentum=hyp['batchnorm_momentum'],
+             scaling_factor=hyp['scaling_factor'], device=None):
+    """The airbench94 net: (B, 3, 32, 32) -> (B, 10) logits."""
+    device = torch.device(device or default_device())
+    w1, w2, w3 = widths
+    net = nn.Sequential(
+        nn.Conv2d(3, WHITEN_WIDTH, kernel_size=2, padding=0, bias=True),  # whitening, weights frozen
+        nn.GELU(),
+        ConvGroup(WHITEN_WIDTH, w1, batchnorm_momentum),
+        ConvGroup(w1, w2, batchnorm_momentum),
+        ConvGroup(w2, w3, batchnorm_momentum),
+        nn.MaxPool2d(3),
+        nn.Flatten(),
+        nn.Linear(w3, 10, bias=False),
+        Mul(scaling_factor),
+    )
+    net[0].weight.requires_grad = False
+    net = net.to(device=device, dtype=dtype_for(device), memory_format=torch.channels_last)
+    for m in net.modules():
+        if isinstance(m, BatchNorm):
+            m.float()  # BatchNorm statistics in float32 under a float16 net
+    return net
+
+
+@torch.no_grad()
+def init_whitening(conv, images, eps=5e-4):
+    """Set the 2x2 conv to whiten the patches of `images` (n, 3, 32, 32): filters are the eigenvectors
+    of the (uncentred) 12x12 patch second-moment matrix over sqrt(eigenvalue + eps), then their negatives."""
+    c, (h, w) = images.shape[1], conv.weight.shape[2:]
+    patches = images.float().unfold(2, h, 1).unfold(3, w, 1)            # (n, c, 31, 31, h, w)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * h * w)   # (n * 31 * 31, 12)
+    moment = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(moment)
+    filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0).view(-1, c, h, w)
+    conv.weight.copy_(torch.cat([filters, -filters]))
+
+
+############################################
+#                 Training                 #
+############################################
+
+class Diverged(Exception):
+    """Training produced a non-finite loss."""
+
+
+def lr_multiplier(step, total_steps):
+    """Triangular schedule: 0.2 at step 0, 1.0 at int(0.23 x total_steps), 0.07 at total_steps."""
+    peak = int(0.23 * total_steps)
+    if step < peak:
+        return 0.2 + (1.0 - 0.2) * step / peak
+    return 1.0 + (0.07 - 1.0) * (step - peak) / (total_steps - peak)
+
+
+def lookahead_decay(step, total_steps):
+    """Weight of the EMA at a lookahead update (every 5 steps)."""
+    return 0.95 ** 5 * (step / total_steps) ** 3
+
+
+class Lookahead:
+    """An EMA copy of every float parameter and buffer, pulled into the live weights at each update."""
+
+    def __init__(self, net):
+        self.live = [t for t in net.state_dict().values() if t.is_floating_point()]
+        self.ema = [t.detach().clone() for t in self.live]
+
+    @torch.no_grad()
+    def update(self, decay):
+        for e, t in zip(self.ema, self.live):
+            e.lerp_(t, 1 - decay)
+            t.copy_(e)
+
+
+def settings(**overrides):
+    """The library defaults with `overrides` applied; unknown names are an error."""
+    unknown = set(overrides) - set(hyp)
+    if unknown:
+        raise TypeError(f'unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(hyp)}')
+    return {**hyp, **overrides}
+
+
+def train94(images, labels, *, keep=None, seed=0, device=None, compile=False, verbose=False, test=None,
+            **hyperparameters):
+    """Train one airbench94 net and return it (lookahead weights, eval-ready).
+
+    images: uint8 (N, 32, 32, 3); labels (N,); keep: indices of the examples to train on (default all);
+    seed fixes init, data order and augmentation; hyperparameters: any key of `hyp`;
+    test: optional (images, labels) for the verbose per-epoch table.
+    """
+    h = settings(**hyperparameters)
+    device = torch.device(device or default_device())
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # autotune convs once per input shape
+    torch.manual_seed(seed)
+    net = make_net(h['widths'], h['batchnorm_momentum'], h['scaling_factor'], device)
+    loader = Loader(images, labels, h['batch_size'], keep=keep, flip=h['flip'], translate=h['translate'],
+                    cutout=h['cutout'], seed=seed, device=device)
+    total_steps = math.ceil(len(loader) * h['epochs'])
+    init_whitening(net[0], loader.first_kept(5000))
+
+    # Per-1024-examples hyperparameters -> torch SGD: Nesterov steps are about 1 + 1/(1 - momentum)
+    # times the gradient, so dividing by that keeps the step scale independent of momentum.
+    kilostep_scale = 1024 * (1 + 1 / (1 - h['momentum']))
+    lr = h['lr'] / kilostep_scale
+    wd = h['weight_decay'] * h['batch_size'] / kilostep_scale  # absolute decay per step
+    lr_biases = lr * h['bias_scaler']
+    norm_biases = [m.bias for m in net.modules() if isinstance(m, BatchNorm)]
+    others = [p for p in net.parameters() if p.requires_grad and not any(p is b for b in norm_biases)]
+    optimizer = torch.optim.SGD([dict(params=norm_biases, lr=lr_biases, weight_decay=wd / lr_biases),
+                                 dict(params=others, lr=lr, weight_decay=wd / lr)],
+                                momentum=h['momentum'], nesterov=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps))
+    lookahead = Lookahead(net)
+    model = torch.compile(net) if compile else net
+
+    if verbose:
+        print(f'{"epoch":>5} {"steps":>6} {"loss":>8} {"train_acc":>9} {"test_acc":>8} {"seconds":>8}')
+    step, start = 0, time.perf_counter()
+    for epoch in range(math.ceil(h['epochs'])):
+        net[0].bias.requires_grad = epoch < h['whiten_bias_epochs']
+        net.train()
+        for x, y in loader:
+            out = model(x)
+            loss = F.cross_entropy(out, y, label_smoothing=h['label_smoothing'], reduction='sum')
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step % 5 == 0:
+                lookahead.update(lookahead_decay(step, total_steps))
+            if step >= total_steps:
+                break
+        if not torch.isfinite(loss):  # one check per epoch: a sync per step would cost speed on CUDA
+            raise Diverged(f'loss is {loss.item()} after {step} steps (epoch {epoch + 1})')
+        if verbose:
+            train_acc = (out.argmax(1) == y).float().mean().item()
+            test_acc = evaluate(net, *test, tta_level=0) if test else float('nan')
+            print(f'{epoch + 1:>5} {step:>6} {loss.item() / len(y):>8.4f} {train_acc:>9.4f} {test_acc:>8.4f} '
+                  f'{time.perf_counter() - start:>8.2f}')
+        if step >= total_steps:
+            break
+    lookahead.update(1.0)  # decay 1: live weights become the EMA
+    net.eval()
+    return net
+
+
+############################################
+#                Inference                 #
+############################################
+
+@torch.no_grad()
+def infer(net, images, tta_level=0, batch_size=2000):
+    """Logits (N, 10) float32 on the net's device for uint8 images (N, 32, 32, 3), in eval mode.
+    tta_level 1 averages with the mirror image; 2 also with two 1-pixel reflect-padded translations."""
+    param = next(net.parameters())
+    net.eval()
+    out = []
+    for chunk in torch.as_tensor(images).split(batch_size):
+        x = normalise(chunk, param.device, param.dtype)
+        logits = _mirror(net, x) if tta_level >= 1 else net(x).float()
+        if tta_level >= 2:
+            padded = F.pad(x, (1,) * 4, mode='reflect')
+            shifted = [_mirror(net, padded[:, :, :32, :32]), _mirror(net, padded[:, :, 2:, 2:])]
+            logits = 0.5 * logits + 0.25 * (shifted[0] + shifted[1])
+        out.append(logits)
+    return torch.cat(out)
+
+
+def _mirror(net, x):
+    return 0.5 * (net(x).float() + net(x.flip(-1)).float())
+
+
+def evaluate(net, images, labels, tta_level=hyp['tta_level']):
+    """Accuracy in [0, 1]."""
+    logits = infer(net, images, tta_level)
+    return (logits.argmax(1).cpu() == torch.as_tensor(labels)).float().mean().item()

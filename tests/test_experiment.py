@@ -1,0 +1,213 @@
+"""The experiment harness: arms, pairing, the store, killed and parallel workers (CPU, --smoke scale)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import airbench
+import experiment
+import trainer_airbench
+from experiment import Store, StoreError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELD = {'random': list(range(20)), 'easy': list(range(900, 920))}
+
+
+@pytest.fixture(scope='module')
+def held_out_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('held') / 'held_out.json'
+    path.write_text(json.dumps(HELD))
+    return str(path)
+
+
+def argv(cifar_dir, held_out_file, out, runs, *more):
+    return ['--smoke', '--runs', str(runs), '--out', str(out), '--data-dir', cifar_dir,
+            '--held-out', held_out_file, '--device', 'cpu', *more]
+
+
+def run_main(cifar_dir, held_out_file, out, runs, *more, hyp=None, smoke=None):
+    return experiment.main('airbench', hyp or trainer_airbench.hyp, smoke or trainer_airbench.SMOKE, trainer_airbench.train,
+                           trainer_airbench.infer, trainer_airbench.__doc__,
+                           argv(cifar_dir, held_out_file, out, runs, *more))
+
+
+def spawn(cifar_dir, held_out_file, out, runs):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'trainer_airbench.py'),
+                             *argv(cifar_dir, held_out_file, out, runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_lines(output):
+    """(arm, run) of every 'arm run k seed ...' log line."""
+    return [(w[0], int(w[2])) for w in (line.split() for line in output.splitlines())
+            if len(w) > 3 and w[0] in experiment.ARMS and w[1] == 'run']
+
+
+def test_without_arm_never_sees_a_held_out_example_and_takes_as_many_steps(cifar_dir, held_out_file, tmp_path,
+                                                                          monkeypatch):
+    seen = []  # every Loader made, with the batch and whitening indices it gave out
+    real_batches, real_first = airbench.Loader.batches, airbench.Loader.first_kept
+
+    def batches(self):
+        for b in real_batches(self):
+            self.seen_idx.append(b[0])
+            yield b
+
+    def first_kept(self, n):
+        self.seen_idx, self.whiten_idx = [], self.kept.nonzero()[:n, 0]
+        seen.append(self)
+        return real_first(self, n)
+    monkeypatch.setattr(airbench.Loader, 'batches', batches)
+    monkeypatch.setattr(airbench.Loader, 'first_kept', first_kept)
+    assert run_main(cifar_dir, held_out_file, tmp_path, 2) == 0
+
+    held = np.array(HELD['random'] + HELD['easy'])
+    withs = [ld for ld in seen if ld.kept.all()]
+    withouts = [ld for ld in seen if not ld.kept.all()]
+    assert len(withs) == len(withouts) == 2
+    for ld in withouts:
+        assert not np.isin(torch.cat(ld.seen_idx).numpy(), held).any()
+        assert not np.isin(ld.whiten_idx.numpy(), held).any()
+        assert (~ld.kept).sum() == len(held)
+    for a, b in zip(withs, withouts):
+        assert len(a.seen_idx) == len(b.seen_idx) > 0  # same number of optimizer steps
+        assert np.isin(torch.cat(a.seen_idx).numpy(), held).any()  # the with arm does see them
+
+
+def test_paired_runs_share_their_seed_and_a_run_is_reproducible(cifar_dir, held_out_file, tmp_path):
+    assert run_main(cifar_dir, held_out_file, tmp_path / 'a', 2) == 0
+    assert run_main(cifar_dir, held_out_file, tmp_path / 'b', 2, '--seed-base', '0') == 0
+    a, b = Store(tmp_path / 'a'), Store(tmp_path / 'b')
+    for run in range(2):
+        ra, rb = a.read_run('with', run), a.read_run('without', run)
+        assert ra['seed'] == rb['seed'] == experiment.seed_for(run)
+        assert np.array_equal(ra['logits'], b.read_run('with', run)['logits'])  # bit-identical rerun
+    la, runs = a.load('with')
+    assert list(runs['seed']) == [0, 1] and not np.array_equal(la[0], la[1])
+
+
+def test_killed_worker_loses_no_run_and_rerun_ends_with_exactly_n(cifar_dir, held_out_file, tmp_path):
+    out = tmp_path / 'store'
+    proc = spawn(cifar_dir, held_out_file, out, 4)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill while a run is in progress, after at least one finished
+        claims = os.listdir(out / 'claims') if (out / 'claims').exists() else []
+        if claims and (out / 'with').exists() and len(os.listdir(out / 'with')) >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = Store(out)
+    for arm in experiment.ARMS:
+        for run in store.stored(arm):
+            store.read_run(arm, run)  # every file that exists is a complete run
+    assert sum(len(store.stored(a)) for a in experiment.ARMS) < 8
+
+    again = spawn(cifar_dir, held_out_file, out, 4)
+    output = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, output
+    assert store.stored('with') == store.stored('without') == [0, 1, 2, 3]
+    assert os.listdir(out / 'claims') == []
+    assert not [n for a in experiment.ARMS for n in os.listdir(out / a) if not n.endswith('.npz')]  # no leftovers
+
+
+def test_two_workers_on_one_folder_do_every_run_exactly_once(cifar_dir, held_out_file, tmp_path):
+    out = tmp_path / 'store'
+    procs = [spawn(cifar_dir, held_out_file, out, 3) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    done = [r for o in outputs for r in run_lines(o)]
+    assert sorted(done) == sorted((a, r) for a in experiment.ARMS for r in range(3))  # no duplicates
+    assert all(run_lines(o) for o in outputs)  # both workers did some of the work
+    store = Store(out)
+    logits, runs = store.load('with')
+    assert logits.shape[0] == 3 and sorted(runs['seed']) == [0, 1, 2]
+
+
+def test_folder_made_with_other_settings_is_refused(cifar_dir, held_out_file, tmp_path, capsys):
+    assert run_main(cifar_dir, held_out_file, tmp_path, 1) == 0
+    before = sorted(os.listdir(tmp_path / 'with'))
+    assert run_main(cifar_dir, held_out_file, tmp_path, 2, '--seed-base', '7') == 2
+    err = capsys.readouterr().err
+    assert 'holds runs made with other settings' in err and 'seed_base: store has 0, this command has 7' in err
+    other = {**trainer_airbench.hyp, 'lr': 6.0}
+    assert run_main(cifar_dir, held_out_file, tmp_path, 2, hyp=other) == 2
+    assert 'hyp' in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / 'with')) == before  # nothing lost, nothing added
+
+
+def test_corrupt_or_foreign_run_file_is_reported_left_out_and_redone(cifar_dir, held_out_file, tmp_path, capsys):
+    assert run_main(cifar_dir, held_out_file, tmp_path / 'a', 3) == 0
+    assert run_main(cifar_dir, held_out_file, tmp_path / 'b', 1, '--seed-base', '5') == 0
+    store = Store(tmp_path / 'a')
+    path = store.run_file('with', 1)
+    with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+    os.replace(Store(tmp_path / 'b').run_file('with', 0), store.run_file('with', 2))  # a foreign file
+    capsys.readouterr()
+    logits, runs = store.load('with')
+    err = capsys.readouterr().out
+    assert '000001.npz: corrupt or truncated' in err and '000002.npz: store is' in err and 'another store' in err
+    assert list(runs['run']) == [0] and logits.shape[0] == 1
+    assert len(os.listdir(tmp_path / 'a' / 'corrupt')) == 2  # moved aside, not deleted
+    assert run_main(cifar_dir, held_out_file, tmp_path / 'a', 3) == 0
+    assert list(store.load('with')[1]['run']) == [0, 1, 2]
+
+
+def test_diverged_run_is_recorded_as_failed_not_stored(cifar_dir, held_out_file, tmp_path, capsys):
+    # 6 steps: enough for the lookahead to pull the diverged weights in
+    assert run_main(cifar_dir, held_out_file, tmp_path, 1, hyp={**trainer_airbench.hyp, 'lr': 1e30},
+                    smoke={**trainer_airbench.SMOKE, 'epochs': 6}) == 0
+    store = Store(tmp_path)
+    assert store.stored('with') == store.stored('without') == []
+    failed = store.failed()
+    assert set(failed) == {('with', 0), ('without', 0)} and failed['with', 0]['seed'] == 0
+    assert 'FAILED' in capsys.readouterr().out
+    assert store.load('with')[0].shape == (0, store.settings['n_train'], 10)
+
+
+def test_packed_arrays_hold_exactly_the_stored_runs(cifar_dir, held_out_file, tmp_path):
+    assert run_main(cifar_dir, held_out_file, tmp_path, 2) == 0
+    store = Store(tmp_path)
+    logits, runs = store.load('without')
+    assert isinstance(logits, np.memmap) and logits.dtype == np.float16
+    assert logits.shape == (2, 1000, 10)
+    for i, run in enumerate(runs['run']):
+        assert np.array_equal(logits[i], store.read_run('without', run)['logits'])
+    assert run_main(cifar_dir, held_out_file, tmp_path, 3) == 0  # extending: the pack follows
+    logits, runs = store.load('without')
+    assert logits.shape == (3, 1000, 10) and np.array_equal(logits[2], store.read_run('without', 2)['logits'])
+    assert all(0 <= a <= 1 for a in runs['test_acc']) and all(s > 0 for s in runs['seconds'])
+
+
+def test_store_rejects_missing_folder_with_a_clear_message(tmp_path):
+    with pytest.raises(StoreError, match='no run store at'):
+        Store(tmp_path / 'nothing')
+
+
+def test_held_out_indices_outside_the_data_are_refused(cifar_dir, tmp_path, capsys):
+    bad = tmp_path / 'bad.json'
+    bad.write_text(json.dumps({'random': [0], 'easy': [45114]}))
+    assert run_main(cifar_dir, str(bad), tmp_path / 'out', 1) == 2
+    assert '45114' in capsys.readouterr().err
+
+
+def test_full_disk_reports_and_keeps_stored_runs(cifar_dir, held_out_file, tmp_path, monkeypatch, capsys):
+    assert run_main(cifar_dir, held_out_file, tmp_path, 1) == 0
+    real_savez = np.savez
+
+    def full(f, **kw):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(np, 'savez', full)
+    assert run_main(cifar_dir, held_out_file, tmp_path, 2) == 2
+    assert 'No space left on device' in capsys.readouterr().err
+    monkeypatch.setattr(np, 'savez', real_savez)
+    store = Store(tmp_path)
+    assert store.stored('with') == [0] and os.listdir(tmp_path / 'claims') == []
+    assert not [n for n in os.listdir(tmp_path / 'with') if '.tmp-' in n]

@@ -1,0 +1,156 @@
+"""Claims about stats.py: each statistic equals scipy's (or a hand computation) on fixed data."""
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+import stats
+
+
+def reference_margin(row, label):
+    """One example, plain float64 Python: logit of the label minus log of the summed exp of the rest."""
+    others = [float(v) for k, v in enumerate(row) if k != label]
+    return float(row[label]) - np.log(sum(np.exp(v) for v in others))
+
+
+def test_margins_match_float64_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, size=(3, 7, 10)).astype(np.float16)  # (runs, examples, classes)
+    labels = rng.integers(0, 10, size=7)
+    got = stats.margins(logits, labels)
+    assert got.shape == (3, 7) and got.dtype == np.float64
+    want = [[reference_margin(logits[r, i], labels[i]) for i in range(7)] for r in range(3)]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_margins_are_stable_for_huge_logits():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, size=(5, 10))
+    labels = rng.integers(0, 10, size=5)
+    shifted = stats.margins(logits + 1e4, labels)  # exp(1e4) overflows a naive logsumexp
+    assert np.all(np.isfinite(shifted))
+    np.testing.assert_allclose(shifted, stats.margins(logits, labels), atol=1e-9)
+
+
+def test_margins_read_a_float16_memmap_slice(tmp_path):
+    rng = np.random.default_rng(2)
+    data = rng.normal(0, 3, size=(4, 50, 10)).astype(np.float16)
+    mm = np.lib.format.open_memmap(tmp_path / 'x.npy', mode='w+', dtype=np.float16, shape=data.shape)
+    mm[:] = data
+    mm.flush()
+    mm = np.load(tmp_path / 'x.npy', mmap_mode='r')
+    idx = [3, 0, 41]
+    labels = rng.integers(0, 10, size=50)
+    np.testing.assert_array_equal(stats.margins(mm[:, idx, :], labels[idx]),
+                                  stats.margins(data[:, idx, :].astype(np.float64), labels[idx]))
+
+
+def test_margin_of_a_nan_logit_is_not_finite():
+    logits = np.zeros((2, 10))
+    logits[1, 3] = np.nan
+    assert list(np.isfinite(stats.margins(logits, np.array([0, 0])))) == [True, False]
+
+
+def two_arms(seed=3, n_with=40, n_without=25, m=6):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(1.0, 1.5, size=(n_with, m)) + np.linspace(0, 1, m)
+    b = rng.normal(1.0, 0.7, size=(n_without, m))
+    return a, b
+
+
+def test_welch_matches_scipy():
+    a, b = two_arms()
+    got = stats.welch_test(a, b)
+    want = sps.ttest_ind(a, b, equal_var=False)
+    np.testing.assert_allclose(got['stat'], want.statistic, rtol=1e-12)
+    np.testing.assert_allclose(got['p'], want.pvalue, rtol=1e-10)
+    np.testing.assert_allclose(got['df'], want.df, rtol=1e-12)
+    np.testing.assert_allclose(got['diff'], a.mean(0) - b.mean(0), rtol=1e-12)
+
+
+def test_welch_interval_matches_scipy():
+    a, b = two_arms()
+    got = stats.welch_test(a, b)
+    low, high = stats.confidence_interval(got['diff'], got['se'], got['df'])
+    want = sps.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    np.testing.assert_allclose(low, want.low, rtol=1e-10)
+    np.testing.assert_allclose(high, want.high, rtol=1e-10)
+
+
+def test_z_test_is_the_welch_statistic_with_normal_p():
+    a, b = two_arms()
+    got = stats.z_test(a, b)
+    t = sps.ttest_ind(a, b, equal_var=False).statistic
+    np.testing.assert_allclose(got['stat'], t, rtol=1e-12)
+    np.testing.assert_allclose(got['p'], 2 * sps.norm.sf(np.abs(t)), rtol=1e-12)
+    low, high = stats.confidence_interval(got['diff'], got['se'], got['df'])
+    np.testing.assert_allclose(high - got['diff'], 1.959963984540054 * got['se'], rtol=1e-12)
+
+
+def test_paired_matches_scipy():
+    a, b = two_arms(n_with=30, n_without=30)
+    b = b + 0.8 * a  # seed-matched runs share noise
+    got = stats.paired_test(a, b)
+    want = sps.ttest_rel(a, b)
+    np.testing.assert_allclose(got['stat'], want.statistic, rtol=1e-12)
+    np.testing.assert_allclose(got['p'], want.pvalue, rtol=1e-10)
+    np.testing.assert_allclose(got['df'], want.df, rtol=1e-12)
+    low, high = stats.confidence_interval(got['diff'], got['se'], got['df'])
+    ci = want.confidence_interval(0.95)
+    np.testing.assert_allclose(low, ci.low, rtol=1e-10)
+    np.testing.assert_allclose(high, ci.high, rtol=1e-10)
+
+
+def test_one_run_per_arm_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match='at least 2 runs'):
+        stats.welch_test(np.ones((1, 3)), np.ones((5, 3)))
+
+
+# Fixed p-values and their adjustments worked by hand (m = 4 finite values, the NaN does not count):
+# sorted 0.001, 0.02, 0.021, 0.3
+# Holm: 4(0.001)=0.004, 3(0.02)=0.06, 2(0.021)=0.042 -> running max 0.06, 1(0.3)=0.3
+# BH:   4(0.001)/1=0.004, 4(0.02)/2=0.04, 4(0.021)/3=0.028, 4(0.3)/4=0.3 -> running min from the top:
+#       0.004, 0.028, 0.028, 0.3
+P = [0.3, 0.02, np.nan, 0.001, 0.021]
+
+
+def test_holm_matches_hand_computation():
+    np.testing.assert_allclose(stats.holm(P), [0.3, 0.06, np.nan, 0.004, 0.06], rtol=1e-12)
+    np.testing.assert_allclose(stats.holm([0.6, 0.5]), [1.0, 1.0])
+
+
+def test_bh_matches_hand_computation():
+    np.testing.assert_allclose(stats.benjamini_hochberg(P), [0.3, 0.028, np.nan, 0.004, 0.028], rtol=1e-12)
+    np.testing.assert_allclose(stats.benjamini_hochberg([0.9, 0.8]), [0.9, 0.9])
+
+
+def test_paired_correlation_matches_numpy():
+    a, b = two_arms(n_with=30, n_without=30)
+    b = b + 0.5 * a
+    want = [np.corrcoef(a[:, j], b[:, j])[0, 1] for j in range(a.shape[1])]
+    np.testing.assert_allclose(stats.paired_correlation(a, b), want, rtol=1e-12)
+
+
+def test_pairing_ratio_is_one_minus_the_shared_noise():
+    a, b = two_arms(n_with=30, n_without=30)
+    b = b + 0.5 * a
+    r = stats.paired_correlation(a, b)
+    s1, s2 = a.std(0, ddof=1), b.std(0, ddof=1)
+    np.testing.assert_allclose(stats.pairing_ratio(a, b), 1 - 2 * r * s1 * s2 / (s1 ** 2 + s2 ** 2), rtol=1e-12)
+    np.testing.assert_allclose(stats.pairing_ratio(a, a + 1.0), 0.0, atol=1e-12)  # identical noise: all saved
+
+
+def test_runs_needed_at_half_power_is_where_the_effect_reaches_the_threshold():
+    d, s1, s2, alpha = np.array([0.3]), np.array([1.2]), np.array([0.9]), 0.01
+    n = stats.runs_needed(d, s1, s2, alpha, power=0.5)[0]
+    z = lambda k: d[0] / np.sqrt((s1[0] ** 2 + s2[0] ** 2) / k)
+    assert 2 * sps.norm.sf(z(n)) <= alpha < 2 * sps.norm.sf(z(n - 1))
+
+
+def test_runs_needed_gives_the_stated_power():
+    rng = np.random.default_rng(4)
+    d, s1, s2, alpha = 0.5, 1.0, 1.5, 0.01
+    n = int(stats.runs_needed(np.array([d]), np.array([s1]), np.array([s2]), alpha, power=0.8)[0])
+    trials = 4000  # one simulated experiment per column
+    p = stats.welch_test(rng.normal(d, s1, size=(n, trials)), rng.normal(0, s2, size=(n, trials)))['p']
+    assert abs((p < alpha).mean() - 0.8) < 0.03
+    assert stats.runs_needed(np.array([0.0]), np.array([1.0]), np.array([1.0]))[0] == np.inf

@@ -1,0 +1,389 @@
+"""viz.py: the self-influence report of a run store (the analysis of the with/without experiment).
+
+Claim under test: adding an easy training example makes the retrained net *less* confident on it
+(negative self-influence), adding a random one makes it more confident. Self-influence of example i =
+mean margin over `with` runs - mean margin over `without` runs, tested per example with Welch's t-test.
+
+    python viz.py                          # runs/airbench, Welch t-test, p < 0.01
+    python viz.py --trainer madry          # runs/madry
+    python viz.py runs/whatever --test z   # the original's normal p-value
+    python viz.py --all --csv si.csv --json si.json --plot si.png
+
+Output: first the original's table, in its published layout (significant examples only, per group,
+with the selection-biased average of the listed ones); then what an honest reading needs: the mean over
+all examples of each group with its 95% CI, counts of significant positive/negative examples, the
+paired test on seed-matched runs, and the runs per arm each example needs. --all lists every held-out
+example with its CI, Holm and Benjamini-Hochberg adjusted p-values (over all held-out examples).
+
+Cost: reads only the held-out columns of the memory-mapped (runs, n_train, 10) float16 arrays. On
+2 arms x 1000 runs x 50000 examples (2 GB, page cache warm, 2-core VM): 0.16 s and 116 MB peak resident
+memory, ~100 MB of it numpy and scipy; loading every run into RAM instead took 86 s and 14 GB
+(python bench/bench_viz.py). Not included: the store's one-time packing of new runs (9 s there).
+
+Published result (airbench, 1000 runs per arm): random 10 of 20 significant, average +0.467; easy 13 of
+20 significant, all negative, average -0.269.
+
+Runs with a non-finite logit at a held-out example (a diverged net) are left out of every statistic,
+and the report says which runs and examples. Notes about the store go to stderr, the report to stdout.
+"""
+import argparse
+import csv
+import json
+import sys
+
+import numpy as np
+
+import stats
+from experiment import Store, StoreError
+
+LEVEL = 0.95  # confidence level of every interval
+POWER = 0.8   # for "runs per arm needed": chance of reaching p < alpha if the observed effect is real
+CHUNK = 16    # runs mapped at a time (see held_out_logits)
+
+
+def note(message):
+    print(f'viz: {message}', file=sys.stderr, flush=True)
+
+
+############################################
+#            reading the store             #
+############################################
+
+def held_out_logits(logits, idx):
+    """Yield (first run, (k, m, 10) float16) chunks of the held-out columns idx (m,) of logits
+    (N, n_train, 10), reading nothing else. Each chunk of CHUNK runs is mapped afresh and unmapped after:
+    the kernel maps file pages in around every page it faults in (fault-around, large folios; measured
+    up to the whole 1 MB of a 50000-example run), so one mapping of the whole file would end up with
+    most of the data resident. Per chunk, the resident size stays at CHUNK MB or less."""
+    if not isinstance(logits, np.memmap) or logits.filename is None or not logits.flags.c_contiguous:
+        yield 0, np.asarray(logits[:, idx, :])  # an in-memory array (an arm with no runs)
+        return
+    run_bytes = logits.strides[0]
+    for lo in range(0, len(logits), CHUNK):
+        part = np.memmap(logits.filename, logits.dtype, 'r', offset=logits.offset + lo * run_bytes,
+                         shape=(min(CHUNK, len(logits) - lo), *logits.shape[1:]))
+        yield lo, part[:, idx, :]  # fancy indexing copies: nothing keeps `part` mapped
+        del part
+
+
+def read_margins(store, arm, idx):
+    """Margins of the held-out examples in every finished run of `arm`.
+    -> margins (N, m) float64 for idx (m,), runs (dict of (N,) arrays: run, seed, seconds, test_acc)."""
+    logits, runs = store.load(arm)  # (N, n_train, 10) float16, memory-mapped
+    labels = store.labels[idx]
+    out = np.empty((len(logits), len(idx)))
+    for lo, chunk in held_out_logits(logits, idx):
+        out[lo:lo + len(chunk)] = stats.margins(chunk, labels)
+    return out, runs
+
+
+def drop_nonfinite(arm, margins, runs, idx):
+    """Leave out runs with a NaN/inf margin at any held-out example; say which runs and examples."""
+    bad = ~np.isfinite(margins)  # (N, m)
+    rows = np.flatnonzero(bad.any(1))
+    if len(rows):
+        where = lambda r: ', '.join(str(idx[j]) for j in np.flatnonzero(bad[r]))
+        shown = '; '.join(f'run {runs["run"][r]} at example(s) {where(r)}' for r in rows[:10])
+        more = f' and {len(rows) - 10} more' if len(rows) > 10 else ''
+        note(f'{arm} arm: {len(rows)} run(s) with non-finite logits at held-out examples, left out of '
+             f'every statistic: {shown}{more}. Such runs diverged; retrain them if they are many.')
+    keep = np.setdiff1d(np.arange(len(margins)), rows)
+    return margins[keep], {k: np.asarray(v)[keep] for k, v in runs.items()}
+
+
+def open_store(path):
+    """Store and its held-out groups: [(name, indices (k,) int64)], in the store's order."""
+    store = Store(path)
+    groups = [(name, np.asarray(ix, dtype=np.int64)) for name, ix in store.settings['held_out'].items()]
+    if not groups or not all(len(ix) for _, ix in groups):
+        raise StoreError(f'{path}/settings.json lists no held-out examples '
+                         f'(held_out = {store.settings["held_out"]}); nothing to analyse.')
+    busy = store.in_progress()
+    if busy:
+        note(f'{path} is still being written ({busy} run(s) in progress); analysing the runs finished so far.')
+    failed = store.failed()
+    if failed:
+        note(f'{len(failed)} run(s) diverged during training and were recorded in {path}/failed/, not stored.')
+    return store, groups
+
+
+############################################
+#                analysis                  #
+############################################
+
+def analyse(store, groups, test='welch', alpha=0.01):
+    """Every statistic of the report. -> dict: per-example (m,) arrays (index, group, mean_with, ...),
+    'groups' [(name, positions)], per-group summaries, counts and the paired results if any."""
+    idx = np.concatenate([ix for _, ix in groups])
+    a, runs_a = drop_nonfinite('with', *read_margins(store, 'with', idx), idx)
+    b, runs_b = drop_nonfinite('without', *read_margins(store, 'without', idx), idx)
+    if len(a) < 2 or len(b) < 2:
+        raise StoreError(f'{store.path} holds {len(a)} usable run(s) with and {len(b)} without; '
+                         'a two-sample test needs at least 2 in each arm. Let the trainer finish more runs.')
+    if len(a) != len(b):
+        note(f'the arms hold different numbers of runs (with {len(a)}, without {len(b)}); '
+             'Welch\'s test allows it, pairing uses the seed-matched runs only.')
+    two_sample = stats.welch_test if test == 'welch' else stats.z_test
+    res = two_sample(a, b)
+    res['self_influence'] = res.pop('diff')
+    res['ci_low'], res['ci_high'] = stats.confidence_interval(res['self_influence'], res['se'], res['df'], LEVEL)
+    res['p_holm'] = stats.holm(res['p'])
+    res['p_bh'] = stats.benjamini_hochberg(res['p'])
+    res['significant'] = res['p'] < alpha
+    res['sd_with'], res['sd_without'] = a.std(0, ddof=1), b.std(0, ddof=1)
+    res['runs_needed'] = stats.runs_needed(res['self_influence'], res['sd_with'], res['sd_without'], alpha, POWER)
+    res['index'] = idx
+    res['group'] = np.array([name for name, ix in groups for _ in ix])
+
+    positions, start = [], 0
+    for name, ix in groups:
+        positions.append((name, np.arange(start, start + len(ix))))
+        start += len(ix)
+    meta = dict(path=store.path, trainer=store.settings.get('trainer', '?'), test=test, alpha=alpha,
+                n_with=len(a), n_without=len(b), groups=positions)
+    # Group mean over all its examples: test the per-run average margin of the group, so that the
+    # correlation between examples within one run is accounted for. The CI is for these k examples.
+    meta['group_summary'] = {}
+    for name, pos in positions:
+        g = two_sample(a[:, pos].mean(1, keepdims=True), b[:, pos].mean(1, keepdims=True))
+        low, high = stats.confidence_interval(g['diff'], g['se'], g['df'], LEVEL)
+        sig = res['significant'][pos]
+        si = res['self_influence'][pos]
+        meta['group_summary'][name] = dict(
+            examples=len(pos), mean=g['diff'][0], ci_low=low[0], ci_high=high[0], p=g['p'][0],
+            significant_positive=int((sig & (si > 0)).sum()), significant_negative=int((sig & (si < 0)).sum()),
+            significant_mean=si[sig].mean() if sig.any() else np.nan)
+
+    # Seed-matched pairs: run k of both arms is trained with the same seed.
+    _, ia, ib = np.intersect1d(runs_a['seed'], runs_b['seed'], return_indices=True)
+    meta['n_pairs'] = len(ia)
+    if len(ia) >= 2:
+        pa, pb = a[ia], b[ib]
+        paired = stats.paired_test(pa, pb)
+        res['paired_self_influence'], res['paired_p'] = paired['diff'], paired['p']
+        res['paired_ci_low'], res['paired_ci_high'] = stats.confidence_interval(
+            paired['diff'], paired['se'], paired['df'], LEVEL)
+        res['correlation'] = stats.paired_correlation(pa, pb)
+        res['pairing_ratio'] = stats.pairing_ratio(pa, pb)
+        res['runs_saved'] = len(ia) * (1 - res['pairing_ratio'])  # per arm, at the same standard error
+    res.update(meta)
+    return res
+
+
+EXAMPLE_COLUMNS = ['group', 'index', 'mean_with', 'mean_without', 'self_influence', 'se', 'df', 'stat', 'p',
+                   'ci_low', 'ci_high', 'p_holm', 'p_bh', 'significant', 'sd_with', 'sd_without', 'runs_needed',
+                   'paired_self_influence', 'paired_p', 'paired_ci_low', 'paired_ci_high', 'correlation',
+                   'pairing_ratio', 'runs_saved']
+
+
+def example_rows(res):
+    """One dict per held-out example, plain Python values (NaN/inf kept as floats)."""
+    columns = [c for c in EXAMPLE_COLUMNS if c in res]
+    return [{c: res[c][j].item() for c in columns} for j in range(len(res['index']))]
+
+
+############################################
+#                 report                   #
+############################################
+
+def tabbed(*fields):
+    """The original printed tab-separated fields; expanding the tabs to 8-column stops gives the
+    published layout in spaces. Empty fields are extra tabs."""
+    return '\t'.join(fields).expandtabs(8)
+
+
+def group_title(name):
+    return f'{name.capitalize()} examples:'
+
+
+def faithful_table(res):
+    """The original's report, line by line, in its published layout."""
+    lines = [f'Showing examples whose estimated self-influence is statistically-significantly different '
+             f'from zero (p < {res["alpha"]:g}):',
+             '',
+             'Example index      margin               self-influence                  p-value',
+             '                with    without']
+    for name, pos in res['groups']:
+        lines += ['', group_title(name)]
+        listed = [j for j in pos if res['significant'][j]]
+        for j in listed:
+            lines.append(tabbed(str(res['index'][j]), '', f'{res["mean_with"][j]:.3f}', f'{res["mean_without"][j]:.3f}',
+                                '', f'{res["self_influence"][j]:+.3f}', '', '', '', f'{res["p"][j]:.4f}'))
+        average = f'{np.mean(res["self_influence"][listed]):+.3f}' if listed else '(none significant)'
+        lines.append(tabbed('Average:', '', '', '', average))
+    return lines
+
+
+def describe_test(res):
+    return ("Welch's t-test (Welch-Satterthwaite df)" if res['test'] == 'welch'
+            else "z-test (Welch's statistic, normal p-value)")
+
+
+def summary(res):
+    """After the table: all-example group means with CIs, paired design, runs needed."""
+    pct = f'{LEVEL:.0%}'
+    lines = ['', f'Store {res["path"]} (trainer {res["trainer"]}): {res["n_with"]} runs with, '
+                 f'{res["n_without"]} without; {describe_test(res)}, alpha {res["alpha"]:g}.',
+             '', 'Mean self-influence over ALL examples of each group (the table above averages only the listed ones):',
+             f'{"group":<12}{"examples":>8}  {"mean":>7}  {pct + " CI":<18}  {"sig. +":>6}  {"sig. -":>6}  '
+             f'{"significant-only mean":>21}']
+    for name, g in res['group_summary'].items():
+        ci = f'[{g["ci_low"]:+.3f}, {g["ci_high"]:+.3f}]'
+        sig_mean = f'{g["significant_mean"]:+.3f}' if np.isfinite(g['significant_mean']) else 'none'
+        lines.append(f'{name.capitalize():<12}{g["examples"]:>8}  {g["mean"]:>+7.3f}  {ci:<18}  '
+                     f'{g["significant_positive"]:>6}  {g["significant_negative"]:>6}  {sig_mean:>21}')
+
+    n = res['n_pairs']
+    lines.append('')
+    if 'paired_p' in res:
+        lines += [f'Paired design ({n} seed-matched runs per arm; paired t-test of with - without, '
+                  f'p < {res["alpha"]:g}):',
+                  f'{"group":<12}{"sig. +":>6}  {"sig. -":>6}  {"median r":>8}  {"runs for the same error":>23}  '
+                  f'{"saved per arm":>13}']
+        for name, pos in res['groups']:
+            sig = res['paired_p'][pos] < res['alpha']
+            si = res['paired_self_influence'][pos]
+            ratio = np.nanmedian(res['pairing_ratio'][pos])
+            lines.append(f'{name.capitalize():<12}{int((sig & (si > 0)).sum()):>6}  {int((sig & (si < 0)).sum()):>6}  '
+                         f'{np.nanmedian(res["correlation"][pos]):>8.2f}  {f"{n} -> {n * ratio:.0f}":>23}  '
+                         f'{n * (1 - ratio):>13.0f}')
+        lines.append('(r: correlation of the two arms\' margins over matched seeds; "runs for the same error": '
+                     'pairs giving the standard error of the unpaired design, median over the group)')
+    else:
+        lines.append(f'Paired design: {n} seed-matched run(s) in both arms, at least 2 needed; no paired test.')
+
+    lines += ['', f'Runs per arm needed for p < {res["alpha"]:g} with {POWER:.0%} power at the observed effect and '
+                  f'spread (index: runs):']
+    for name, pos in res['groups']:
+        items = [f'{res["index"][j]}: {runs_text(res["runs_needed"][j])}' for j in pos]
+        lines += wrap_items(items, first=f'{name.capitalize() + ":":<8}', width=100)
+    return lines
+
+
+def wrap_items(items, first, width):
+    """Join items with two spaces into lines of at most `width` characters, never splitting an item."""
+    lines, line = [], first
+    for item in items:
+        if len(line) + len(item) > width and line.strip():
+            lines.append(line.rstrip())
+            line = ' ' * len(first)
+        line += item + '  '
+    return lines + [line.rstrip()]
+
+
+def runs_text(n):
+    """Runs per arm as printed: beyond a million (an effect near zero) the number says nothing more."""
+    return 'never' if not np.isfinite(n) else '>1e6' if n > 1e6 else f'{n:.0f}'
+
+
+def all_examples(res):
+    """--all: every held-out example with its CI, adjusted p-values and a significance mark."""
+    pct = f'{LEVEL:.0%}'
+    paired = 'paired_p' in res
+    head = (f'{"index":>6}  {"with":>7}  {"without":>7}  {"self-infl":>9}  {pct + " CI":<18}  {"p":>6}    '
+            f'{"Holm":>6}  {"BH":>6}  {"runs":>7}')
+    if paired:
+        head += f'  {"paired p":>8}  {"r":>5}'
+    lines = ['', f'All held-out examples. * marks p < {res["alpha"]:g}; Holm and BH: p adjusted over all '
+                 f'{len(res["index"])} examples; runs: runs per arm needed at {POWER:.0%} power'
+                 + ('; paired p and r: seed-matched runs.' if paired else '.'), head]
+    for name, pos in res['groups']:
+        lines.append(group_title(name))
+        for j in pos:
+            ci = f'[{res["ci_low"][j]:+.3f}, {res["ci_high"][j]:+.3f}]'
+            mark = '*' if res['significant'][j] else ' '
+            line = (f'{res["index"][j]:>6}  {res["mean_with"][j]:>7.3f}  {res["mean_without"][j]:>7.3f}  '
+                    f'{res["self_influence"][j]:>+9.3f}  {ci:<18}  {res["p"][j]:>6.4f} {mark}  '
+                    f'{res["p_holm"][j]:>6.4f}  {res["p_bh"][j]:>6.4f}  {runs_text(res["runs_needed"][j]):>7}')
+            if paired:
+                line += f'  {res["paired_p"][j]:>8.4f}  {res["correlation"][j]:>5.2f}'
+            lines.append(line)
+    return lines
+
+
+def write_csv(res, path):
+    rows = example_rows(res)
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_json(res, path):
+    """Settings of the analysis, group summaries and per-example rows; NaN/inf written as null."""
+    clean = lambda v: v if not isinstance(v, float) or np.isfinite(v) else None
+    doc = dict(store=res['path'], trainer=res['trainer'], test=res['test'], alpha=res['alpha'], level=LEVEL,
+               power=POWER, n_with=res['n_with'], n_without=res['n_without'], n_pairs=res['n_pairs'],
+               groups={name: {k: clean(float(v)) if isinstance(v, (float, np.floating)) else v for k, v in g.items()}
+                       for name, g in res['group_summary'].items()},
+               examples=[{k: clean(v) for k, v in row.items()} for row in example_rows(res)])
+    with open(path, 'w') as f:
+        json.dump(doc, f, indent=1)
+
+
+def plot_forest(res, path):
+    """Forest plot: self-influence with its CI per held-out example, one colour per group,
+    filled markers for p < alpha."""
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    m = len(res['index'])
+    fig, ax = plt.subplots(figsize=(7, 1.5 + 0.2 * (m + 2 * len(res['groups']))))
+    y, ticks, labels = 0.0, [], []
+    for k, (name, pos) in enumerate(res['groups']):
+        colour = f'C{k}'
+        for i, j in enumerate(pos):
+            si, lo, hi = res['self_influence'][j], res['ci_low'][j], res['ci_high'][j]
+            ax.errorbar(si, y, xerr=[[si - lo], [hi - si]], fmt='o', color=colour, capsize=2, markersize=4,
+                        markerfacecolor=colour if res['significant'][j] else 'white',
+                        label=f'{name} examples' if i == 0 else None)
+            ticks.append(y)
+            labels.append(str(res['index'][j]))
+            y -= 1
+        y -= 1.5  # gap between groups
+    ax.axvline(0, color='grey', linewidth=0.8)
+    ax.set_yticks(ticks, labels, fontsize=7)
+    ax.set_xlabel(f'self-influence = mean margin with - without ({LEVEL:.0%} CI; filled: p < {res["alpha"]:g})')
+    ax.set_title(f'{res["trainer"]}: {res["n_with"]} runs with, {res["n_without"]} without', fontsize=10)
+    ax.legend(loc='best', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='Self-influence report of a run store.')
+    parser.add_argument('store', nargs='?', help='store folder (default: runs/<trainer>)')
+    parser.add_argument('--trainer', default='airbench', help='reads runs/<trainer> when no store is given')
+    parser.add_argument('--test', choices=('welch', 'z'), default='welch',
+                        help="welch: Welch's t-test; z: the original's normal p-value")
+    parser.add_argument('--alpha', type=float, default=0.01, help='significance threshold of the table')
+    parser.add_argument('--all', action='store_true', help='also list every held-out example with its CI')
+    parser.add_argument('--csv', metavar='FILE', help='write per-example statistics as CSV')
+    parser.add_argument('--json', metavar='FILE', help='write per-example statistics and group summaries as JSON')
+    parser.add_argument('--plot', metavar='FILE.png', help='write a forest plot of self-influence with CIs')
+    args = parser.parse_args(argv)
+    if not 0 < args.alpha < 1:
+        parser.error(f'--alpha {args.alpha}: expected a probability between 0 and 1, e.g. 0.01')
+
+    path = args.store or f'runs/{args.trainer}'
+    try:
+        store, groups = open_store(path)
+        res = analyse(store, groups, args.test, args.alpha)
+    except StoreError as e:
+        sys.exit(f'viz: {e}')
+    lines = faithful_table(res) + summary(res) + (all_examples(res) if args.all else [])
+    print('\n'.join(lines))
+    for write, out in ((write_csv, args.csv), (write_json, args.json), (plot_forest, args.plot)):
+        if out:
+            try:
+                write(res, out)
+            except OSError as e:
+                sys.exit(f'viz: could not write {out} ({e}); the report above is complete. '
+                         'Pass a path in a writable folder.')
+    return res
+
+
+if __name__ == '__main__':
+    main()
