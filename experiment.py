@@ -36,10 +36,11 @@ HELD_OUT = {
     'easy': [45114, 47798, 43746, 49106, 47082, 44095, 49524, 41014, 49159, 44279,
              45927, 40141, 47731, 46440, 49015, 49690, 46836, 43512, 43189, 49320],
 }
-ARMS = ('with', 'without')
+ARMS = ('with', 'without')  # the experiment; a scan store has the single arm 'scan'
+SCAN_SEED_BASE = 1_000_000  # scans use seeds from here on, experiments from 0: the ranges never meet
 
 # Settings that must agree between a store and the command adding runs to it.
-BINDING = ('trainer', 'hyp', 'held_out', 'n_train', 'data_fingerprint', 'seed_base')
+BINDING = ('trainer', 'hyp', 'held_out', 'n_train', 'data_fingerprint', 'seed_base', 'arms')
 
 CLAIM_REFRESH = 60.0   # seconds between a worker's touches of its claim
 CLAIM_TIMEOUT = 600.0  # seconds without a touch after which another host's claim counts as dead
@@ -52,6 +53,18 @@ class StoreError(Exception):
 def seed_for(run, seed_base=0):
     """Run k of both arms uses the same seed: init, data order and augmentation are paired."""
     return seed_base + run
+
+
+def keep_for(arm, seed, n_train, held_out):
+    """Indices of the training examples a run of `arm` may see (None: all of them).
+    with: all; without: all but the held-out ones; scan: a random half drawn from the run's seed."""
+    if arm == 'with':
+        return None
+    if arm == 'without':
+        return np.setdiff1d(np.arange(n_train), [i for g in held_out.values() for i in g])
+    if arm == 'scan':
+        return np.sort(np.random.default_rng([7, seed]).permutation(n_train)[:n_train // 2])
+    raise ValueError(f'arm {arm!r}, expected with, without or scan')
 
 
 class Store:
@@ -68,17 +81,19 @@ class Store:
         except (OSError, ValueError) as e:
             raise StoreError(f'{self.path} is not a readable run store ({e}). '
                              'Point to a folder written by a trainer script.') from e
+        self.settings.setdefault('arms', list(ARMS))
         missing = [k for k in BINDING if k not in self.settings]
         if missing:
             raise StoreError(f'{settings_file} lacks {missing}: not a store written by this project.')
+        self.arms = tuple(self.settings['arms'])
 
     @classmethod
     def create(cls, path, settings, labels):
         """Open the store at `path`, making it if absent; refuse if it was made with other settings."""
         path = str(path)
-        settings = json.loads(json.dumps(settings))  # as it will read back (tuples become lists)
+        settings = json.loads(json.dumps({'arms': list(ARMS), **settings}))  # as read back: lists, not tuples
         if not os.path.exists(os.path.join(path, 'settings.json')):
-            for sub in (*ARMS, 'failed', 'claims', 'corrupt', 'packed'):
+            for sub in (*settings['arms'], 'failed', 'claims', 'corrupt', 'packed'):
                 os.makedirs(os.path.join(path, sub), exist_ok=True)
             _atomic_write(os.path.join(path, 'labels.npy'), lambda f: np.save(f, np.asarray(labels, np.int64)))
             # Exclusive create: of two workers making the store at once, one writes and both agree after.
@@ -167,7 +182,7 @@ class Store:
 
     def clean_leftovers(self):
         """Remove temporary files left by killed processes of this host."""
-        for sub in (*ARMS, 'failed', 'packed'):
+        for sub in (*self.arms, 'failed', 'packed'):
             for name in os.listdir(os.path.join(self.path, sub)):
                 parts = name.split('.tmp-')
                 if len(parts) == 2 and parts[1].startswith(socket.gethostname() + '-'):
@@ -222,8 +237,8 @@ class Store:
     def load(self, arm):
         """(logits, runs): logits (N, n_train, 10) float16 memory-mapped, every valid run of `arm` in
         run order; runs: 'run', 'seed', 'seconds', 'test_acc' arrays of length N."""
-        if arm not in ARMS:
-            raise ValueError(f'arm {arm!r}, expected one of {ARMS}')
+        if arm not in self.arms:
+            raise ValueError(f'arm {arm!r}, expected one of {self.arms}')
         packed, index_file = (os.path.join(self.path, 'packed', f'{arm}.{ext}') for ext in ('npy', 'json'))
         wanted = self.stored(arm)
         index = _read_json(index_file)
@@ -344,101 +359,136 @@ def _short(value, width=120):
 def parse_args(trainer, doc, argv=None):
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--runs', type=int, default=1000, help='runs per arm (default 1000); rerun with more to extend')
-    p.add_argument('--out', help=f'store folder (default runs/{trainer}, or runs/{trainer}-smoke with --smoke)')
-    p.add_argument('--data-dir', default='data', help='folder with CIFAR-10 (downloaded there if absent)')
+    p.add_argument('--out', help=f'store folder (default runs/{trainer}, runs/{trainer}-scan with --scan, '
+                                 '-smoke appended with --smoke)')
+    p.add_argument('--data-dir', default='data', help='folder with the dataset (downloaded there if absent)')
     p.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda if present)')
     p.add_argument('--gpus', help='comma-separated GPU ids, one worker each (default: every visible GPU)')
     p.add_argument('--smoke', action='store_true', help='tiny net, a fraction of an epoch: seconds per run')
-    p.add_argument('--seed-base', type=int, default=0, help='run k of both arms uses seed seed_base + k')
+    p.add_argument('--scan', action='store_true',
+                   help='instead of the with/without arms: runs on a random half of the training set each '
+                        '(arm "scan"), to estimate the self-influence of every example (python viz.py --scan)')
+    p.add_argument('--seed-base', type=int, help=f'run k uses seed seed_base + k (default 0; '
+                                                 f'{SCAN_SEED_BASE} with --scan, so the ranges are disjoint)')
     p.add_argument('--held-out', help='JSON file {"random": [...], "easy": [...]} replacing the default indices')
     p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)  # a child of a multi-GPU launch
     return p.parse_args(argv)
 
 
-def main(trainer, hyp, smoke, train, infer, doc, argv=None):
-    """Run the with/without experiment for one trainer; returns the process exit code."""
+def load_cifar10(data_dir):
+    """(train images, train labels, test images, test labels): the trainers' default dataset."""
+    import airbench
+    return (*airbench.load_cifar10(data_dir), *airbench.load_cifar10(data_dir, train=False))
+
+
+def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, held_out=HELD_OUT, block=1):
+    """Run the with/without experiment (or a scan) for one trainer; returns the process exit code.
+
+    train(images, labels, keep=, seed=, device=, **hyp) -> net and infer(net, images) -> (N, 10) logits;
+    with block > 1, train takes lists of `block` keeps and seeds and infer returns (block, N, 10):
+    the trainer trains that many models at once.
+    """
     args = parse_args(trainer, doc, argv)
     hyp = {**hyp, **smoke} if args.smoke else hyp
-    out = args.out or os.path.join('runs', trainer + ('-smoke' if args.smoke else ''))
+    out = args.out or os.path.join('runs', trainer + ('-scan' if args.scan else '') + ('-smoke' if args.smoke else ''))
+    seed_base = args.seed_base if args.seed_base is not None else SCAN_SEED_BASE if args.scan else 0
     gpus = _gpus(args)
     if len(gpus) > 1 and not args.worker:
         return launch(gpus, out, args.runs)
+    import airbench
     try:
-        import airbench
         import torch
         device = torch.device(args.device or airbench.default_device())
-        images, labels = airbench.load_cifar10(args.data_dir)
-        test_images, test_labels = airbench.load_cifar10(args.data_dir, train=False)
-        held_out = HELD_OUT if args.held_out is None else _read_held_out(args.held_out)
+        images, labels, test_images, test_labels = load(args.data_dir)
+        held_out = held_out if args.held_out is None else _read_held_out(args.held_out)
         bad = [i for g in held_out.values() for i in g if not 0 <= i < len(labels)]
         if bad:
             raise StoreError(f'held-out indices {bad} are outside the {len(labels)} training examples.')
         settings = dict(trainer=trainer, hyp=hyp, held_out=held_out, n_train=len(labels),
-                        data_fingerprint=airbench.fingerprint(images, labels), seed_base=args.seed_base,
-                        versions=_versions())
+                        data_fingerprint=airbench.fingerprint(images, labels), seed_base=seed_base,
+                        arms=['scan'] if args.scan else list(ARMS), versions=_versions())
         store = Store.create(out, settings, labels.numpy())
         work(store, args.runs, train, infer, hyp, (images, labels), (test_images, test_labels), device,
-             progress=not args.worker)
+             block=block, progress=not args.worker)
     except (airbench.DataError, StoreError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0
 
 
-def work(store, runs, train, infer, hyp, data, test, device, progress=True):
-    """Train every (arm, run) with run < `runs` that no one has stored, failed or claimed."""
+def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=True):
+    """Train every (arm, run) with run < `runs` that no one has stored, failed or claimed, `block` at a time."""
     import torch
     from tqdm import tqdm
     images, labels = (t.to(device) for t in data)  # on the device once, not copied again every run
-    held = sorted({i for g in store.settings['held_out'].values() for i in g})
-    keep = {'with': None, 'without': np.setdiff1d(np.arange(len(labels)), held)}
-    todo = [(arm, run) for run in range(runs) for arm in ARMS]  # arms interleaved: both grow together
+    n_train, held_out, seed_base = len(labels), store.settings['held_out'], store.settings['seed_base']
+    todo = [(arm, run) for run in range(runs) for arm in store.arms]  # arms interleaved: both grow together
     store.clean_leftovers()
     mine = set()
     threading.Thread(target=_heartbeat, args=(store, mine), daemon=True).start()
 
     def finished():
+        done = sum(r < runs for arm in store.arms for r in store.stored(arm))
+        return done + sum(r < runs for _, r in store.failed())
+
+    def unclaimed():
         failed = store.failed()
-        return sum(run < runs for arm in ARMS for run in store.stored(arm)) + sum(r < runs for _, r in failed)
+        for arm, run in todo:
+            if not os.path.exists(store.run_file(arm, run)) and (arm, run) not in failed and store.claim(arm, run):
+                if os.path.exists(store.run_file(arm, run)):  # finished by another worker since we looked
+                    store.release(arm, run)
+                    continue
+                yield arm, run
 
     bar = tqdm(total=len(todo), initial=finished(), unit='run', disable=not progress, dynamic_ncols=True)
+    log = bar.write if progress else lambda line: print(line, flush=True)
     seconds = []
-    for arm, run in todo:
-        if os.path.exists(store.run_file(arm, run)) or (arm, run) in store.failed():
-            continue
-        if not store.claim(arm, run):
-            continue
-        mine.add((arm, run))
+    claims = unclaimed()
+    while True:
+        jobs = [job for _, job in zip(range(block), claims)]
+        if not jobs:
+            break
+        mine.update(jobs)
         try:
-            if os.path.exists(store.run_file(arm, run)):  # finished by another worker since we looked
-                continue
-            seed = seed_for(run, store.settings['seed_base'])
+            seeds = [seed_for(run, seed_base) for _, run in jobs]
+            keeps = [keep_for(arm, seed, n_train, held_out) for (arm, _), seed in zip(jobs, seeds)]
             start = time.perf_counter()
             try:
-                net = train(images, labels, keep=keep[arm], seed=seed, device=device, **hyp)
-                logits = infer(net, images).half()
-                if not torch.isfinite(logits).all():
-                    raise _diverged()('non-finite logits on the training set')
-                test_acc = (infer(net, test[0]).argmax(1).cpu() == test[1].cpu()).float().mean().item()
+                if block == 1:
+                    net = train(images, labels, keep=keeps[0], seed=seeds[0], device=device, **hyp)
+                    logits, test_logits = infer(net, images)[None], infer(net, test[0])[None]
+                else:
+                    net = train(images, labels, keep=keeps, seed=seeds, device=device, **hyp)
+                    logits, test_logits = infer(net, images), infer(net, test[0])
             except _diverged() as e:
-                store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname())
-                bar.write(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: {e} (recorded in failed/)')
+                for (arm, run), seed in zip(jobs, seeds):
+                    store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname())
+                    log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: {e} (recorded in failed/)')
                 continue
+            logits = logits.half()  # (K, n_train, 10): stored as float16
+            finite = torch.isfinite(logits).flatten(1).all(1).tolist()
+            test_acc = (test_logits.argmax(-1).cpu() == test[1].cpu()).float().mean(-1).tolist()
             logits = logits.cpu().numpy()
-            took = time.perf_counter() - start
-            store.save_run(arm, run, seed, logits, took, test_acc, device=_device_name(device),
-                           host=socket.gethostname(), torch=torch.__version__)
-            seconds.append(took)
-            line = f'{arm:<7} run {run:>5}  seed {seed:>6}  {took:7.2f} s  test_acc {test_acc:.4f}'
-            bar.write(line) if progress else print(line, flush=True)
+            took = (time.perf_counter() - start) / len(jobs)
+            for k, ((arm, run), seed) in enumerate(zip(jobs, seeds)):
+                if not finite[k]:
+                    store.save_failure(arm, run, seed, 'non-finite logits on the training set',
+                                       device=str(device), host=socket.gethostname())
+                    log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: non-finite logits (recorded in failed/)')
+                    continue
+                store.save_run(arm, run, seed, logits[k], took, test_acc[k], device=_device_name(device),
+                               host=socket.gethostname(), torch=torch.__version__)
+                seconds.append(took)
+                log(f'{arm:<7} run {run:>5}  seed {seed:>6}  {took:7.2f} s  test_acc {test_acc[k]:.4f}')
         finally:
-            store.release(arm, run)
-            mine.discard((arm, run))
+            for arm, run in jobs:
+                store.release(arm, run)
+                mine.discard((arm, run))
         bar.update(finished() - bar.n)
     bar.close()
-    counts = {arm: sum(r < runs for r in store.stored(arm)) for arm in ARMS}
+    counts = {arm: sum(r < runs for r in store.stored(arm)) for arm in store.arms}
     failed = sum(r < runs for _, r in store.failed())
-    summary = f'{store.path}: ' + ', '.join(f'{counts[a]}/{runs} runs {a}' for a in ARMS)
+    summary = f'{store.path}: ' + ', '.join(f'{counts[a]}/{runs} runs {a}' for a in store.arms)
     if failed:
         summary += f', {failed} failed (see failed/)'
     if seconds:
@@ -449,15 +499,15 @@ def work(store, runs, train, infer, hyp, data, test, device, progress=True):
 def launch(gpus, out, runs):
     """One worker process per GPU on the same store; the parent shows the overall progress."""
     from tqdm import tqdm
-    argv = [a for a in sys.argv[1:]]
-    procs = [subprocess.Popen([sys.executable, sys.argv[0], *argv, '--worker', '--device', f'cuda:{g}'])
+    procs = [subprocess.Popen([sys.executable, sys.argv[0], *sys.argv[1:], '--worker', '--device', f'cuda:{g}'])
              for g in gpus]
-    bar = tqdm(total=2 * runs, unit='run', dynamic_ncols=True)
+    bar = tqdm(unit='run', dynamic_ncols=True)
     while any(p.poll() is None for p in procs):
         time.sleep(5)
         if os.path.exists(os.path.join(out, 'settings.json')):
             store = Store(out)
-            bar.update(sum(r < runs for arm in ARMS for r in store.stored(arm)) - bar.n)
+            bar.total = runs * len(store.arms)
+            bar.update(sum(r < runs for arm in store.arms for r in store.stored(arm)) - bar.n)
     bar.close()
     codes = [p.wait() for p in procs]
     return max(codes)

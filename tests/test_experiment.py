@@ -211,3 +211,64 @@ def test_full_disk_reports_and_keeps_stored_runs(cifar_dir, held_out_file, tmp_p
     store = Store(tmp_path)
     assert store.stored('with') == [0] and os.listdir(tmp_path / 'claims') == []
     assert not [n for n in os.listdir(tmp_path / 'with') if '.tmp-' in n]
+
+
+def test_another_hosts_claim_blocks_until_its_heartbeat_stops(tmp_path):
+    store = Store.create(tmp_path, dict(trainer='t', hyp={}, held_out=HELD, n_train=1000, data_fingerprint='f',
+                                        seed_base=0), np.zeros(1000, np.int64))
+    claim = tmp_path / 'claims' / 'with-000003'
+    claim.write_text(json.dumps(dict(host='elsewhere', pid=1, time=0)))
+    assert not store.claim('with', 3)  # fresh: its worker is alive on another machine
+    old = time.time() - experiment.CLAIM_TIMEOUT - 1
+    os.utime(claim, (old, old))
+    assert store.claim('with', 3)  # no heartbeat for too long: the run is taken over
+    assert json.loads(claim.read_text())['pid'] == os.getpid()
+    assert not store.claim('with', 3)  # and now held by this (live) process
+
+
+def test_scan_masks_are_reproducible_halves_and_disjoint_from_the_experiment_seeds():
+    n, runs = 500, 200
+    seeds = [experiment.seed_for(r, experiment.SCAN_SEED_BASE) for r in range(runs)]
+    masks = np.zeros((runs, n), bool)
+    for k, seed in enumerate(seeds):
+        keep = experiment.keep_for('scan', seed, n, HELD)
+        assert len(keep) == n // 2 and np.array_equal(keep, experiment.keep_for('scan', seed, n, HELD))
+        masks[k, keep] = True
+    counts = masks.sum(0)  # Binomial(200, 1/2) per example: sd about 7
+    assert abs(counts.mean() - runs / 2) < 1 and counts.min() > 60 and counts.max() < 140
+    assert not set(seeds) & {experiment.seed_for(r) for r in range(100_000)}
+
+
+def test_blocks_of_runs_store_the_same_runs_as_one_at_a_time(cifar_dir, held_out_file, tmp_path):
+    def train_block(images, labels, *, keep, seed, device, **hyp):
+        return [trainer_airbench.train(images, labels, keep=k, seed=s, device=device, **hyp)
+                for k, s in zip(keep, seed)]
+
+    def infer_block(nets, images):
+        return torch.stack([trainer_airbench.infer(net, images) for net in nets])
+
+    assert run_main(cifar_dir, held_out_file, tmp_path / 'one', 2) == 0
+    assert experiment.main('airbench', trainer_airbench.hyp, trainer_airbench.SMOKE, train_block, infer_block, '',
+                           argv(cifar_dir, held_out_file, tmp_path / 'block', 2), block=3) == 0
+    one, block = Store(tmp_path / 'one'), Store(tmp_path / 'block')
+    for arm in experiment.ARMS:
+        assert block.stored(arm) == [0, 1]
+        for run in (0, 1):
+            assert np.array_equal(one.read_run(arm, run)['logits'], block.read_run(arm, run)['logits'])
+
+
+def test_scan_store_trains_each_run_on_its_own_half(cifar_dir, held_out_file, tmp_path, monkeypatch):
+    kept = []
+    real_first = airbench.Loader.first_kept
+
+    def first_kept(self, n):
+        kept.append(self.kept.nonzero()[:, 0].numpy())
+        return real_first(self, n)
+    monkeypatch.setattr(airbench.Loader, 'first_kept', first_kept)
+    assert run_main(cifar_dir, held_out_file, tmp_path, 2, '--scan') == 0
+    store = Store(tmp_path)
+    assert store.arms == ('scan',) and store.settings['seed_base'] == experiment.SCAN_SEED_BASE
+    logits, runs = store.load('scan')
+    assert logits.shape == (2, 1000, 10)
+    for k, seed in enumerate(runs['seed']):
+        assert np.array_equal(kept[k], experiment.keep_for('scan', int(seed), 1000, HELD))
