@@ -103,7 +103,9 @@ class Store:
             except FileExistsError:
                 pass
         store = cls(path)
-        differ = [k for k in BINDING if store.settings.get(k) != settings.get(k)]
+        # A scan trains on random halves whatever the held-out set: that set only labels its report.
+        binding = [k for k in BINDING if not (k == 'held_out' and settings['arms'] == ['scan'])]
+        differ = [k for k in binding if store.settings.get(k) != settings.get(k)]
         if differ:
             lines = [f'  {k}: store has {_short(store.settings.get(k))}, this command has {_short(settings.get(k))}'
                      for k in differ]
@@ -371,6 +373,9 @@ def parse_args(trainer, doc, argv=None):
     p.add_argument('--seed-base', type=int, help=f'run k uses seed seed_base + k (default 0; '
                                                  f'{SCAN_SEED_BASE} with --scan, so the ranges are disjoint)')
     p.add_argument('--held-out', help='JSON file {"random": [...], "easy": [...]} replacing the default indices')
+    p.add_argument('--hyp', action='append', default=[], metavar='KEY=VALUE',
+                   help='override a hyperparameter, e.g. --hyp norm=layer (repeatable; VALUE read as JSON '
+                        'if it parses, else as a string); the default --out then names the overrides')
     p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)  # a child of a multi-GPU launch
     return p.parse_args(argv)
 
@@ -389,8 +394,10 @@ def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, h
     the trainer trains that many models at once.
     """
     args = parse_args(trainer, doc, argv)
-    hyp = {**hyp, **smoke} if args.smoke else hyp
-    out = args.out or os.path.join('runs', trainer + ('-scan' if args.scan else '') + ('-smoke' if args.smoke else ''))
+    overrides = dict(_parse_override(o, hyp) for o in args.hyp)
+    hyp = {**hyp, **(smoke if args.smoke else {}), **overrides}
+    name = trainer + ('-scan' if args.scan else '') + ('-smoke' if args.smoke else '')
+    out = args.out or os.path.join('runs', '-'.join([name, *args.hyp]))
     seed_base = args.seed_base if args.seed_base is not None else SCAN_SEED_BASE if args.scan else 0
     gpus = _gpus(args)
     if len(gpus) > 1 and not args.worker:
@@ -531,6 +538,16 @@ def _heartbeat(store, mine):
 def _diverged():
     import airbench
     return airbench.Diverged
+
+
+def _parse_override(text, hyp):
+    key, sep, value = text.partition('=')
+    if not sep or key not in hyp:
+        raise SystemExit(f'error: --hyp {text!r}: expected KEY=VALUE with KEY one of {sorted(hyp)}')
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def _read_held_out(path):

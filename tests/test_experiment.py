@@ -272,3 +272,15 @@ def test_scan_store_trains_each_run_on_its_own_half(cifar_dir, held_out_file, tm
     assert logits.shape == (2, 1000, 10)
     for k, seed in enumerate(runs['seed']):
         assert np.array_equal(kept[k], experiment.keep_for('scan', int(seed), 1000, HELD))
+
+
+def test_hyp_override_reaches_training_and_names_the_default_store(cifar_dir, held_out_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ['--smoke', '--runs', '1', '--data-dir', cifar_dir, '--held-out', held_out_file, '--device', 'cpu',
+            '--hyp', 'lr=6.5', '--hyp', 'flip=none']
+    assert experiment.main('airbench', trainer_airbench.hyp, trainer_airbench.SMOKE, trainer_airbench.train,
+                           trainer_airbench.infer, '', args) == 0
+    store = Store(tmp_path / 'runs' / 'airbench-smoke-lr=6.5-flip=none')
+    assert store.settings['hyp']['lr'] == 6.5 and store.settings['hyp']['flip'] == 'none'
+    with pytest.raises(SystemExit, match='expected KEY=VALUE'):
+        experiment.main('airbench', trainer_airbench.hyp, {}, None, None, '', ['--hyp', 'learning_rate=3'])
