@@ -134,7 +134,8 @@ class Store:
         return out
 
     def save_run(self, arm, run, seed, logits, seconds, test_acc, **extra):
-        """Store one finished run; logits (n_train, 10). Atomic: the file is complete or absent."""
+        """Store one finished run; logits (n_train, 10). Atomic: the file is complete or absent.
+        A run that saw only some examples also records which, as bits (checked on loading)."""
         logits = np.asarray(logits, dtype=np.float16)
         n_train = self.settings['n_train']
         if logits.shape != (n_train, 10):
@@ -142,6 +143,9 @@ class Store:
         record = dict(logits=logits, run=run, seed=seed, seconds=seconds, test_acc=test_acc,
                       store=self.settings['data_fingerprint'] + str(self.settings['seed_base']),
                       meta=json.dumps(extra))
+        keep = keep_for(arm, seed, n_train, self.settings['held_out'])
+        if keep is not None:
+            record['kept'] = np.packbits(np.isin(np.arange(n_train), keep))
         _atomic_write(self.run_file(arm, run), lambda f: np.savez(f, **record))
 
     def save_failure(self, arm, run, seed, reason, **extra):
@@ -223,6 +227,11 @@ class Store:
         n_train = self.settings['n_train']
         if 'logits' not in rec or rec['logits'].shape != (n_train, 10) or rec['logits'].dtype != np.float16:
             raise StoreError(f'{path}: logits missing or not ({n_train}, 10) float16')
+        if arm == 'scan':  # the analysis redraws each run's half from its seed: it must be the one trained on
+            keep = keep_for(arm, seed_for(run, self.settings['seed_base']), n_train, self.settings['held_out'])
+            if not np.array_equal(rec.get('kept'), np.packbits(np.isin(np.arange(n_train), keep))):
+                raise StoreError(f'{path}: trained on another half than the one its seed draws now '
+                                 '(another numpy version?); keep it out of this scan')
         return rec
 
     def quarantine(self, arm, run, reason):

@@ -284,3 +284,18 @@ def test_hyp_override_reaches_training_and_names_the_default_store(cifar_dir, he
     assert store.settings['hyp']['lr'] == 6.5 and store.settings['hyp']['flip'] == 'none'
     with pytest.raises(SystemExit, match='expected KEY=VALUE'):
         experiment.main('airbench', trainer_airbench.hyp, {}, None, None, '', ['--hyp', 'learning_rate=3'])
+
+
+def test_scan_run_trained_on_another_half_than_its_seed_draws_is_left_out(tmp_path, monkeypatch, capsys):
+    settings = dict(trainer='t', hyp={}, held_out=HELD, n_train=1000, data_fingerprint='f',
+                    seed_base=experiment.SCAN_SEED_BASE, arms=['scan'])
+    store = Store.create(tmp_path, settings, np.zeros(1000, np.int64))
+    for run in range(2):
+        store.save_run('scan', run, experiment.seed_for(run, experiment.SCAN_SEED_BASE),
+                       np.zeros((1000, 10), np.float16), 1.0, 0.5)
+    assert list(store.load('scan')[1]['run']) == [0, 1]
+    real_keep_for = experiment.keep_for
+    monkeypatch.setattr(experiment, 'keep_for', lambda arm, seed, n, held: real_keep_for(arm, seed + 1, n, held))
+    (tmp_path / 'packed' / 'scan.json').unlink()  # force a repack that reads the run files again
+    logits, runs = store.load('scan')
+    assert len(runs['run']) == 0 and 'trained on another half' in capsys.readouterr().out
