@@ -367,12 +367,12 @@ def _short(value, width=120):
 #        Workers and the command line      #
 ############################################
 
-def parse_args(trainer, doc, argv=None):
+def parse_args(trainer, doc, argv=None, runs=1000):
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--runs', type=int, default=1000, help='runs per arm (default 1000); rerun with more to extend')
+    p.add_argument('--runs', type=int, default=runs, help=f'runs per arm (default {runs}); rerun with more to extend')
     p.add_argument('--out', help=f'store folder (default runs/{trainer}, runs/{trainer}-scan with --scan, '
                                  '-smoke appended with --smoke)')
-    p.add_argument('--data-dir', default='data', help='folder with the dataset (downloaded there if absent)')
+    p.add_argument('--data-dir', default='data', help='folder with CIFAR-10 (downloaded there if absent)')
     p.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda if present)')
     p.add_argument('--gpus', help='comma-separated GPU ids, one worker each (default: every visible GPU)')
     p.add_argument('--smoke', action='store_true', help='tiny net, a fraction of an epoch: seconds per run')
@@ -395,14 +395,15 @@ def load_cifar10(data_dir):
     return (*airbench.load_cifar10(data_dir), *airbench.load_cifar10(data_dir, train=False))
 
 
-def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, held_out=HELD_OUT, block=1):
+def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, held_out=HELD_OUT, block=1,
+         runs=1000):
     """Run the with/without experiment (or a scan) for one trainer; returns the process exit code.
 
     train(images, labels, keep=, seed=, device=, **hyp) -> net and infer(net, images) -> (N, 10) logits;
     with block > 1, train takes lists of `block` keeps and seeds and infer returns (block, N, 10):
-    the trainer trains that many models at once.
+    the trainer trains that many models at once. runs: the default of --runs.
     """
-    args = parse_args(trainer, doc, argv)
+    args = parse_args(trainer, doc, argv, runs)
     overrides = dict(_parse_override(o, hyp) for o in args.hyp)
     hyp = {**hyp, **(smoke if args.smoke else {}), **overrides}
     name = trainer + ('-scan' if args.scan else '') + ('-smoke' if args.smoke else '')
