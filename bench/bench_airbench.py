@@ -11,6 +11,7 @@ the device's peak (the floor: 0.236 GFLOP forward per image at full width, x3 fo
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -86,8 +87,7 @@ def main():
         infer_s.append(time.perf_counter() - mid)
         print(f'run {run}  train {train_s[-1]:.3f} s  infer {infer_s[-1]:.3f} s', flush=True)
 
-    t = sorted(train_s)[len(train_s) // 2]
-    i = sorted(infer_s)[len(infer_s) // 2]
+    t, i = statistics.median(train_s), statistics.median(infer_s)
     trained = steps * hyp['batch_size']
     work = 3 * flops * trained + flops * args.n_train  # training steps + inference on the training set
     achieved = work / (t + i) / 1e12
