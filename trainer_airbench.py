@@ -10,8 +10,8 @@ training images. Run k of both arms shares seed k (init, data order, augmentatio
 
 Recipe: airbench94 with the experiment's settings (lr 5.0, no label smoothing, batch 512, random
 flip + 2 px translation, 9.9 epochs, no TTA). Cost, measured on one H200 with random CIFAR-shaped data
-(same FLOPs): 4.9 s per run end to end, so 2 x 1000 runs take 2.75 h on one GPU; --smoke on 2 CPU cores:
-about 30 s per run. Killing it loses at most the runs in progress; the same command continues. Published result (1000 runs per arm): 10 of 20 random examples significant,
+(same FLOPs): 4.2 s per run end to end (median of 12; 3.4-4.0 s once warm), so 2 x 1000 runs take
+about 2.3 h on one GPU; --smoke on 2 CPU cores: about 30 s per run on 50,000 images. Killing it loses at most the runs in progress; the same command continues. Published result (1000 runs per arm): 10 of 20 random examples significant,
 average +0.467; 13 of 20 easy examples significant, all negative, average -0.269.
 """
 import airbench
