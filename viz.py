@@ -320,24 +320,36 @@ def all_examples(res):
     return lines
 
 
-def write_csv(res, path):
-    rows = example_rows(res)
+def _finite_or_none(v):
+    return v if not isinstance(v, float) or np.isfinite(v) else None
+
+
+def _save_csv(rows, columns, path):
     with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
 
 
-def write_json(res, path):
-    """Settings of the analysis, group summaries and per-example rows; NaN/inf written as null."""
-    clean = lambda v: v if not isinstance(v, float) or np.isfinite(v) else None
-    doc = dict(store=res['path'], trainer=res['trainer'], test=res['test'], alpha=res['alpha'], level=LEVEL,
-               power=POWER, n_with=res['n_with'], n_without=res['n_without'], n_pairs=res['n_pairs'],
-               groups={name: {k: clean(float(v)) if isinstance(v, (float, np.floating)) else v for k, v in g.items()}
-                       for name, g in res['group_summary'].items()},
-               examples=[{k: clean(v) for k, v in row.items()} for row in example_rows(res)])
+def _save_json(doc, rows, path):
+    """doc plus one entry per row under 'examples'; NaN/inf written as null."""
+    doc['examples'] = [{k: _finite_or_none(v) for k, v in row.items()} for row in rows]
     with open(path, 'w') as f:
         json.dump(doc, f, indent=1)
+
+
+def write_csv(res, path):
+    rows = example_rows(res)
+    _save_csv(rows, list(rows[0]), path)
+
+
+def write_json(res, path):
+    """Settings of the analysis, group summaries and per-example rows."""
+    groups = {name: {k: _finite_or_none(float(v)) if isinstance(v, (float, np.floating)) else v for k, v in g.items()}
+              for name, g in res['group_summary'].items()}
+    doc = dict(store=res['path'], trainer=res['trainer'], test=res['test'], alpha=res['alpha'], level=LEVEL,
+               power=POWER, n_with=res['n_with'], n_without=res['n_without'], n_pairs=res['n_pairs'], groups=groups)
+    _save_json(doc, example_rows(res), path)
 
 
 def plot_forest(res, path):
@@ -535,22 +547,16 @@ def scan_report(res, top=20):
 
 
 def write_scan_csv(res, path):
-    with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=SCAN_COLUMNS)
-        writer.writeheader()
-        writer.writerows(scan_rows(res))
+    _save_csv(scan_rows(res), SCAN_COLUMNS, path)
 
 
 def write_scan_json(res, path):
-    """The scan's summary and one row per training example; NaN written as null."""
-    clean = lambda v: v if not isinstance(v, float) or np.isfinite(v) else None
+    """The scan's summary and one row per training example."""
     doc = dict(store=res['path'], trainer=res['trainer'], runs=res['runs'], left_out_runs=res['left_out_runs'],
                level=LEVEL, alpha=res['alpha'], high_margin_threshold=float(res['high_margin_threshold']),
                high_margin_rule='mean margin when included in the top quartile of the tested examples',
-               held_out={name: ix.tolist() for name, ix in res['groups']},
-               examples=[{k: clean(v) for k, v in row.items()} for row in scan_rows(res)])
-    with open(path, 'w') as f:
-        json.dump(doc, f, indent=1)
+               held_out={name: ix.tolist() for name, ix in res['groups']})
+    _save_json(doc, scan_rows(res), path)
 
 
 def main(argv=None):
