@@ -67,6 +67,12 @@ def keep_for(arm, seed, n_train, held_out):
     raise ValueError(f'arm {arm!r}, expected with, without or scan')
 
 
+def kept_bits(arm, seed, n_train, held_out):
+    """keep_for as packed bits, one per training example (None when a run sees all of them)."""
+    keep = keep_for(arm, seed, n_train, held_out)
+    return None if keep is None else np.packbits(np.isin(np.arange(n_train), keep))
+
+
 class Store:
     def __init__(self, path):
         self.path = str(path)
@@ -123,6 +129,10 @@ class Store:
         names = os.listdir(os.path.join(self.path, arm))
         return sorted(int(n[:-4]) for n in names if n.endswith('.npz') and n[:-4].isdigit())
 
+    def counts(self, runs):
+        """{arm: stored runs with index < runs}."""
+        return {arm: sum(r < runs for r in self.stored(arm)) for arm in self.arms}
+
     def failed(self):
         """{(arm, run): record} for runs that diverged."""
         out = {}
@@ -143,9 +153,9 @@ class Store:
         record = dict(logits=logits, run=run, seed=seed, seconds=seconds, test_acc=test_acc,
                       store=self.settings['data_fingerprint'] + str(self.settings['seed_base']),
                       meta=json.dumps(extra))
-        keep = keep_for(arm, seed, n_train, self.settings['held_out'])
-        if keep is not None:
-            record['kept'] = np.packbits(np.isin(np.arange(n_train), keep))
+        bits = kept_bits(arm, seed, n_train, self.settings['held_out'])
+        if bits is not None:
+            record['kept'] = bits
         _atomic_write(self.run_file(arm, run), lambda f: np.savez(f, **record))
 
     def save_failure(self, arm, run, seed, reason, **extra):
@@ -228,8 +238,8 @@ class Store:
         if 'logits' not in rec or rec['logits'].shape != (n_train, 10) or rec['logits'].dtype != np.float16:
             raise StoreError(f'{path}: logits missing or not ({n_train}, 10) float16')
         if arm == 'scan':  # the analysis redraws each run's half from its seed: it must be the one trained on
-            keep = keep_for(arm, seed_for(run, self.settings['seed_base']), n_train, self.settings['held_out'])
-            if not np.array_equal(rec.get('kept'), np.packbits(np.isin(np.arange(n_train), keep))):
+            bits = kept_bits(arm, seed_for(run, self.settings['seed_base']), n_train, self.settings['held_out'])
+            if not np.array_equal(rec.get('kept'), bits):
                 raise StoreError(f'{path}: trained on another half than the one its seed draws now '
                                  '(another numpy version?); keep it out of this scan')
         return rec
@@ -445,8 +455,7 @@ def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=T
     threading.Thread(target=_heartbeat, args=(store, mine), daemon=True).start()
 
     def finished():
-        done = sum(r < runs for arm in store.arms for r in store.stored(arm))
-        return done + sum(r < runs for _, r in store.failed())
+        return sum(store.counts(runs).values()) + sum(r < runs for _, r in store.failed())
 
     def unclaimed():
         failed = store.failed()
@@ -503,7 +512,7 @@ def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=T
                 mine.discard((arm, run))
         bar.update(finished() - bar.n)
     bar.close()
-    counts = {arm: sum(r < runs for r in store.stored(arm)) for arm in store.arms}
+    counts = store.counts(runs)
     failed = sum(r < runs for _, r in store.failed())
     summary = f'{store.path}: ' + ', '.join(f'{counts[a]}/{runs} runs {a}' for a in store.arms)
     if failed:
@@ -524,7 +533,7 @@ def launch(gpus, out, runs):
         if os.path.exists(os.path.join(out, 'settings.json')):
             store = Store(out)
             bar.total = runs * len(store.arms)
-            bar.update(sum(r < runs for arm in store.arms for r in store.stored(arm)) - bar.n)
+            bar.update(sum(store.counts(runs).values()) - bar.n)
     bar.close()
     codes = [p.wait() for p in procs]
     return max(codes)
