@@ -44,7 +44,7 @@ import sys
 import numpy as np
 
 import stats
-from experiment import Store, StoreError, keep_for
+from store import Store, StoreError, keep_for
 
 LEVEL = 0.95  # confidence level of every interval
 POWER = 0.8   # for "runs per arm needed": chance of reaching p < alpha if the observed effect is real

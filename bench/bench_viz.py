@@ -35,7 +35,8 @@ def peak_mb():
 
 def make_store(path, runs):
     """2 x runs x (50000, 10) float16 logits, written the way trainers write them (one atomic file per run)."""
-    from experiment import HELD_OUT, Store, seed_for
+    from experiment import HELD_OUT
+    from store import Store, seed_for
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, N_TRAIN)
     settings = dict(trainer='bench', hyp={}, held_out=HELD_OUT, n_train=N_TRAIN, data_fingerprint='bench',
@@ -52,7 +53,7 @@ def make_store(path, runs):
 
 
 def child_pack(path):
-    from experiment import Store
+    from store import Store
     store = Store(path)
     for arm in ('with', 'without'):
         store.load(arm)
@@ -67,7 +68,7 @@ def child_viz(path):
 
 def child_baseline(path):
     """What the original analysis did: glob the run files, stack them all, margins of everything."""
-    from experiment import Store
+    from store import Store
     from scipy import special
     from scipy import stats as sps
     store = Store(path)

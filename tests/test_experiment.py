@@ -12,8 +12,9 @@ import torch
 
 import airbench
 import experiment
+import store as store_module
 import trainer_airbench
-from experiment import Store, StoreError
+from store import Store, StoreError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELD = {'random': list(range(20)), 'easy': list(range(900, 920))}
@@ -219,7 +220,7 @@ def test_another_hosts_claim_blocks_until_its_heartbeat_stops(tmp_path):
     claim = tmp_path / 'claims' / 'with-000003'
     claim.write_text(json.dumps(dict(host='elsewhere', pid=1, time=0)))
     assert not store.claim('with', 3)  # fresh: its worker is alive on another machine
-    old = time.time() - experiment.CLAIM_TIMEOUT - 1
+    old = time.time() - store_module.CLAIM_TIMEOUT - 1
     os.utime(claim, (old, old))
     assert store.claim('with', 3)  # no heartbeat for too long: the run is taken over
     assert json.loads(claim.read_text())['pid'] == os.getpid()
@@ -294,8 +295,8 @@ def test_scan_run_trained_on_another_half_than_its_seed_draws_is_left_out(tmp_pa
         store.save_run('scan', run, experiment.seed_for(run, experiment.SCAN_SEED_BASE),
                        np.zeros((1000, 10), np.float16), 1.0, 0.5)
     assert list(store.load('scan')[1]['run']) == [0, 1]
-    real_keep_for = experiment.keep_for
-    monkeypatch.setattr(experiment, 'keep_for', lambda arm, seed, n, held: real_keep_for(arm, seed + 1, n, held))
+    real_keep_for = store_module.keep_for
+    monkeypatch.setattr(store_module, 'keep_for', lambda arm, seed, n, held: real_keep_for(arm, seed + 1, n, held))
     (tmp_path / 'packed' / 'scan.json').unlink()  # force a repack that reads the run files again
     logits, runs = store.load('scan')
-    assert len(runs['run']) == 0 and 'trained on another half' in capsys.readouterr().out
+    assert len(runs['run']) == 0 and 'trained on other examples' in capsys.readouterr().out

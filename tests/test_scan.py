@@ -9,7 +9,7 @@ from scipy import stats as sps
 
 import stats
 import viz
-from experiment import SCAN_SEED_BASE, Store, keep_for, seed_for
+from store import SCAN_SEED_BASE, Store, keep_for, seed_for
 
 HELD = {'random': [0, 1, 2], 'easy': [150, 151]}
 

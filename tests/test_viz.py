@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import viz
-from experiment import Store
+from store import Store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TRAIN = 100
