@@ -13,11 +13,16 @@ CPU), in float16 with BatchNorm in float32 on CUDA, in float32 on CPU. `keep=` r
 that the others are never in a batch nor in the whitening statistics, while every kept example sees
 the same batches and augmentations as in the run without the restriction (paired runs).
 """
+import hashlib
+import io
 import math
 import os
 import pickle
+import shutil
 import tarfile
+import tempfile
 import time
+import urllib.request
 
 import numpy as np
 import torch
@@ -66,13 +71,17 @@ class DataError(Exception):
 
 TRAIN_FILES = [f'data_batch_{i}' for i in range(1, 6)]
 TEST_FILES = ['test_batch']
+CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
+CIFAR10_MD5 = 'c58f30108f718f92721af3b95e74349a'  # published with the archive; torchvision checks the same
 
 
-def load_cifar10(data_dir='data', train=True, download=True):
+def load_cifar10(data_dir='data', train=True, download=True, md5=CIFAR10_MD5):
     """CIFAR-10 from the standard python version, in torchvision's order (data_batch_1 .. 5).
 
-    Looks for data_dir/cifar-10-batches-py/, then data_dir/cifar-10-python.tar.gz (read in place),
-    else downloads through torchvision. Returns images uint8 (N, 32, 32, 3), labels int64 (N,), on CPU.
+    Looks for data_dir/cifar-10-batches-py/, then data_dir/cifar-10-python.tar.gz (read in place once its
+    MD5 matches `md5`; None skips that check, for an archive you packed yourself), else downloads the
+    archive. Returns images uint8 (N, 32, 32, 3), labels int64 (N,), on CPU. The batches are pickles:
+    they are read without running anything from them (see _BatchUnpickler).
     """
     names = TRAIN_FILES if train else TEST_FILES
     folder = os.path.join(data_dir, 'cifar-10-batches-py')
@@ -81,7 +90,7 @@ def load_cifar10(data_dir='data', train=True, download=True):
         if not download:
             raise DataError(f'CIFAR-10 not found in {data_dir}: expected {folder}/ or {archive}. '
                             'Put cifar-10-python.tar.gz there, or allow the download.')
-        _download(data_dir)
+        _download(data_dir, archive)
     if os.path.isdir(folder):
         batches = []
         for name in names:
@@ -92,30 +101,72 @@ def load_cifar10(data_dir='data', train=True, download=True):
             with open(path, 'rb') as f:
                 batches.append(_read_batch(f.read(), path, name))
     else:
-        try:
-            with tarfile.open(archive, 'r:gz') as tar:
-                batches = []
-                for name in names:
-                    try:
-                        member = tar.extractfile(f'cifar-10-batches-py/{name}')
-                    except KeyError:
-                        raise DataError(f'{archive} has no cifar-10-batches-py/{name}: not the '
-                                        'CIFAR-10 python archive. Replace it with cifar-10-python.tar.gz.')
-                    batches.append(_read_batch(member.read(), f'{archive}:{name}', name))
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(f'{archive} is truncated or corrupt ({e}). Delete it and rerun to download '
-                            'again, or put a complete cifar-10-python.tar.gz there.') from e
+        batches = _read_archive(archive, names, md5)
     images = np.concatenate([b[0] for b in batches])
     labels = np.concatenate([b[1] for b in batches])
     return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def _read_archive(archive, names, md5):
+    """The named batches, read from the tar.gz in memory: the bytes whose MD5 is checked are the bytes read."""
+    try:
+        with open(archive, 'rb') as f:
+            raw = f.read()  # 163 MB for the real archive
+        found = hashlib.md5(raw, usedforsecurity=False).hexdigest()
+        if md5 is not None and found != md5:
+            raise DataError(f'{archive} has MD5 {found}, expected {md5} (the published cifar-10-python.tar.gz): '
+                            'a partial download or another file. Delete it and rerun to download it again, '
+                            f'or put the genuine archive from {CIFAR10_URL} there.')
+        with tarfile.open(fileobj=io.BytesIO(raw), mode='r:gz') as tar:
+            batches = []
+            for name in names:
+                try:
+                    member = tar.extractfile(f'cifar-10-batches-py/{name}')
+                except KeyError:
+                    raise DataError(f'{archive} has no cifar-10-batches-py/{name}: not the '
+                                    'CIFAR-10 python archive. Replace it with cifar-10-python.tar.gz.')
+                batches.append(_read_batch(member.read(), f'{archive}:{name}', name))
+            return batches
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f'{archive} is truncated or corrupt ({e}). Delete it and rerun to download '
+                        'again, or put a complete cifar-10-python.tar.gz there.') from e
+
+
+# The only globals the genuine batches reference: they were pickled by Python 2's cPickle (protocol 2)
+# from a dict of byte strings, lists of ints and one numpy uint8 array, and the array is rebuilt by
+# numpy's reconstructor (named numpy.core.multiarray there, numpy._core.multiarray by numpy 2) from the
+# ndarray type and a dtype. Anything else is refused when the pickle names it, before it can be built.
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # taken from numpy, so that numpy.core (deprecated) is not imported
+_ALLOWED = {('numpy.core.multiarray', '_reconstruct'): _RECONSTRUCT,
+            ('numpy._core.multiarray', '_reconstruct'): _RECONSTRUCT,
+            ('numpy', 'ndarray'): np.ndarray,
+            ('numpy', 'dtype'): np.dtype}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads one CIFAR-10 batch; raises DataError on any global outside _ALLOWED (e.g. posix.system)."""
+
+    def __init__(self, raw, where):
+        super().__init__(io.BytesIO(raw), encoding='bytes')  # Python 2 strings stay bytes
+        self.where = where
+
+    def find_class(self, module, name):
+        if (module, name) not in _ALLOWED:
+            raise DataError(f'{self.where} is not a CIFAR-10 batch: its pickle references {module}.{name}, '
+                            'which no real batch does; refused before anything was built from it. Delete it '
+                            'and rerun to download again, or put the genuine cifar-10-python.tar.gz '
+                            f'(MD5 {CIFAR10_MD5}) in the data folder.')
+        return _ALLOWED[module, name]
 
 
 def _read_batch(raw, where, name):
     """One pickled batch -> (uint8 (n, 32, 32, 3), int64 (n,)), checked."""
     fix = 'Delete it and rerun to download again, or put a fresh cifar-10-python.tar.gz in the data folder.'
     try:
-        d = pickle.loads(raw, encoding='bytes')
+        d = _BatchUnpickler(raw, where).load()
         data, labels = np.asarray(d[b'data']), np.asarray(d[b'labels'], dtype=np.int64)
+    except DataError:
+        raise
     except Exception as e:  # a truncated pickle fails in many ways
         raise DataError(f'{where} is truncated or corrupt ({type(e).__name__}: {e}). {fix}') from e
     expected = 'testing batch 1 of 1' if name == 'test_batch' else f'training batch {name[-1]} of 5'
@@ -130,13 +181,23 @@ def _read_batch(raw, where, name):
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
 
 
-def _download(data_dir):
-    import torchvision
+def _download(data_dir, archive):
+    """Fetch cifar-10-python.tar.gz to `archive`; its MD5 is checked when it is read. A partial download
+    never takes the archive's name, and concurrent downloads (a job array) each write their own file."""
+    print(f'downloading {CIFAR10_URL} (163 MB) to {data_dir}/', flush=True)
+    part = None
     try:
-        torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
+        os.makedirs(data_dir, exist_ok=True)
+        fd, part = tempfile.mkstemp(dir=data_dir, prefix='cifar-10-python.tar.gz.part-')
+        with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(CIFAR10_URL, timeout=60) as r:
+            shutil.copyfileobj(r, f, 1 << 20)
+        os.replace(part, archive)
     except Exception as e:
         raise DataError(f'CIFAR-10 not found in {data_dir} and the download failed ({type(e).__name__}: {e}); '
                         f'offline? Put cifar-10-python.tar.gz in {data_dir}/ or pass another --data-dir.') from e
+    finally:
+        if part and os.path.exists(part):
+            os.remove(part)
 
 
 def fingerprint(images, labels):

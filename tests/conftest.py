@@ -1,6 +1,7 @@
 """Generated data in the real CIFAR-10 file format, for tests that cannot download CIFAR-10."""
 import os
 import pickle
+import struct
 import sys
 
 import numpy as np
@@ -21,6 +22,39 @@ def fake_cifar_images(labels, rng):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's array reconstructor (under numpy._core in numpy 2)
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Pickles as Python 2's cPickle wrote the real CIFAR-10 batches (protocol 2; the real batches.meta
+    is 158 bytes at protocol 2, 156 at protocol 1): str and bytes as Python 2 strings, numpy's array
+    reconstructor under its numpy 1 name. Python 3's own protocol 2 wraps every bytes object in a
+    call to _codecs.encode, which the real files never contain."""
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj):
+        raw = obj.encode('latin1') if isinstance(obj, str) else obj
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack('<i', len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = save_py2_str
+
+    def save_global(self, obj, name=None):
+        if obj is _RECONSTRUCT:
+            self.write(pickle.GLOBAL + b'numpy.core.multiarray\n_reconstruct\n')
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def dump_like_cifar(obj, f):
+    """Pickle `obj` into the open binary file `f` the way the real CIFAR-10 files were pickled."""
+    _Py2Pickler(f, protocol=2).dump(obj)
+
+
 def write_cifar(root, n_per_batch=200, n_test=200, seed=0):
     """Write root/cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta) as CIFAR-10 does.
     Returns (train images (5 n, 32, 32, 3), train labels, test images, test labels)."""
@@ -34,11 +68,11 @@ def write_cifar(root, n_per_batch=200, n_test=200, seed=0):
         images = fake_cifar_images(labels, rng)
         data = images.transpose(0, 3, 1, 2).reshape(n, 3072)  # CIFAR rows: R plane, G plane, B plane
         with open(os.path.join(folder, name), 'wb') as f:
-            pickle.dump({b'batch_label': label.encode(), b'labels': labels.tolist(), b'data': data,
-                         b'filenames': [f'{i}.png'.encode() for i in range(n)]}, f)
+            dump_like_cifar({b'batch_label': label.encode(), b'labels': labels.tolist(), b'data': data,
+                             b'filenames': [f'{i}.png'.encode() for i in range(n)]}, f)
         out.append((images, labels))
     with open(os.path.join(folder, 'batches.meta'), 'wb') as f:
-        pickle.dump({b'label_names': [f'class{i}'.encode() for i in range(10)]}, f)
+        dump_like_cifar({b'label_names': [f'class{i}'.encode() for i in range(10)]}, f)
     train_images = np.concatenate([o[0] for o in out[:5]])
     train_labels = np.concatenate([o[1] for o in out[:5]])
     return train_images, train_labels, out[5][0], out[5][1]
