@@ -237,6 +237,7 @@ class Store:
         """One run file -> dict; raises StoreError if it is corrupt, truncated or foreign."""
         path = self.run_file(arm, run)
         try:
+            # allow_pickle stays False (numpy's default): a run file from a shared store loads data, never code
             with np.load(path) as z:
                 rec = {k: z[k] for k in z.files}
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
