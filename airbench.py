@@ -18,11 +18,10 @@ import io
 import math
 import os
 import pickle
-import shutil
+import socket
+import sys
 import tarfile
-import tempfile
 import time
-import urllib.request
 
 import numpy as np
 import torch
@@ -182,21 +181,20 @@ def _read_batch(raw, where, name):
 
 
 def _download(data_dir, archive):
-    """Fetch cifar-10-python.tar.gz to `archive`; its MD5 is checked when it is read. A partial download
-    never takes the archive's name, and concurrent downloads (a job array) each write their own file."""
-    print(f'downloading {CIFAR10_URL} (163 MB) to {data_dir}/', flush=True)
-    part = None
+    """Fetch cifar-10-python.tar.gz to `archive` with torchvision's downloader (which only fetches; its
+    dataset class would unpickle the batches); the MD5 is checked when the archive is read. A partial
+    download never takes the archive's name, and concurrent downloads (a job array) each write their own file."""
+    from torchvision.datasets.utils import download_url
+    print(f'downloading {CIFAR10_URL} (163 MB) to {data_dir}/', file=sys.stderr, flush=True)
+    part = f'{archive}.part-{socket.gethostname()}-{os.getpid()}'
     try:
-        os.makedirs(data_dir, exist_ok=True)
-        fd, part = tempfile.mkstemp(dir=data_dir, prefix='cifar-10-python.tar.gz.part-')
-        with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(CIFAR10_URL, timeout=60) as r:
-            shutil.copyfileobj(r, f, 1 << 20)
+        download_url(CIFAR10_URL, data_dir, os.path.basename(part))
         os.replace(part, archive)
     except Exception as e:
         raise DataError(f'CIFAR-10 not found in {data_dir} and the download failed ({type(e).__name__}: {e}); '
                         f'offline? Put cifar-10-python.tar.gz in {data_dir}/ or pass another --data-dir.') from e
     finally:
-        if part and os.path.exists(part):
+        if os.path.exists(part):
             os.remove(part)
 
 

@@ -1,11 +1,14 @@
 """Reading CIFAR-10 files never runs code from them, and the archive read is the published one."""
+import functools
 import hashlib
+import http.server
 import io
 import os
 import pickle
 import pickletools
 import re
 import tarfile
+import threading
 
 import numpy as np
 import pytest
@@ -115,11 +118,26 @@ def test_local_archive_with_another_md5_is_refused_saying_what_to_do(tmp_path):
         airbench.load_cifar10(tmp_path, download=False)
 
 
-def test_downloaded_archive_is_checked_before_use(tmp_path, monkeypatch):
+@pytest.fixture
+def served(tmp_path):
+    """A folder served over HTTP on the loopback address (torchvision's downloader speaks HTTP); yields
+    (folder, base URL)."""
+    folder = tmp_path / 'www'
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield folder, f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+    server.server_close()
+
+
+def test_downloaded_archive_is_checked_before_use(tmp_path, monkeypatch, served):
     write_cifar(tmp_path / 'src', n_per_batch=10, n_test=10)
-    served = tmp_path / 'served.tar.gz'
-    md5 = pack(tmp_path / 'src', served)
-    monkeypatch.setattr(airbench, 'CIFAR10_URL', served.as_uri())
+    folder, url = served
+    md5 = pack(tmp_path / 'src', folder / 'cifar-10-python.tar.gz')
+    monkeypatch.setattr(airbench, 'CIFAR10_URL', f'{url}/cifar-10-python.tar.gz')
     with pytest.raises(airbench.DataError, match=f'has MD5 {md5}, expected {airbench.CIFAR10_MD5}'):
         airbench.load_cifar10(tmp_path / 'data')
     assert os.listdir(tmp_path / 'data') == ['cifar-10-python.tar.gz']  # no partial download left behind
