@@ -225,7 +225,7 @@ def test_sgd_uses_per_1024_hyperparameters_and_bias_scaler():
     real_sgd = torch.optim.SGD
 
     def spy(groups, **kw):
-        seen['groups'], seen['kw'] = groups, kw
+        seen['groups'], seen['kw'] = [dict(g) for g in groups], kw  # copies: training changes 'lr' in place
         return real_sgd(groups, **kw)
     torch.optim.SGD = spy
     try:
@@ -235,10 +235,8 @@ def test_sgd_uses_per_1024_hyperparameters_and_bias_scaler():
     finally:
         torch.optim.SGD = real_sgd
     biases, others = seen['groups']
-    # 'initial_lr': the scheduler multiplies 'lr' in place as training goes
-    assert biases['initial_lr'] == pytest.approx(64 * lr)
-    assert biases['initial_lr'] * biases['weight_decay'] == pytest.approx(wd)
-    assert others['initial_lr'] == pytest.approx(lr) and others['initial_lr'] * others['weight_decay'] == pytest.approx(wd)
+    assert biases['lr'] == pytest.approx(64 * lr) and biases['lr'] * biases['weight_decay'] == pytest.approx(wd)
+    assert others['lr'] == pytest.approx(lr) and others['lr'] * others['weight_decay'] == pytest.approx(wd)
     assert seen['kw'] == dict(momentum=0.85, nesterov=True)
     assert len(biases['params']) == 6
 
