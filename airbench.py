@@ -45,7 +45,7 @@ hyp = {
     'translate': 2,            # pixels, reflect padding
     'cutout': 0,               # side of one zeroed square per image, pixels (0: none)
     'widths': (64, 256, 256),  # channels of the three conv groups
-    'bn_momentum': 0.4,        # weight of the new batch in the running statistics (PyTorch's convention)
+    'bn_momentum': 0.4,        # weight of the new batch in the running statistics (PyTorch's; the original's 0.6 weighs the old)
     'scaling_factor': 1 / 9,   # fixed multiplier of the output logits
     'batching': 'paired',      # with keep=: 'paired' (the others leave their batches) or 'rebatch' (full batches)
 }
@@ -326,7 +326,9 @@ def make_net(widths=hyp['widths'], bn_momentum=hyp['bn_momentum'], scaling_facto
     device = torch.device(device or default_device())
     w1, w2, w3 = widths
     net = nn.Sequential(
-        Conv(3, WHITEN_WIDTH, kernel_size=2, padding=0, bias=True),  # whitening: weights set, then frozen
+        # whitening: weights set from the data, then frozen; the bias starts at 0. (The Dirac filters this
+        # init also gives it count only through the lookahead EMA, which starts before whitening.)
+        Conv(3, WHITEN_WIDTH, kernel_size=2, padding=0, bias=True),
         nn.GELU(),
         ConvGroup(WHITEN_WIDTH, w1, bn_momentum),
         ConvGroup(w1, w2, bn_momentum),
@@ -350,7 +352,7 @@ def init_whitening(conv, images, eps=5e-4):
     of the (uncentred) 12x12 patch second-moment matrix over sqrt(eigenvalue + eps), then their negatives."""
     c, (h, w) = images.shape[1], conv.weight.shape[2:]
     patches = images.float().unfold(2, h, 1).unfold(3, w, 1)            # (n, c, 31 rows, 31 columns, h, w)
-    # column-major like the original: the sum over patches then rounds as its does
+    # patches ordered column by column, as in the original, so that their sum rounds the same
     patches = patches.permute(0, 3, 2, 1, 4, 5).reshape(-1, c * h * w)   # (n * 31 * 31, 12)
     moment = patches.T @ patches / len(patches)
     eigenvalues, eigenvectors = torch.linalg.eigh(moment, UPLO='U')  # the original's triangle: its signs
@@ -366,8 +368,8 @@ class Diverged(Exception):
     """Training produced a non-finite loss."""
 
 
-# The two schedules are computed in float32, in the original's order of operations: a rounding
-# difference of 1e-7 in a learning rate grows to 3e-4 in the weights within 10 steps.
+# Both schedules are computed in float32 in the original's order of operations: one rounding
+# difference in a learning rate and the weights differ from the next step on.
 f32 = np.float32
 
 

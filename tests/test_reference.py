@@ -183,7 +183,6 @@ class ReferenceLoader:
         self.normalize = ref_utils.T.Normalize(ref_utils.CIFAR_MEAN, ref_utils.CIFAR_STD)
         # the reference's CifarLoader holds images scaled to [0, 1], NCHW channels-last (float16 on CUDA)
         self.images = (images.float() / 255).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-        self.labels = None
 
     def __len__(self):
         return len(self.loader)
