@@ -9,9 +9,14 @@ The recipe (94% CIFAR-10 test accuracy in a few seconds on one A100): a frozen 2
 to the training patches, three conv groups of widths 64/256/256 with BatchNorm (scale frozen at 1),
 Nesterov SGD with hyperparameters per 1024 examples, a triangular learning rate, and lookahead
 (an EMA pulled into the live weights every 5 steps). The net runs channels-last (faster on CUDA and on
-CPU), in float16 with BatchNorm in float32 on CUDA, in float32 on CPU. `keep=` restricts training to a subset of the examples so
-that the others are never in a batch nor in the whitening statistics, while every kept example sees
-the same batches and augmentations as in the run without the restriction (paired runs).
+CPU), in float16 with BatchNorm in float32 on CUDA, in float32 on CPU; on CPU, training is bit-identical
+to the airbench 0.1.8 package the original experiment called (tests/test_reference.py).
+
+`keep=` restricts training to a subset of the examples: the others are never in a batch nor in the
+whitening statistics. With batching 'paired' (the default) every kept example sees the same batches
+and augmentations as in the run without the restriction, minus the excluded examples, and the run takes
+the same steps; with 'rebatch' the kept examples are cut into full batches, as the original experiment
+did (its `without` arm trained a loader built on the kept images alone).
 """
 import hashlib
 import io
@@ -21,7 +26,6 @@ import pickle
 import socket
 import sys
 import tarfile
-import time
 
 import numpy as np
 import torch
@@ -45,9 +49,9 @@ hyp = {
     'translate': 2,            # pixels, reflect padding
     'cutout': 0,               # side of one zeroed square per image, pixels (0: none)
     'widths': (64, 256, 256),  # channels of the three conv groups
-    'batchnorm_momentum': 0.6, # weight of the old running statistic (torch momentum = 1 - this)
+    'bn_momentum': 0.4,        # weight of the new batch in the running statistics (PyTorch's; the original's 0.6 weighs the old)
     'scaling_factor': 1 / 9,   # fixed multiplier of the output logits
-    'tta_level': 2,            # used by evaluate(): 0 none, 1 mirror, 2 mirror + two translations
+    'batching': 'paired',      # with keep=: 'paired' (the others leave their batches) or 'rebatch' (full batches)
 }
 
 
@@ -240,19 +244,25 @@ class Loader:
     """Batches of augmented, normalised CIFAR images kept on `device` for the whole run.
 
     Each epoch draws, from `seed`, one permutation of all N examples and one augmentation per example
-    (flip, translation offsets, cutout corner), cuts the permutation into N // batch_size batches
-    (drop_last) and then removes the examples not in `keep` from the batches they fall in. Runs that
-    differ only in `keep` therefore take the same number of steps with the same batches, minus the
-    excluded examples, and every kept example gets the same augmentation in both.
+    (flip, translation offsets, cutout corner). With batching 'paired' it cuts the permutation into
+    N // batch_size batches (drop_last) and then removes the examples not in `keep` from the batches
+    they fall in: runs that differ only in `keep` take the same number of steps with the same batches,
+    minus the excluded examples. With 'rebatch' it first removes the examples not in `keep` from the
+    permutation and then cuts it into len(keep) // batch_size full batches. Either way every kept
+    example gets the same augmentation as in a run without `keep`.
     """
 
     def __init__(self, images, labels, batch_size, *, keep=None, flip='random', translate=0, cutout=0,
-                 seed=0, device=None, dtype=None, drop_last=True):
+                 seed=0, device=None, dtype=None, drop_last=True, batching='paired'):
+        if flip not in ('random', 'alternate', 'none'):
+            raise ValueError(f"flip={flip!r}, expected 'random', 'alternate' or 'none'")
+        if batching not in ('paired', 'rebatch'):
+            raise ValueError(f"batching={batching!r}, expected 'paired' or 'rebatch'")
         self.device = torch.device(device or default_device())
         self.dtype = dtype or dtype_for(self.device)
         self.n = len(images)
         self.batch_size, self.flip, self.translate, self.cutout = batch_size, flip, translate, cutout
-        self.drop_last = drop_last
+        self.drop_last, self.batching = drop_last, batching
         self.labels = torch.as_tensor(labels).to(self.device)
         self.images = normalise(images, self.device, self.dtype)  # (N, 3, 32, 32)
         if translate:
@@ -264,11 +274,10 @@ class Loader:
         self.kept_device = self.kept.to(self.device)
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
-        if flip not in ('random', 'alternate', 'none'):
-            raise ValueError(f"flip={flip!r}, expected 'random', 'alternate' or 'none'")
 
     def __len__(self):
-        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+        n = int(self.kept.sum()) if self.batching == 'rebatch' else self.n  # examples cut into batches
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def first_kept(self, n):
         """The first n kept images, un-augmented (for the whitening statistics)."""
@@ -294,9 +303,11 @@ class Loader:
         """One epoch: for each batch, (indices, flip, shift, corner) of its kept examples."""
         order, flip, shift, corner = (t.to(self.device) for t in self.draw_epoch())
         self.epoch += 1
+        if self.batching == 'rebatch':
+            order = order[self.kept_device[order]]
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            idx = idx[self.kept_device[idx]]
+            idx = idx[self.kept_device[idx]]  # 'rebatch': already all kept
             if len(idx):
                 yield idx, flip[idx], shift[idx], corner[idx]
 
@@ -329,21 +340,23 @@ class Mul(nn.Module):
 
 
 class BatchNorm(nn.BatchNorm2d):
-    """Scale frozen at 1, bias trained; `momentum` is the weight of the old running statistic."""
+    """Scale frozen at 1, bias trained; `momentum` is the weight of the new batch (PyTorch's convention)."""
 
     def __init__(self, num_features, momentum, eps=1e-12):
-        super().__init__(num_features, eps=eps, momentum=1 - momentum)
+        super().__init__(num_features, eps=eps, momentum=momentum)
         self.weight.requires_grad = False
 
 
 class Conv(nn.Conv2d):
-    """3x3 same-padding conv without bias; its first in_channels filters start as the identity."""
+    """A conv whose bias (if any) starts at zero and whose first in_channels filters start as the identity."""
 
-    def __init__(self, channels_in, channels_out):
-        super().__init__(channels_in, channels_out, kernel_size=3, padding='same', bias=False)
+    def __init__(self, channels_in, channels_out, kernel_size=3, padding='same', bias=False):
+        super().__init__(channels_in, channels_out, kernel_size=kernel_size, padding=padding, bias=bias)
 
     def reset_parameters(self):
         super().reset_parameters()
+        if self.bias is not None:
+            self.bias.data.zero_()
         w = self.weight.data
         torch.nn.init.dirac_(w[:w.size(1)])
 
@@ -366,17 +379,19 @@ class ConvGroup(nn.Module):
 WHITEN_WIDTH = 2 * 3 * 2 * 2  # 12 patch eigenvectors and their negatives
 
 
-def make_net(widths=hyp['widths'], batchnorm_momentum=hyp['batchnorm_momentum'],
-             scaling_factor=hyp['scaling_factor'], device=None):
+def make_net(widths=hyp['widths'], bn_momentum=hyp['bn_momentum'], scaling_factor=hyp['scaling_factor'],
+             device=None):
     """The airbench94 net: (B, 3, 32, 32) -> (B, 10) logits."""
     device = torch.device(device or default_device())
     w1, w2, w3 = widths
     net = nn.Sequential(
-        nn.Conv2d(3, WHITEN_WIDTH, kernel_size=2, padding=0, bias=True),  # whitening, weights frozen
+        # whitening: weights set from the data, then frozen; the bias starts at 0. (The Dirac filters this
+        # init also gives it count only through the lookahead EMA, which starts before whitening.)
+        Conv(3, WHITEN_WIDTH, kernel_size=2, padding=0, bias=True),
         nn.GELU(),
-        ConvGroup(WHITEN_WIDTH, w1, batchnorm_momentum),
-        ConvGroup(w1, w2, batchnorm_momentum),
-        ConvGroup(w2, w3, batchnorm_momentum),
+        ConvGroup(WHITEN_WIDTH, w1, bn_momentum),
+        ConvGroup(w1, w2, bn_momentum),
+        ConvGroup(w2, w3, bn_momentum),
         nn.MaxPool2d(3),
         nn.Flatten(),
         nn.Linear(w3, 10, bias=False),
@@ -395,10 +410,11 @@ def init_whitening(conv, images, eps=5e-4):
     """Set the 2x2 conv to whiten the patches of `images` (n, 3, 32, 32): filters are the eigenvectors
     of the (uncentred) 12x12 patch second-moment matrix over sqrt(eigenvalue + eps), then their negatives."""
     c, (h, w) = images.shape[1], conv.weight.shape[2:]
-    patches = images.float().unfold(2, h, 1).unfold(3, w, 1)            # (n, c, 31, 31, h, w)
-    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * h * w)   # (n * 31 * 31, 12)
+    patches = images.float().unfold(2, h, 1).unfold(3, w, 1)            # (n, c, 31 rows, 31 columns, h, w)
+    # patches ordered column by column, as in the original, so that their sum rounds the same
+    patches = patches.permute(0, 3, 2, 1, 4, 5).reshape(-1, c * h * w)   # (n * 31 * 31, 12)
     moment = patches.T @ patches / len(patches)
-    eigenvalues, eigenvectors = torch.linalg.eigh(moment)
+    eigenvalues, eigenvectors = torch.linalg.eigh(moment, UPLO='U')  # the original's triangle: its signs
     filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0).view(-1, c, h, w)
     conv.weight.copy_(torch.cat([filters, -filters]))
 
@@ -411,17 +427,24 @@ class Diverged(Exception):
     """Training produced a non-finite loss."""
 
 
+# Both schedules are computed in float32 in the original's order of operations: one rounding
+# difference in a learning rate and the weights differ from the next step on.
+f32 = np.float32
+
+
 def lr_multiplier(step, total_steps):
-    """Triangular schedule: 0.2 at step 0, 1.0 at int(0.23 x total_steps), 0.07 at total_steps."""
+    """Triangular schedule: 0.2 at step 0, 1.0 at int(0.23 x total_steps), 0.07 at total_steps.
+    float32, each segment as slope x step + intercept."""
     peak = int(0.23 * total_steps)
-    if step < peak:
-        return 0.2 + (1.0 - 0.2) * step / peak
-    return 1.0 + (0.07 - 1.0) * (step - peak) / (total_steps - peak)
+    (x0, y0), (x1, y1) = ((0, 0.2), (peak, 1.0)) if step < peak else ((peak, 1.0), (total_steps, 0.07))
+    slope = (f32(y1) - f32(y0)) / f32(x1 - x0)
+    return slope * f32(step) + (f32(y0) - slope * f32(x0))
 
 
 def lookahead_decay(step, total_steps):
-    """Weight of the EMA at a lookahead update (every 5 steps)."""
-    return 0.95 ** 5 * (step / total_steps) ** 3
+    """Weight of the EMA at a lookahead update (every 5 steps): 0.95^5 x (step / total_steps)^3, float32."""
+    x = f32(step) / f32(total_steps)
+    return float(f32(0.95 ** 5) * (x * x * x))
 
 
 class Lookahead:
@@ -446,23 +469,24 @@ def settings(**overrides):
     return {**hyp, **overrides}
 
 
-def train94(images, labels, *, keep=None, seed=0, device=None, compile=False, verbose=False, test=None,
-            **hyperparameters):
+def train94(images, labels, *, keep=None, seed=0, device=None, compile=False, **hyperparameters):
     """Train one airbench94 net and return it (lookahead weights, eval-ready).
 
     images: uint8 (N, 32, 32, 3); labels (N,); keep: indices of the examples to train on (default all);
-    seed fixes init, data order and augmentation; hyperparameters: any key of `hyp`;
-    test: optional (images, labels) for the verbose per-epoch table.
+    seed fixes init, data order and augmentation; hyperparameters: any key of `hyp`.
     """
     h = settings(**hyperparameters)
     device = torch.device(device or default_device())
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # autotune convs once per input shape
     torch.manual_seed(seed)
-    net = make_net(h['widths'], h['batchnorm_momentum'], h['scaling_factor'], device)
+    net = make_net(h['widths'], h['bn_momentum'], h['scaling_factor'], device)
     loader = Loader(images, labels, h['batch_size'], keep=keep, flip=h['flip'], translate=h['translate'],
-                    cutout=h['cutout'], seed=seed, device=device)
+                    cutout=h['cutout'], seed=seed, device=device, batching=h['batching'])
     total_steps = math.ceil(len(loader) * h['epochs'])
+    # The EMA starts from the weights before whitening, as in the original (its first pull, at decay
+    # 1e-7, then moves the whitening filters by a rounding error).
+    lookahead = Lookahead(net)
     init_whitening(net[0], loader.first_kept(5000))
 
     # Per-1024-examples hyperparameters -> torch SGD: Nesterov steps are about 1 + 1/(1 - momentum)
@@ -476,23 +500,19 @@ def train94(images, labels, *, keep=None, seed=0, device=None, compile=False, ve
     optimizer = torch.optim.SGD([dict(params=norm_biases, lr=lr_biases, weight_decay=wd / lr_biases),
                                  dict(params=others, lr=lr, weight_decay=wd / lr)],
                                 momentum=h['momentum'], nesterov=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps))
-    lookahead = Lookahead(net)
     model = torch.compile(net) if compile else net
 
-    if verbose:
-        print(f'{"epoch":>5} {"steps":>6} {"loss":>8} {"train_acc":>9} {"test_acc":>8} {"seconds":>8}')
-    step, start = 0, time.perf_counter()
+    step = 0
     for epoch in range(math.ceil(h['epochs'])):
         net[0].bias.requires_grad = epoch < h['whiten_bias_epochs']
         net.train()
         for x, y in loader:
-            out = model(x)
-            loss = F.cross_entropy(out, y, label_smoothing=h['label_smoothing'], reduction='sum')
+            for group, base_lr in zip(optimizer.param_groups, (lr_biases, lr)):
+                group['lr'] = float(f32(base_lr) * lr_multiplier(step, total_steps))  # float32, as the original
+            loss = F.cross_entropy(model(x), y, label_smoothing=h['label_smoothing'], reduction='sum')
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
             step += 1
             if step % 5 == 0:
                 lookahead.update(lookahead_decay(step, total_steps))
@@ -500,11 +520,6 @@ def train94(images, labels, *, keep=None, seed=0, device=None, compile=False, ve
                 break
         if not torch.isfinite(loss):  # one check per epoch: a sync per step would cost speed on CUDA
             raise Diverged(f'loss is {loss.item()} after {step} steps (epoch {epoch + 1})')
-        if verbose:
-            train_acc = (out.argmax(1) == y).float().mean().item()
-            test_acc = evaluate(net, *test, tta_level=0) if test else float('nan')
-            print(f'{epoch + 1:>5} {step:>6} {loss.item() / len(y):>8.4f} {train_acc:>9.4f} {test_acc:>8.4f} '
-                  f'{time.perf_counter() - start:>8.2f}')
         if step >= total_steps:
             break
     lookahead.update(1.0)  # decay 1: live weights become the EMA
@@ -538,7 +553,7 @@ def _mirror(net, x):
     return 0.5 * (net(x).float() + net(x.flip(-1)).float())
 
 
-def evaluate(net, images, labels, tta_level=hyp['tta_level']):
-    """Accuracy in [0, 1]."""
+def evaluate(net, images, labels, tta_level=2):
+    """Accuracy in [0, 1]; tta_level 2 is the library's way to report test accuracy."""
     logits = infer(net, images, tta_level)
     return (logits.argmax(1).cpu() == torch.as_tensor(labels)).float().mean().item()

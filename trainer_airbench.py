@@ -23,7 +23,6 @@ hyp = airbench.settings(
     batch_size=512,       # library default 1024
     flip='random',        # independently per image per epoch (library default: alternating)
 )
-del hyp['tta_level']      # the stored logits never use test-time augmentation
 SMOKE = dict(widths=(16, 32, 32), epochs=0.2)  # a tiny net, a fifth of an epoch
 
 

@@ -68,17 +68,16 @@ def main():
     flops = forward_flops(hyp, device)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    train_hyp = {k: v for k, v in hyp.items() if k != 'tta_level'}
     print(f'device {name}; preset {args.preset}; {args.n_train} images; {steps} steps of {hyp["batch_size"]}; '
           f'forward {flops / 1e9:.3f} GFLOP/image (recipe: 0.236 at full width)')
 
     # One warm-up run: cuDNN autotuning, allocator and (with --compile) compilation.
-    airbench.train94(images, labels, seed=0, device=device, compile=args.compile, **train_hyp)
+    airbench.train94(images, labels, seed=0, device=device, compile=args.compile, **hyp)
     sync(device)
     train_s, infer_s = [], []
     for run in range(args.runs):
         start = time.perf_counter()
-        net = airbench.train94(images, labels, seed=run + 1, device=device, compile=args.compile, **train_hyp)
+        net = airbench.train94(images, labels, seed=run + 1, device=device, compile=args.compile, **hyp)
         sync(device)
         mid = time.perf_counter()
         airbench.infer(net, images).half().cpu()

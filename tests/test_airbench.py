@@ -169,6 +169,38 @@ def test_excluded_indices_never_appear_in_a_batch_and_steps_are_unchanged(data):
     assert not np.isin(part.kept.nonzero()[:, 0].numpy(), excluded.numpy()).any()
 
 
+def test_rebatch_cuts_the_kept_examples_into_full_batches(data):
+    images, labels = data  # 1000 examples
+    excluded = np.arange(0, 1000, 7)  # 143: 857 kept, 8 full batches of 100
+    keep = np.setdiff1d(np.arange(1000), excluded)
+    paired = airbench.Loader(images, labels, 100, keep=keep, translate=2, seed=3, device='cpu')
+    rebatch = airbench.Loader(images, labels, 100, keep=keep, translate=2, seed=3, device='cpu', batching='rebatch')
+    assert len(rebatch) == 8
+    for epoch in range(3):
+        batches, paired_batches = list(rebatch.batches()), list(paired.batches())
+        assert [len(idx) for idx, *_ in batches] == [100] * 8
+        seen = torch.cat([idx for idx, *_ in batches])
+        assert len(set(seen.tolist())) == 800 and not np.isin(seen.numpy(), excluded).any()
+        # each kept example keeps the augmentation it has in the paired run (one draw for all N per epoch)
+        flip, shift = torch.zeros(1000, dtype=torch.bool), torch.zeros(1000, 2, dtype=torch.long)
+        for idx, f, s, _ in paired_batches:
+            flip[idx], shift[idx] = f, s
+        in_both = torch.cat([idx for idx, *_ in paired_batches])
+        for idx, f, s, _ in batches:
+            both = np.isin(idx.numpy(), in_both.numpy())
+            assert torch.equal(f[both], flip[idx[both]]) and torch.equal(s[both], shift[idx[both]])
+    with pytest.raises(ValueError, match="batching='by class'"):
+        airbench.Loader(images, labels, 100, device='cpu', batching='by class')
+
+
+def test_rebatch_without_keep_is_the_paired_loader(data):
+    images, labels = data
+    a = airbench.Loader(images, labels, 128, translate=2, seed=5, device='cpu')
+    b = airbench.Loader(images, labels, 128, translate=2, seed=5, device='cpu', batching='rebatch')
+    for (ia, fa, sa, _), (ib, fb, sb, _) in zip(a.batches(), b.batches()):
+        assert torch.equal(ia, ib) and torch.equal(fa, fb) and torch.equal(sa, sb)
+
+
 def test_alternating_flip_flips_each_image_every_other_epoch(data):
     images, labels = data
     loader = airbench.Loader(images, labels, 100, flip='alternate', device='cpu')
@@ -226,7 +258,7 @@ def test_sgd_uses_per_1024_hyperparameters_and_bias_scaler():
     real_sgd = torch.optim.SGD
 
     def spy(groups, **kw):
-        seen['groups'], seen['kw'] = groups, kw
+        seen['groups'], seen['kw'] = [dict(g) for g in groups], kw  # copies: training changes 'lr' in place
         return real_sgd(groups, **kw)
     torch.optim.SGD = spy
     try:
@@ -236,10 +268,8 @@ def test_sgd_uses_per_1024_hyperparameters_and_bias_scaler():
     finally:
         torch.optim.SGD = real_sgd
     biases, others = seen['groups']
-    # 'initial_lr': the scheduler multiplies 'lr' in place as training goes
-    assert biases['initial_lr'] == pytest.approx(64 * lr)
-    assert biases['initial_lr'] * biases['weight_decay'] == pytest.approx(wd)
-    assert others['initial_lr'] == pytest.approx(lr) and others['initial_lr'] * others['weight_decay'] == pytest.approx(wd)
+    assert biases['lr'] == pytest.approx(64 * lr) and biases['lr'] * biases['weight_decay'] == pytest.approx(wd)
+    assert others['lr'] == pytest.approx(lr) and others['lr'] * others['weight_decay'] == pytest.approx(wd)
     assert seen['kw'] == dict(momentum=0.85, nesterov=True)
     assert len(biases['params']) == 6
 

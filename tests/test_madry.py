@@ -44,7 +44,7 @@ def test_residual_adds_its_input():
 def test_lr_rises_from_zero_to_peak_then_falls_to_zero():
     steps_per_epoch = 50000 // 512                                    # 97 batches
     peak, total = 5 * steps_per_epoch, 24 * steps_per_epoch          # the recipe: peak at epoch 5 of 24
-    lr = [trainer_madry.lr_schedule(s, peak, total) for s in range(total + 1)]
+    lr = [trainer_madry.lr_multiplier(s, peak, total) for s in range(total + 1)]
     assert lr[0] == 0 and lr[peak] == 1 and lr[total] == 0
     assert lr[peak // 2] == pytest.approx(0.5, abs=0.01)
     assert all(a < b for a, b in zip(lr[:peak], lr[1:peak + 1]))      # linear up
