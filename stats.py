@@ -235,3 +235,34 @@ def matched_controls(mean_margin, labels, held_out, target, k):
         order = np.argsort(np.abs(mean_margin[candidates] - t), kind='stable')
         out.append(candidates[order[:k]])
     return out
+
+
+def cross_influence(y, x):
+    """Least squares, per example i, of y[:, i] on an intercept and every column of x: the factorial
+    design's regression of an example's margin difference between the two runs of a pair on which run
+    kept each held-out example.
+
+    y (pairs, m): margin in run a - margin in run b; x (pairs, m): +1 where example j was kept in run a,
+    -1 where in run b. With margin = base + sum_j beta[j, i] kept_j + noise in each run, the difference is
+    y_i = sum_j beta[j, i] x_j + noise: beta[j, i] is the change of i's margin when j is added
+    (cross-influence of j on i; beta[i, i] its self-influence). Standard errors from each example's
+    residuals, t-test with pairs - m - 1 degrees of freedom. Needs pairs > m + 1 and x of full rank.
+    -> dict: beta, se, stat, p (m, m) indexed [j, i]; intercept (m,); df (int)."""
+    y, x = np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64)
+    pairs, m = y.shape
+    if x.shape != y.shape:
+        raise ValueError(f'y of shape {y.shape} and x of shape {x.shape}: expected both (pairs, examples)')
+    df = pairs - m - 1
+    if df < 1:
+        raise ValueError(f'{pairs} pairs for {m} examples: the regression needs more than m + 1 = {m + 1} pairs')
+    design = np.column_stack([np.ones(pairs), x])  # (pairs, m + 1)
+    if np.linalg.matrix_rank(design) < m + 1:
+        raise ValueError(f'the assignments of the {m} examples over {pairs} pairs are collinear; more pairs are needed')
+    inverse = np.linalg.inv(design.T @ design)
+    coef = inverse @ design.T @ y                          # (m + 1, m)
+    residual_var = ((y - design @ coef) ** 2).sum(0) / df  # (m,)
+    se = np.sqrt(np.diag(inverse)[:, None] * residual_var[None, :])
+    with np.errstate(divide='ignore', invalid='ignore'):
+        t = coef / se
+    p = 2 * sps.t.sf(np.abs(t), df)
+    return dict(beta=coef[1:], se=se[1:], stat=t[1:], p=p[1:], intercept=coef[0], df=df)

@@ -9,6 +9,7 @@ mean margin over `with` runs - mean margin over `without` runs, tested per examp
     python viz.py runs/whatever --test z   # the original's normal p-value
     python viz.py --all --csv si.csv --json si.json --plot si.png
     python viz.py --scan                   # runs/airbench-scan: every example's self-influence
+    python viz.py runs/digits-factorial    # a factorial store (arms a, b): the factorial report (viz_factorial.py)
 
 Output: first the original's table, in its published layout (significant examples only, per group,
 with the selection-biased average of the listed ones); then what an honest reading needs: the mean over
@@ -38,26 +39,28 @@ and the report says which runs and examples. Notes about the store go to stderr,
 """
 import argparse
 import sys
-import textwrap
 
 import numpy as np
 
 import stats
 from store import Store, StoreError, keep_for
-from viz_io import (CHUNK, LEVEL, column_chunks, control_means, drop_nonfinite, group_title, held_out_groups, listed,
-                    mean_margins, note, pick_controls,
+import viz_controls
+import viz_factorial
+from viz_io import (LEVEL, column_chunks, drop_nonfinite, group_title, held_out_groups, listed, mean_margins, note,
                     note_progress, plot_forest, ptext, read_margins, save_csv, save_json)
 
 POWER = 0.8     # for "runs per arm needed": chance of reaching p < alpha if the observed effect is real
-CONTROLS = 50   # controls per held-out example (--controls)
 
 
 def open_store(path):
     """Store and its held-out groups: [(name, indices (k,) int64)], in the store's order."""
     store = Store(path)
-    if 'with' not in store.arms:
+    if 'scan' in store.arms:
         raise StoreError(f'{path} is a scan store (arms: {", ".join(store.arms)}), not the with/without '
                          f'experiment. Analyse it with: python viz.py --scan {path}')
+    if 'with' not in store.arms:
+        raise StoreError(f'{path} is not a with/without store (arms: {", ".join(store.arms)}). '
+                         f'Report it with: python viz.py {path}')
     groups = held_out_groups(store)
     note_progress(store)
     return store, groups
@@ -67,7 +70,7 @@ def open_store(path):
 #                analysis                  #
 ############################################
 
-def analyse(store, groups, test='welch', alpha=0.01, controls=CONTROLS):
+def analyse(store, groups, test='welch', alpha=0.01, controls=viz_controls.CONTROLS):
     """Every statistic of the report. -> dict: per-example (m,) arrays (index, group, mean_with, ...),
     'groups' [(name, positions)], per-group summaries, counts, the paired results if any and, with
     controls > 0, the control-adjusted results (see analyse_controls)."""
@@ -146,11 +149,10 @@ def analyse_controls(store, res, a, b, runs_a, runs_b):
     Selecting controls by their `with` mean biases their shift by about se^2 x the slope of the log density
     of mean margins at the target (se: standard error of a mean margin, about 0.03 at 1000 runs): far
     below the effects measured."""
-    idx, k = res['index'], res['control_k']
     mean_with = mean_margins(store, 'with', runs_a['run'])  # (n_train,)
-    controls = pick_controls(store, mean_with, idx, res['mean_with'], k)
-    ca = control_means(store, 'with', controls, runs_a['run'])  # (n_with, m): per run, mean over controls
-    cb = control_means(store, 'without', controls, runs_b['run'])
+    controls = viz_controls.pick(store, mean_with, res['index'], res['mean_with'], res['control_k'])
+    ca = viz_controls.per_run_means(store, 'with', controls, runs_a['run'])  # (n_with, m)
+    cb = viz_controls.per_run_means(store, 'without', controls, runs_b['run'])
     has = np.array([len(c) > 0 for c in controls])
     # A run diverged at a control but not at a held-out example: left out of the control analysis only.
     ok_a, ok_b = np.isfinite(ca[:, has]).all(1), np.isfinite(cb[:, has]).all(1)
@@ -170,43 +172,14 @@ def analyse_controls(store, res, a, b, runs_a, runs_b):
         res['control_skipped'] = (f'{len(a)} run(s) with and {len(b)} without are left once runs with '
                                   'non-finite control margins are out; at least 2 per arm are needed.')
         return
-
-    def tested(x, y, name):
-        t = compare(x, y)
-        low, high = stats.confidence_interval(t['diff'], t['se'], t['df'], LEVEL)
-        return {name: t['diff'], f'{name}_ci_low': low, f'{name}_ci_high': high, f'{name}_p': t['p']}
-
-    with np.errstate(invalid='ignore'):  # examples without controls: NaN throughout
-        res.update(shift=compare(a, b)['diff'], **tested(ca, cb, 'control_shift'),
-                   **tested(a - ca, b - cb, 'control_adjusted'))
-    res['control_adjusted_p_holm'] = stats.holm(res['control_adjusted_p'])
-    res['control_adjusted_p_bh'] = stats.benjamini_hochberg(res['control_adjusted_p'])
-    res['control_count'] = np.array([len(c) for c in controls])
-    res['control_gap'] = np.array([np.abs(mean_with[c] - res['mean_with'][j]).max() if len(c) else np.nan
-                                   for j, c in enumerate(controls)])
-    res['controls'] = controls
-    for name, pos in res['groups']:
-        pos = pos[has[pos]]
-        g = res['group_summary'][name]
-        if not len(pos):
-            continue
-        mean = lambda x: x[:, pos].mean(1, keepdims=True)  # per-run group average
-        g['shift'] = compare(mean(a), mean(b))['diff'][0]
-        g.update({k: v[0] for k, v in tested(mean(ca), mean(cb), 'control_shift').items()})
-        g.update({k: v[0] for k, v in tested(mean(a - ca), mean(b - cb), 'control_adjusted').items()})
-        sig = res['control_adjusted_p'][pos] < res['alpha']
-        adjusted = res['control_adjusted'][pos]
-        g['control_adjusted_positive'] = int((sig & (adjusted > 0)).sum())
-        g['control_adjusted_negative'] = int((sig & (adjusted < 0)).sum())
+    gap = [np.abs(mean_with[c] - t).max() if len(c) else np.nan for c, t in zip(controls, res['mean_with'])]
+    viz_controls.analyse(res, compare, a, b, ca, cb, controls, gap)
 
 
 EXAMPLE_COLUMNS = ['group', 'index', 'mean_with', 'mean_without', 'self_influence', 'se', 'df', 'stat', 'p',
                    'ci_low', 'ci_high', 'p_holm', 'p_bh', 'significant', 'sd_with', 'sd_without', 'runs_needed',
                    'paired_self_influence', 'paired_p', 'paired_ci_low', 'paired_ci_high', 'correlation',
-                   'pairing_ratio', 'runs_saved', 'shift', 'control_shift', 'control_shift_ci_low',
-                   'control_shift_ci_high', 'control_shift_p', 'control_adjusted', 'control_adjusted_ci_low',
-                   'control_adjusted_ci_high', 'control_adjusted_p', 'control_adjusted_p_holm', 'control_adjusted_p_bh',
-                   'control_count', 'control_gap']
+                   'pairing_ratio', 'runs_saved', *viz_controls.COLUMNS]
 
 
 def example_rows(res):
@@ -332,76 +305,15 @@ def all_examples(res):
 
 def controls_section(res):
     """Below the summary: what the held-out examples' controls shifted, and the control-adjusted
-    self-influence, per group (all examples) and per example (those with control-adjusted p < alpha)."""
-    if not res['control_k']:
-        return []
+    self-influence, per group and per example (those with control-adjusted p < alpha)."""
     if 'control_adjusted' not in res:
-        return ['', f'Controls: none analysed; {res["control_skipped"]}']
-    pct, alpha = f'{LEVEL:.0%}', res['alpha']
+        return viz_controls.section(res, '')
     test = (f'paired t-test over {res["control_runs"]} seed-matched runs' if res['control_test'] == 'paired'
             else "Welch's t-test, {} runs with and {} without".format(*res['control_runs']))
-    count, gap = res['control_count'], res['control_gap']
-    text = (f'Controls: for each held-out example, up to {res["control_k"]} training examples never held out, with its '
-            f'label and the nearest mean margin in `with` ({count.min()} to {count.max()} per example; margin gap to '
-            f'the farthest: median {np.nanmedian(gap):.3f}, max {np.nanmax(gap):.3f}). Both arms train on them, so '
-            'their shift with - without is no self-influence: it is what removing the held-out set does to an '
-            'example like it (cross-influence). Control-adjusted self-influence = shift - control shift, tested on '
-            f'the per-run difference example - mean of its controls ({test}, {pct} CI):')
-    lines = ['', *textwrap.wrap(text, 110),
-             f'{"group":<12}{"examples":>8}  {"shift":>7}  {"control shift":>13}  {pct + " CI":<18}  {"adjusted":>8}  '
-             f'{pct + " CI":<18}  {"p":>6}  {"sig. +":>6}  {"sig. -":>6}']
-    for name, g in res['group_summary'].items():
-        if 'control_adjusted' not in g:
-            lines.append(f'{name.capitalize():<12}  (no example of the group has controls)')
-            continue
-        cs = f'[{g["control_shift_ci_low"]:+.3f}, {g["control_shift_ci_high"]:+.3f}]'
-        ca = f'[{g["control_adjusted_ci_low"]:+.3f}, {g["control_adjusted_ci_high"]:+.3f}]'
-        lines.append(f'{name.capitalize():<12}{g["examples"]:>8}  {g["shift"]:>+7.3f}  {g["control_shift"]:>+13.3f}  '
-                     f'{cs:<18}  {g["control_adjusted"]:>+8.3f}  {ca:<18}  {g["control_adjusted_p"]:>6.4f}  '
-                     f'{g["control_adjusted_positive"]:>6}  {g["control_adjusted_negative"]:>6}')
-    lines += ['', f'Control-adjusted self-influence different from zero (p < {alpha:g}):', control_head()]
-    for name, pos in res['groups']:
-        lines.append(group_title(name))
-        listed_here = [j for j in pos if res['control_adjusted_p'][j] < alpha]
-        lines += [control_row(res, j) for j in listed_here] or ['(none)']
-    return lines
-
-
-def control_head(adjusted_p=False):
-    pct = f'{LEVEL:.0%}'
-    head = (f'{"index":>6}  {"shift":>7}  {"control shift":>13}  {pct + " CI":<18}  {"adjusted":>8}  '
-            f'{pct + " CI":<18}  {"p":>6}')
-    return head + (f'    {"Holm":>6}  {"BH":>6}  {"controls":>8}  {"gap":>5}' if adjusted_p else '')
-
-
-def control_row(res, j, adjusted_p=False):
-    cs = f'[{res["control_shift_ci_low"][j]:+.3f}, {res["control_shift_ci_high"][j]:+.3f}]'
-    ca = f'[{res["control_adjusted_ci_low"][j]:+.3f}, {res["control_adjusted_ci_high"][j]:+.3f}]'
-    line = (f'{res["index"][j]:>6}  {res["shift"][j]:>+7.3f}  {res["control_shift"][j]:>+13.3f}  {cs:<18}  '
-            f'{res["control_adjusted"][j]:>+8.3f}  {ca:<18}  {res["control_adjusted_p"][j]:>6.4f}')
-    if adjusted_p:
-        mark = '*' if res['control_adjusted_p'][j] < res['alpha'] else ' '
-        line += (f' {mark}  {res["control_adjusted_p_holm"][j]:>6.4f}  {res["control_adjusted_p_bh"][j]:>6.4f}  '
-                 f'{res["control_count"][j]:>8}  {res["control_gap"][j]:>5.3f}')
-    return line
-
-
-def all_controls(res):
-    """--all: every held-out example's control-adjusted self-influence, with Holm and BH."""
-    if 'control_adjusted' not in res:
-        return []
-    lines = ['', f'All held-out examples, control-adjusted. * marks p < {res["alpha"]:g}; Holm and BH: adjusted over '
-                 f'all {len(res["index"])} examples; controls: how many; gap: largest |mean margin difference in '
-                 '`with`| to one of them.', control_head(adjusted_p=True)]
-    for name, pos in res['groups']:
-        lines.append(group_title(name))
-        lines += [control_row(res, j, adjusted_p=True) for j in pos]
-    return lines
-
-
-CONTROL_COLUMNS = ['shift', 'control_shift', 'control_shift_ci_low', 'control_shift_ci_high', 'control_shift_p',
-                   'control_adjusted', 'control_adjusted_ci_low', 'control_adjusted_ci_high', 'control_adjusted_p',
-                   'control_adjusted_p_holm', 'control_adjusted_p_bh', 'control_count', 'control_gap']
+    return viz_controls.section(res, viz_controls.describe(res, 'in `with`') + (
+        ' Both arms train on them, so their shift with - without is no self-influence: it is what removing the '
+        'held-out set does to an example like it (cross-influence). Control-adjusted self-influence = shift - '
+        f'control shift, tested on the per-run difference example - mean of its controls ({test}, {LEVEL:.0%} CI):'))
 
 
 def write_csv(res, path):
@@ -415,11 +327,7 @@ def write_json(res, path):
                power=POWER, n_with=res['n_with'], n_without=res['n_without'], n_pairs=res['n_pairs'],
                controls_per_example=res['control_k'], control_test=res.get('control_test'),
                groups=res['group_summary'])
-    rows = example_rows(res)
-    if 'controls' in res:
-        for row, c in zip(rows, res['controls']):
-            row['controls'] = c.tolist()
-    save_json(doc, rows, path)
+    save_json(doc, viz_controls.add_to_json_rows(res, example_rows(res)), path)
 
 
 def write_plot(res, path):
@@ -600,16 +508,18 @@ def main(argv=None):
     parser.add_argument('--test', choices=('welch', 'z'), default='welch',
                         help="welch: Welch's t-test; z: the original's normal p-value")
     parser.add_argument('--alpha', type=float, default=0.01, help='significance threshold of the table (with --scan: of BH p)')
-    parser.add_argument('--all', action='store_true', help='also list every held-out example with its CI')
+    parser.add_argument('--all', action='store_true', help='also list every held-out example with its CI '
+                                                           '(factorial: and every cross-influence passing BH)')
     parser.add_argument('--csv', metavar='FILE', help='write per-example statistics as CSV')
     parser.add_argument('--json', metavar='FILE', help='write per-example statistics and group summaries as JSON')
     parser.add_argument('--plot', metavar='FILE.png', help='write a forest plot of self-influence with CIs')
     parser.add_argument('--controls', type=int, metavar='K',
-                        help=f'controls per held-out example (default {CONTROLS}; 0: none, and no pass over all '
+                        help=f'controls per held-out example (default {viz_controls.CONTROLS}; 0: none, and no pass over all '
                              'examples)')
     parser.add_argument('--scan', action='store_true',
                         help='report a scan store (trainer --scan): the self-influence of every training example')
-    parser.add_argument('--top', type=int, default=20, help='with --scan: examples per list (default 20)')
+    parser.add_argument('--top', type=int, help='with --scan: examples per list (default 20); factorial store: '
+                                                 'cross-influences listed (default 10)')
     args = parser.parse_args(argv)
     if not 0 < args.alpha < 1:
         parser.error(f'--alpha {args.alpha}: expected a probability between 0 and 1, e.g. 0.01')
@@ -619,8 +529,8 @@ def main(argv=None):
     if args.controls is not None and args.controls < 0:
         parser.error(f'--controls {args.controls}: expected a number of controls per example, 0 or more')
     if args.controls is None:
-        args.controls = CONTROLS
-    if args.top < 1:
+        args.controls = viz_controls.CONTROLS
+    if args.top is not None and args.top < 1:
         parser.error(f'--top {args.top}: expected a number of examples, 1 or more')
 
     if args.scan:
@@ -629,19 +539,29 @@ def main(argv=None):
             res = analyse_scan(open_scan(path), args.alpha)
         except StoreError as e:
             sys.exit(f'viz: {e}')
-        print('\n'.join(scan_report(res, args.top)))
+        print('\n'.join(scan_report(res, args.top or 20)))
         writers = ((write_scan_csv, args.csv), (write_scan_json, args.json))
     else:
         path = args.store or f'runs/{args.trainer}'
         try:
-            store, groups = open_store(path)
-            res = analyse(store, groups, args.test, args.alpha, args.controls)
+            factorial = viz_factorial.is_factorial(Store(path))
+            if factorial and args.test != 'welch':
+                parser.error('--test z belongs to the with/without report; the factorial report uses paired t-tests')
+            if factorial:
+                res = viz_factorial.analyse_factorial(*viz_factorial.open_factorial(path), args.alpha, args.controls)
+            else:
+                res = analyse(*open_store(path), args.test, args.alpha, args.controls)
         except StoreError as e:
             sys.exit(f'viz: {e}')
-        lines = (faithful_table(res) + summary(res) + controls_section(res)
-                 + (all_examples(res) + all_controls(res) if args.all else []))
+        if factorial:
+            lines = viz_factorial.report(res, args.top or viz_factorial.TOP, args.all)
+            writers = ((viz_factorial.write_csv, args.csv), (viz_factorial.write_json, args.json),
+                       (viz_factorial.write_plot, args.plot))
+        else:
+            lines = (faithful_table(res) + summary(res) + controls_section(res)
+                     + (all_examples(res) + viz_controls.all_rows(res, 'in `with`') if args.all else []))
+            writers = ((write_csv, args.csv), (write_json, args.json), (write_plot, args.plot))
         print('\n'.join(lines))
-        writers = ((write_csv, args.csv), (write_json, args.json), (write_plot, args.plot))
     for write, out in writers:
         if out:
             try:

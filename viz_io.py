@@ -125,34 +125,6 @@ def mean_margins(store, arm, runs=None):
         return np.where(count > 0, total / count, np.nan)
 
 
-def pick_controls(store, mean_margin, idx, target, k):
-    """For each held-out example idx[j]: the k training examples that are never held out, have its label
-    and the mean margin nearest to target[j] (see stats.matched_controls); a note on stderr where fewer
-    than k exist. -> list of (<= k,) int64 arrays."""
-    controls = stats.matched_controls(mean_margin, store.labels, idx, target, k)
-    short = [(int(i), len(c)) for i, c in zip(idx, controls) if len(c) < k]
-    if short:
-        note(f'fewer than {k} controls (same label, never held out, finite margins) for '
-             f'{len(short)} held-out example(s): {listed([f"{i} ({n})" for i, n in short])}; '
-             'using those there are.')
-    return controls
-
-
-def control_means(store, arm, controls, runs):
-    """Per run, the mean margin of each held-out example's controls, reading only their columns.
-    controls: list of m index arrays; runs: the run numbers wanted, in order.
-    -> (len(runs), m) float64 (NaN where an example has no controls or a control's margin is not finite)."""
-    columns = np.unique(np.concatenate([c for c in controls] + [np.zeros(0, np.int64)]))
-    margins, index = read_margins(store, arm, columns)
-    rows = np.searchsorted(index['run'], runs)
-    margins = margins[rows]  # (len(runs), columns)
-    out = np.full((len(runs), len(controls)), np.nan)
-    for j, c in enumerate(controls):
-        if len(c):
-            out[:, j] = margins[:, np.searchsorted(columns, c)].mean(1)
-    return out
-
-
 ############################################
 #                 writers                  #
 ############################################

@@ -10,6 +10,7 @@ from scipy import stats as sps
 import stats
 import viz
 import viz_io
+from planted_stores import logits_with_margins
 from store import SCAN_SEED_BASE, Store, keep_for, seed_for
 
 HELD = {'random': [0, 1, 2], 'easy': [150, 151]}
@@ -25,16 +26,6 @@ def included_in(seed, n_train, held_out=HELD):
     mask = np.zeros(n_train, dtype=bool)
     mask[keep_for('scan', seed, n_train, held_out)] = True
     return mask
-
-
-def logits_with_margins(margins, labels):
-    """(n, 10) logits whose margin is `margins` (n,): label logit = margin, one other class at 0, the other
-    eight at -30 (they move the margin by 1e-12). Stored as float16: margins to about 0.004."""
-    n = len(labels)
-    logits = np.full((n, 10), -30.0)
-    logits[np.arange(n), (labels + 1) % 10] = 0.0
-    logits[np.arange(n), labels] = margins
-    return logits.astype(np.float16)
 
 
 def make_scan_store(path, n_train, runs, effect=None, seed=0, noise=0.5):
