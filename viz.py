@@ -1,38 +1,47 @@
-"""viz.py: the self-influence report of a run store (the analysis of the with/without experiment).
+"""viz.py: the self-influence reports of a run store. This file holds the command line and the report of
+the with/without experiment; the factorial report is in viz_factorial.py, the scan's in viz_scan.py.
 
 Claim under test: adding an easy training example makes the retrained net *less* confident on it
 (negative self-influence), adding a random one makes it more confident. Self-influence of example i =
 mean margin over `with` runs - mean margin over `without` runs, tested per example with Welch's t-test.
 
-    python viz.py                          # runs/airbench, Welch t-test, p < 0.01
+    python viz.py                          # runs/airbench, Welch t-test, p < 0.01, 50 controls per example
     python viz.py --trainer madry          # runs/madry
     python viz.py runs/whatever --test z   # the original's normal p-value
     python viz.py --all --csv si.csv --json si.json --plot si.png
+    python viz.py --controls 0             # no controls: exactly the report printed before controls existed
+    python viz.py runs/digits-factorial    # a factorial store (arms a, b): the factorial report
     python viz.py --scan                   # runs/airbench-scan: every example's self-influence
-    python viz.py runs/digits-factorial    # a factorial store (arms a, b): the factorial report (viz_factorial.py)
 
-Output: first the original's table, in its published layout (significant examples only, per group,
-with the selection-biased average of the listed ones); then what an honest reading needs: the mean over
-all examples of each group with its 95% CI, counts of significant positive/negative examples, the
-paired test on seed-matched runs, and the runs per arm each example needs. --all lists every held-out
-example with its CI, Holm and Benjamini-Hochberg adjusted p-values (over all held-out examples).
+Which report: the store's arms decide. `with`/`without`: this report. `a`/`b` (a trainer's --design
+factorial): the factorial report, which separates self-influence from cross-influence by construction
+(see viz_factorial.py). `scan`: pass --scan (it also changes the default folder to runs/<trainer>-scan).
 
-Cost: reads only the held-out columns of the memory-mapped (runs, n_train, 10) float16 arrays. On
-2 arms x 1000 runs x 50000 examples (2 GB, page cache warm, 2-core VM): 0.16 s and 116 MB peak resident
-memory, ~100 MB of it numpy and scipy; loading every run into RAM instead took 86 s and 14 GB
-(python bench/bench_viz.py). Not included: the store's one-time packing of new runs (9 s there).
+With/without output: first the original's table, in its published layout (significant examples only,
+per group, with the selection-biased average of the listed ones); then what an honest reading needs: the
+mean over all examples of each group with its 95% CI, counts of significant positive/negative examples,
+the paired test on seed-matched runs, and the runs per arm each example needs. Everything up to here is
+printed exactly as before controls were added (tests/golden/viz_default.txt). Then the controls: removing
+all held-out examples at once can move every example, not only the removed ones (cross-influence). For
+each held-out example, --controls K (default 50) training examples never held out, with its label and the
+nearest mean margin in `with`: both arms train on them, so their shift (the control shift) is what the
+removal does to an example like it. The report gives the control shift and the control-adjusted
+self-influence = shift - control shift, tested on the per-run difference example - mean of its controls
+(paired by seed; Welch when no runs are seed-matched), per group and per example. --all lists every held-out example with its CI, Holm and Benjamini-Hochberg adjusted p-values
+(over all held-out examples), raw and control-adjusted.
+
+Cost: without controls, reads only the held-out columns of the memory-mapped (runs, n_train, 10) float16
+arrays: on 2 arms x 1000 runs x 50000 examples (2 GB, page cache warm, 2-core VM) 0.16 s and 116 MB
+peak resident memory, ~100 MB of it numpy and scipy; loading every run into RAM instead took 86 s and
+14 GB (python bench/bench_viz.py). Controls add one streamed pass over every column of the `with` arm
+(the mean margin of every example, CHUNK runs in memory at a time) and the controls' columns of both
+arms: on 2 arms x 100 runs x 50000 examples, 1.69 s and 253 MB peak with 50 controls against 0.02 s and
+143 MB without (python bench/bench_viz_reports.py, shared 2-core VM): about 17 ms per `with` run, so
+about 17 s at 1000 runs per arm. --controls 0 skips it.
 
 Published result (airbench, 1000 runs per arm): random 10 of 20 significant, average +0.467; easy 13 of
-20 significant, all negative, average -0.269.
-
---scan reads a scan store (python trainer_airbench.py --scan: each run trains on a random half of the
-training set, drawn from its seed) and estimates every example's self-influence as its mean margin over
-the runs that included it minus the mean over the runs that excluded it, Welch's t-test per example and
-Benjamini-Hochberg over all. It prints the --top most negative and most positive examples, the most
-negative among high-margin ones (mean margin when included in the top quartile: candidates for the easy
-held-out set) and where the store's held-out examples rank. It streams over runs, CHUNK at a time:
-160 runs x 50000 examples took 2.8 s (17 ms per run, about 3 min for 10,000 runs with the store in page
-cache) and 265 MB peak resident memory on the 2-core VM.
+20 significant, all negative, average -0.269. How much of that is self-influence was not measured then:
+the with/without design cannot tell without the controls.
 
 Runs with a non-finite logit at a held-out example (a diverged net) are left out of every statistic,
 and the report says which runs and examples. Notes about the store go to stderr, the report to stdout.
@@ -43,11 +52,12 @@ import sys
 import numpy as np
 
 import stats
-from store import Store, StoreError, keep_for
 import viz_controls
 import viz_factorial
-from viz_io import (LEVEL, column_chunks, drop_nonfinite, group_title, held_out_groups, listed, mean_margins, note,
-                    note_progress, plot_forest, ptext, read_margins, save_csv, save_json)
+import viz_scan
+from store import Store, StoreError
+from viz_io import (LEVEL, drop_nonfinite, group_title, held_out_groups, listed, mean_margins, note, note_progress,
+                    plot_forest, read_margins, save_csv, save_json)
 
 POWER = 0.8     # for "runs per arm needed": chance of reaching p < alpha if the observed effect is real
 
@@ -336,186 +346,22 @@ def write_plot(res, path):
                 f'{res["trainer"]}: {res["n_with"]} runs with, {res["n_without"]} without')
 
 
-############################################
-#   scan: every example's self-influence   #
-############################################
-
-def open_scan(path):
-    """The scan store at `path`; refuses a with/without store, saying how to make a scan."""
-    store = Store(path)
-    if 'scan' not in store.arms:
-        trainer = store.settings.get('trainer', 'X')
-        raise StoreError(f'{path} is not a scan store: it has no \'scan\' arm (arms: {", ".join(store.arms)}). '
-                         f'Make one with python trainer_{trainer}.py --scan (it writes runs/{trainer}-scan), '
-                         f'then run python viz.py --scan.')
-    note_progress(store)
-    return store
-
-
-def scan_masks(store, seeds):
-    """(k, n_train) bool: the examples each run trained on, recomputed from its seed as the trainer drew them."""
-    n_train, held_out = store.settings['n_train'], store.settings['held_out']
-    included = np.zeros((len(seeds), n_train), dtype=bool)
-    for row, seed in zip(included, seeds):
-        row[keep_for('scan', int(seed), n_train, held_out)] = True
-    return included
-
-
-def scan_chunks(store, logits, runs, left_out):
-    """Yield (margins (k, n_train) float64, included (k, n_train) bool), CHUNK runs of logits
-    (N, n_train, 10) at a time. Runs with a non-finite margin are skipped; their run numbers are
-    appended to left_out."""
-    every = np.arange(store.settings['n_train'])
-    for lo, chunk in column_chunks(logits, every):
-        seeds, numbers = runs['seed'][lo:lo + len(chunk)], runs['run'][lo:lo + len(chunk)]
-        m = stats.margins(chunk, store.labels)
-        ok = np.isfinite(m).all(1)
-        left_out += [int(r) for r in numbers[~ok]]
-        yield m[ok], scan_masks(store, seeds[ok])
-
-
-def analyse_scan(store, alpha=0.01):
-    """Every statistic of the scan report. -> dict: per-example (n_train,) arrays (index, label, n_in,
-    mean_in, ..., rank, high_margin, tested) and the scan's summary (runs, counts, threshold)."""
-    logits, runs = store.load('scan')  # (N, n_train, 10) float16, memory-mapped
-    if len(logits) < 2:
-        raise StoreError(f'{store.path} holds {len(logits)} finished scan run(s); comparing runs that '
-                         'included an example with runs that excluded it needs at least 2 (in practice '
-                         'hundreds). Let the trainer finish more runs.')
-    left_out = []
-    try:
-        res = stats.scan_test(scan_chunks(store, logits, runs, left_out))
-    except ValueError:
-        if len(left_out) < len(logits):
-            raise
-        raise StoreError(f'{store.path}: all {len(logits)} scan runs have non-finite logits (diverged); '
-                         'nothing to analyse. Check the trainer\'s settings.') from None
-    usable = len(logits) - len(left_out)
-    if left_out:
-        note(f'{len(left_out)} scan run(s) with non-finite logits left out of every statistic: runs '
-             f'{listed(left_out)}. Such runs diverged; retrain them if they are many.')
-    if usable < 2:
-        raise StoreError(f'{store.path} holds {usable} usable scan run(s) (of {len(logits)}); at least 2 '
-                         'are needed. Let the trainer finish more runs.')
-
-    n = len(res['n_in'])
-    tested = (res['n_in'] >= 2) & (res['n_out'] >= 2)  # a variance on both sides
-    if not tested.any():
-        raise StoreError(f'{store.path}: with {usable} runs no example was both included in 2 or more runs '
-                         'and excluded from 2 or more; let the trainer finish more runs (hundreds are usual).')
-    never_in, never_out = np.flatnonzero(res['n_in'] == 0), np.flatnonzero(res['n_out'] == 0)
-    once = np.flatnonzero(~tested & (res['n_in'] > 0) & (res['n_out'] > 0))
-    if len(never_in) or len(never_out) or len(once):
-        parts = [f'{len(ix)} {what} ({listed(ix)})' for ix, what in
-                 ((never_in, 'never included'), (never_out, 'never excluded'),
-                  (once, 'included or excluded only once')) if len(ix)]
-        note(f'example(s) left out of every statistic and ranking, no variance on one side: '
-             f'{"; ".join(parts)}. More runs fix this.')
-
-    res['self_influence'] = res.pop('diff')
-    res['ci_low'], res['ci_high'] = stats.confidence_interval(res['self_influence'], res['se'], res['df'], LEVEL)
-    res['p_bh'] = stats.benjamini_hochberg(np.where(tested, res['p'], np.nan))
-    order = np.flatnonzero(tested)[np.argsort(res['self_influence'][tested], kind='stable')]
-    res['rank'] = np.full(n, np.nan)  # 1 = most negative self-influence among the tested examples
-    res['rank'][order] = np.arange(1, len(order) + 1)
-    # High margin: mean margin when included in the top quartile of the tested examples; the easy
-    # examples of the experiment are the negative self-influence ones among these.
-    threshold = np.quantile(res['mean_in'][tested], 0.75)
-    res['high_margin'] = tested & (res['mean_in'] >= threshold)
-    res['tested'] = tested
-    res['index'] = np.arange(n)
-    res['label'] = np.asarray(store.labels)
-    res.update(path=store.path, trainer=store.settings.get('trainer', '?'), runs=usable, left_out_runs=left_out,
-               alpha=alpha, order=order, high_margin_threshold=threshold,
-               groups=[(name, np.asarray(ix, dtype=np.int64)) for name, ix in store.settings['held_out'].items()])
-    return res
-
-
-SCAN_COLUMNS = ['index', 'label', 'n_in', 'n_out', 'mean_in', 'mean_out', 'self_influence', 'se', 'df', 'stat',
-                'p', 'ci_low', 'ci_high', 'p_bh', 'rank', 'high_margin', 'tested']
-
-
-def scan_rows(res):
-    """One dict per training example, plain Python values (NaN kept as float)."""
-    return [{c: res[c][j].item() for c in SCAN_COLUMNS} for j in range(len(res['index']))]
-
-
-def scan_head():
-    return (f'{"rank":>6}  {"index":>6}  {"label":>5}  {"included":>8}  {"excluded":>8}  {"self-infl":>9}  '
-            f'{f"{LEVEL:.0%} CI":<18}  {"p":>9}  {"BH p":>9}')
-
-
-def scan_row(res, j):
-    if not res['tested'][j]:
-        return (f'{"-":>6}  {j:>6}  {res["label"][j]:>5}  left out: included in {res["n_in"][j]} run(s), '
-                f'excluded from {res["n_out"][j]}')
-    ci = f'[{res["ci_low"][j]:+.3f}, {res["ci_high"][j]:+.3f}]'
-    return (f'{res["rank"][j]:>6.0f}  {j:>6}  {res["label"][j]:>5}  {res["mean_in"][j]:>8.3f}  '
-            f'{res["mean_out"][j]:>8.3f}  {res["self_influence"][j]:>+9.3f}  {ci:<18}  '
-            f'{ptext(res["p"][j]):>9}  {ptext(res["p_bh"][j]):>9}')
-
-
-def scan_report(res, top=20):
-    """The scan's printed report: header, the top-k lists and the store's held-out examples."""
-    tested, order = res['tested'], res['order']
-    counts = res['n_in']
-    significant = tested & (res['p_bh'] < res['alpha'])
-    si = res['self_influence']
-    lines = [f'Scan {res["path"]} (trainer {res["trainer"]}): {res["runs"]} runs, {len(si)} examples, '
-             f'each run trained on a random half.',
-             f'Runs that included an example: min {counts.min()}, median {np.median(counts):g}, max {counts.max()}'
-             + (f'; {len(si) - tested.sum()} example(s) left out, too rarely in or out (see above).'
-                if not tested.all() else '.'),
-             'Self-influence = mean margin over the runs that included the example - mean over the runs that '
-             'excluded it;',
-             f"Welch's t-test per example, {LEVEL:.0%} CI, BH p: adjusted over all {tested.sum()} tested examples.",
-             f'BH p < {res["alpha"]:g}: {significant.sum()} examples, {(significant & (si < 0)).sum()} negative and '
-             f'{(significant & (si > 0)).sum()} positive. Rank 1 = most negative.',
-             '', f'{min(top, len(order))} most negative self-influence:', scan_head()]
-    lines += [scan_row(res, j) for j in order[:top]]
-    lines += ['', f'{min(top, len(order))} most positive self-influence:', scan_head()]
-    lines += [scan_row(res, j) for j in order[::-1][:top]]
-    high = [j for j in order if res['high_margin'][j]]
-    lines += ['', f'Most negative among high-margin examples (mean margin when included >= '
-                  f'{res["high_margin_threshold"]:.3f}, the top quartile; {len(high)} examples), '
-                  f'the candidates for an "easy" held-out set:', scan_head()]
-    lines += [scan_row(res, j) for j in high[:top]]
-    lines += ['', f'Held-out examples of the store, where they fall among the {tested.sum()} tested:']
-    if not res['groups']:
-        lines.append('(the store lists none)')
-    for name, ix in res['groups']:
-        lines += [group_title(name), scan_head()] + [scan_row(res, j) for j in ix]
-    return lines
-
-
-def write_scan_csv(res, path):
-    save_csv(scan_rows(res), SCAN_COLUMNS, path)
-
-
-def write_scan_json(res, path):
-    """The scan's summary and one row per training example."""
-    doc = dict(store=res['path'], trainer=res['trainer'], runs=res['runs'], left_out_runs=res['left_out_runs'],
-               level=LEVEL, alpha=res['alpha'], high_margin_threshold=float(res['high_margin_threshold']),
-               high_margin_rule='mean margin when included in the top quartile of the tested examples',
-               held_out={name: ix.tolist() for name, ix in res['groups']})
-    save_json(doc, scan_rows(res), path)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='Self-influence report of a run store.')
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('store', nargs='?', help='store folder (default: runs/<trainer>, runs/<trainer>-scan with --scan)')
     parser.add_argument('--trainer', default='airbench', help='reads runs/<trainer> when no store is given')
     parser.add_argument('--test', choices=('welch', 'z'), default='welch',
                         help="welch: Welch's t-test; z: the original's normal p-value")
-    parser.add_argument('--alpha', type=float, default=0.01, help='significance threshold of the table (with --scan: of BH p)')
+    parser.add_argument('--alpha', type=float, default=0.01,
+                        help='significance threshold of the tables (with --scan: of BH p)')
     parser.add_argument('--all', action='store_true', help='also list every held-out example with its CI '
                                                            '(factorial: and every cross-influence passing BH)')
     parser.add_argument('--csv', metavar='FILE', help='write per-example statistics as CSV')
     parser.add_argument('--json', metavar='FILE', help='write per-example statistics and group summaries as JSON')
     parser.add_argument('--plot', metavar='FILE.png', help='write a forest plot of self-influence with CIs')
     parser.add_argument('--controls', type=int, metavar='K',
-                        help=f'controls per held-out example (default {viz_controls.CONTROLS}; 0: none, and no pass over all '
-                             'examples)')
+                        help=f'controls per held-out example (default {viz_controls.CONTROLS}; 0: none, and no pass '
+                             'over all examples)')
     parser.add_argument('--scan', action='store_true',
                         help='report a scan store (trainer --scan): the self-influence of every training example')
     parser.add_argument('--top', type=int, help='with --scan: examples per list (default 20); factorial store: '
@@ -524,8 +370,8 @@ def main(argv=None):
     if not 0 < args.alpha < 1:
         parser.error(f'--alpha {args.alpha}: expected a probability between 0 and 1, e.g. 0.01')
     if args.scan and (args.all or args.plot or args.test != 'welch' or args.controls is not None):
-        parser.error('--all, --plot, --controls and --test z belong to the with/without report; with --scan use '
-                     '--top, --alpha, --csv and --json')
+        parser.error('--all, --plot, --controls and --test z belong to the with/without and factorial reports; '
+                     'with --scan use --top, --alpha, --csv and --json')
     if args.controls is not None and args.controls < 0:
         parser.error(f'--controls {args.controls}: expected a number of controls per example, 0 or more')
     if args.controls is None:
@@ -536,17 +382,20 @@ def main(argv=None):
     if args.scan:
         path = args.store or f'runs/{args.trainer}-scan'
         try:
-            res = analyse_scan(open_scan(path), args.alpha)
+            res = viz_scan.analyse(viz_scan.open_scan(path), args.alpha, args.top or 20)
         except StoreError as e:
             sys.exit(f'viz: {e}')
-        print('\n'.join(scan_report(res, args.top or 20)))
-        writers = ((write_scan_csv, args.csv), (write_scan_json, args.json))
+        print('\n'.join(viz_scan.report(res, args.top or 20)))
+        writers = ((viz_scan.write_csv, args.csv), (viz_scan.write_json, args.json))
     else:
         path = args.store or f'runs/{args.trainer}'
         try:
             factorial = viz_factorial.is_factorial(Store(path))
             if factorial and args.test != 'welch':
                 parser.error('--test z belongs to the with/without report; the factorial report uses paired t-tests')
+            if not factorial and args.top is not None:
+                parser.error('--top belongs to the scan (--scan) and factorial reports; the with/without report '
+                             'lists every held-out example (--all)')
             if factorial:
                 res = viz_factorial.analyse_factorial(*viz_factorial.open_factorial(path), args.alpha, args.controls)
             else:

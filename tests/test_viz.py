@@ -403,3 +403,18 @@ def test_few_candidates_are_said_and_used(planted, capsys):
 def test_controls_option_is_checked(planted):
     with pytest.raises(SystemExit):
         viz.main([str(planted), '--controls', '-1'])
+
+
+def test_help_shows_the_commands_of_the_docstring():
+    out = subprocess.run([sys.executable, 'viz.py', '--help'], cwd=ROOT, capture_output=True, text=True, check=True)
+    for command in ('python viz.py --scan', 'python viz.py --controls 0', 'python viz.py runs/digits-factorial'):
+        assert command in out.stdout
+    assert '    python viz.py --all --csv si.csv' in out.stdout  # the layout kept, not re-wrapped
+
+
+@pytest.mark.parametrize('argv', [['--scan', '--controls', '5'], ['--scan', '--all'], ['--scan', '--test', 'z'],
+                                  ['--top', '5']])
+def test_options_of_another_report_are_refused(planted, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        viz.main([str(planted), *argv])
+    assert e.value.code == 2 and 'belong' in capsys.readouterr().err
