@@ -57,7 +57,7 @@ import viz_factorial
 import viz_scan
 from store import Store, StoreError
 from viz_io import (LEVEL, drop_nonfinite, group_title, held_out_groups, listed, mean_margins, note, note_progress,
-                    plot_forest, read_margins, save_csv, save_json)
+                    plot_forest, positions_of, read_margins, rows_of, save_csv, save_json)
 
 POWER = 0.8     # for "runs per arm needed": chance of reaching p < alpha if the observed effect is real
 
@@ -105,10 +105,7 @@ def analyse(store, groups, test='welch', alpha=0.01, controls=viz_controls.CONTR
     res['index'] = idx
     res['group'] = np.array([name for name, ix in groups for _ in ix])
 
-    positions, start = [], 0
-    for name, ix in groups:
-        positions.append((name, np.arange(start, start + len(ix))))
-        start += len(ix)
+    positions = positions_of(groups)
     meta = dict(path=store.path, trainer=store.settings.get('trainer', '?'), test=test, alpha=alpha,
                 n_with=len(a), n_without=len(b), groups=positions)
     # Group mean over all its examples: test the per-run average margin of the group, so that the
@@ -190,12 +187,6 @@ EXAMPLE_COLUMNS = ['group', 'index', 'mean_with', 'mean_without', 'self_influenc
                    'ci_low', 'ci_high', 'p_holm', 'p_bh', 'significant', 'sd_with', 'sd_without', 'runs_needed',
                    'paired_self_influence', 'paired_p', 'paired_ci_low', 'paired_ci_high', 'correlation',
                    'pairing_ratio', 'runs_saved', *viz_controls.COLUMNS]
-
-
-def example_rows(res):
-    """One dict per held-out example, plain Python values (NaN/inf kept as floats)."""
-    columns = [c for c in EXAMPLE_COLUMNS if c in res]
-    return [{c: res[c][j].item() for c in columns} for j in range(len(res['index']))]
 
 
 ############################################
@@ -327,7 +318,7 @@ def controls_section(res):
 
 
 def write_csv(res, path):
-    rows = example_rows(res)
+    rows = rows_of(res, EXAMPLE_COLUMNS)
     save_csv(rows, list(rows[0]), path)
 
 
@@ -337,7 +328,7 @@ def write_json(res, path):
                power=POWER, n_with=res['n_with'], n_without=res['n_without'], n_pairs=res['n_pairs'],
                controls_per_example=res['control_k'], control_test=res.get('control_test'),
                groups=res['group_summary'])
-    save_json(doc, viz_controls.add_to_json_rows(res, example_rows(res)), path)
+    save_json(doc, viz_controls.add_to_json_rows(res, rows_of(res, EXAMPLE_COLUMNS)), path)
 
 
 def write_plot(res, path):

@@ -129,7 +129,7 @@ def head(adjusted_p=False):
     pct = f'{LEVEL:.0%}'
     line = (f'{"index":>6}  {"shift":>7}  {"control shift":>13}  {pct + " CI":<18}  {"adjusted":>8}  '
             f'{pct + " CI":<18}  {"p":>6}')
-    return line + (f'    {"Holm":>6}  {"BH":>6}  {"controls":>8}  {"gap":>5}' if adjusted_p else '')
+    return line + (f'    {"Holm":>6}  {"BH":>6}  {"controls":>8}  {"gap":>6}' if adjusted_p else '')
 
 
 def row(res, j, adjusted_p=False):
@@ -140,7 +140,7 @@ def row(res, j, adjusted_p=False):
     if adjusted_p:
         mark = '*' if res['control_adjusted_p'][j] < res['alpha'] else ' '
         line += (f' {mark}  {res["control_adjusted_p_holm"][j]:>6.4f}  {res["control_adjusted_p_bh"][j]:>6.4f}  '
-                 f'{res["control_count"][j]:>8}  {res["control_gap"][j]:>5.3f}')
+                 f'{res["control_count"][j]:>8}  {res["control_gap"][j]:>6.3f}')
     return line
 
 

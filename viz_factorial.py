@@ -29,7 +29,7 @@ import stats
 import viz_controls
 from store import FACTORIAL_ARMS, Store, StoreError, factorial_split
 from viz_io import (LEVEL, group_title, held_out_groups, listed, mean_margins, note, note_progress, plot_forest,
-                    ptext, read_margins, save_csv, save_json)
+                    positions_of, ptext, read_margins, rows_of, save_csv, save_json)
 
 TOP = 10  # cross-influences printed (--top)
 
@@ -63,15 +63,6 @@ def read_pairs(store, idx):
     runs = {k: v[ok] for k, v in runs.items()}
     kept_in_a = ~np.array([factorial_split(int(s), len(idx)) for s in runs['seed']], dtype=bool).reshape(-1, len(idx))
     return ma[ok], mb[ok], kept_in_a, runs
-
-
-def positions_of(groups):
-    """[(name, indices)] -> [(name, positions in the concatenated held-out order)]."""
-    out, start = [], 0
-    for name, ix in groups:
-        out.append((name, np.arange(start, start + len(ix))))
-        start += len(ix)
-    return out
 
 
 def estimate(ma, mb, kept_in_a, positions, alpha=0.01):
@@ -259,13 +250,8 @@ EXAMPLE_COLUMNS = ['group', 'index', 'kept_in_a', 'mean_kept', 'mean_removed', '
                    'regression_se', 'regression_p', *viz_controls.COLUMNS]
 
 
-def example_rows(res):
-    columns = [c for c in EXAMPLE_COLUMNS if c in res]
-    return [{c: res[c][j].item() for c in columns} for j in range(len(res['index']))]
-
-
 def write_csv(res, path):
-    rows = example_rows(res)
+    rows = rows_of(res, EXAMPLE_COLUMNS)
     save_csv(rows, list(rows[0]), path)
 
 
@@ -284,7 +270,7 @@ def write_json(res, path):
              'p': c['p'][j, i], 'p_bh': res['cross_p_bh'][j, i]} for j, i in zip(*cross_rows(res))]
     else:
         doc['cross_skipped'] = res['cross_skipped']
-    save_json(doc, viz_controls.add_to_json_rows(res, example_rows(res)), path)
+    save_json(doc, viz_controls.add_to_json_rows(res, rows_of(res, EXAMPLE_COLUMNS)), path)
 
 
 def write_plot(res, path):

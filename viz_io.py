@@ -66,6 +66,15 @@ def held_out_groups(store):
     return groups
 
 
+def positions_of(groups):
+    """[(name, indices)] -> [(name, its positions in the concatenated held-out order)]."""
+    out, start = [], 0
+    for name, ix in groups:
+        out.append((name, np.arange(start, start + len(ix))))
+        start += len(ix)
+    return out
+
+
 def column_chunks(logits, idx):
     """Yield (first run, (k, len(idx), 10) float16) chunks of the columns idx of logits (N, n_train, 10),
     reading nothing else. Each chunk of CHUNK runs is mapped afresh and unmapped after: the kernel maps
@@ -136,6 +145,13 @@ def _finite_or_none(v):
 def plain(v):
     """A numpy scalar or array as plain Python (floats, ints, bools, lists); NaN/inf stay floats."""
     return v.tolist() if isinstance(v, np.ndarray) else v.item() if isinstance(v, np.generic) else v
+
+
+def rows_of(res, columns):
+    """One dict per example (row of res['index']) with the columns of `columns` that res holds, plain
+    Python values (NaN/inf kept as floats)."""
+    columns = [c for c in columns if c in res]
+    return [{c: res[c][j].item() for c in columns} for j in range(len(res['index']))]
 
 
 def save_csv(rows, columns, path):

@@ -25,7 +25,8 @@ import numpy as np
 
 import stats
 from store import Store, StoreError, keep_for
-from viz_io import LEVEL, column_chunks, group_title, listed, note, note_progress, ptext, save_csv, save_json
+from viz_io import (LEVEL, column_chunks, group_title, listed, note, note_progress, ptext, rows_of, save_csv,
+                    save_json)
 
 HIGH_MARGIN_QUANTILE = 0.75  # high margin: mean margin when included at or above this quantile of the tested
 NULL_DRAWS = 200             # simulated scans with no effect, for the extremes (stats.null_extremes)
@@ -189,11 +190,6 @@ SCAN_COLUMNS = ['index', 'label', 'n_in', 'n_out', 'mean_in', 'mean_out', 'self_
                 'self_influence_odd']
 
 
-def scan_rows(res):
-    """One dict per training example, plain Python values (NaN kept as float)."""
-    return [{c: res[c][j].item() for c in SCAN_COLUMNS} for j in range(len(res['index']))]
-
-
 def scan_head():
     return (f'{"rank":>6}  {"index":>6}  {"label":>5}  {"included":>8}  {"excluded":>8}  {"self-infl":>9}  '
             f'{f"{LEVEL:.0%} CI":<18}  {"p":>9}  {"BH p":>9}')
@@ -268,7 +264,7 @@ def noise_section(res):
 
 
 def write_csv(res, path):
-    save_csv(scan_rows(res), SCAN_COLUMNS, path)
+    save_csv(rows_of(res, SCAN_COLUMNS), SCAN_COLUMNS, path)
 
 
 def write_json(res, path):
@@ -283,6 +279,6 @@ def write_json(res, path):
         split_half_r_high_margin=rel['split_half_high'][0], split_half_examples_high_margin=rel['split_half_high'][2],
         easy_candidates_overlap=rel['overlap'], easy_candidates_compared=rel['overlap_k'],
         easy_candidates_overlap_chance=rel['overlap_chance'], extremes=rel['extremes'])
-    save_json(doc, scan_rows(res), path)
+    save_json(doc, rows_of(res, SCAN_COLUMNS), path)
 
 

@@ -10,6 +10,7 @@ from scipy import stats as sps
 
 import viz
 import viz_factorial
+import viz_io
 from planted_stores import write_arms
 from store import Store, factorial_split, held_out_indices, keep_for
 
@@ -132,7 +133,7 @@ def test_intervals_cover_at_the_nominal_rate():
     beta = planted_beta()
     idx = held_out_indices(HELD)
     self_truth, _, cross_truth = truth()
-    positions = viz_factorial.positions_of([(k, np.asarray(v)) for k, v in HELD.items()])
+    positions = viz_io.positions_of([(k, np.asarray(v)) for k, v in HELD.items()])
     hits = {'pair means': [], 'regression': [], 'cross': []}
     q = sps.t.ppf(0.975, PAIRS - M - 1)
     off = ~np.eye(M, dtype=bool)
