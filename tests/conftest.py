@@ -84,3 +84,11 @@ def cifar_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp('data')
     write_cifar(root)
     return str(root)
+
+
+def report(argv, capsys):
+    """viz's command line on argv -> (its result, the report's lines on stdout, the notes on stderr)."""
+    import viz
+    res = viz.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return res, out.splitlines(), err

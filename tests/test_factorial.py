@@ -11,6 +11,7 @@ from scipy import stats as sps
 import viz
 import viz_factorial
 import viz_io
+from conftest import report
 from planted_stores import write_arms
 from store import Store, factorial_split, held_out_indices, keep_for
 
@@ -53,12 +54,6 @@ def planted(tmp_path_factory):
     path = tmp_path_factory.mktemp('factorial') / 'store'
     write_arms(path, HELD, np.arange(N) % 10, factorial_margins(planted_beta(), PAIRS, np.random.default_rng(3)))
     return path
-
-
-def report(argv, capsys):
-    res = viz.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return res, out.splitlines(), err
 
 
 def truth():

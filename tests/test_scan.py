@@ -11,6 +11,7 @@ import stats
 import viz
 import viz_io
 import viz_scan
+from conftest import report
 from planted_stores import logits_with_margins
 from store import SCAN_SEED_BASE, Store, keep_for, seed_for
 
@@ -46,12 +47,6 @@ def make_scan_store(path, n_train, runs, effect=None, seed=0, noise=0.5):
         margins[run] = base + rng.normal(0, noise, n_train) + shift
         store.save_run('scan', run, s, logits_with_margins(margins[run], labels), seconds=1.0, test_acc=0.9)
     return store, margins
-
-
-def report(argv, capsys):
-    res = viz.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return res, out.splitlines(), err
 
 
 def welch_direct(margins, included):

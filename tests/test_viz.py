@@ -11,6 +11,7 @@ import pytest
 import stats
 import viz
 import viz_io
+from conftest import report
 from planted_stores import write_arms
 from store import Store
 
@@ -35,12 +36,6 @@ def make_store(path, held_out, margins_with, margins_without, runs_with=None, ru
             logits[idx, labels[idx]] = margins[k]
             store.save_run(arm, run, seed=run, logits=logits.astype(np.float16), seconds=1.0, test_acc=0.9)
     return store
-
-
-def report(argv, capsys):
-    res = viz.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return res, out.splitlines(), err
 
 
 HELD = {'random': list(range(20)), 'easy': list(range(60, 80))}
