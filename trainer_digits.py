@@ -39,18 +39,22 @@ import experiment
 hyp = {
     'widths': [256, 256],      # hidden units per layer; 64 pixels in, 10 logits out
     'norm': 'batch',           # after each hidden linear layer: 'batch' (BatchNorm), 'layer' (LayerNorm) or 'none'
-    'bn_momentum': 0.1,        # weight of the new batch in BatchNorm's running statistics (PyTorch default)
+    'bn_momentum': 0.1,        # weight of the NEW batch in BatchNorm's running statistics (PyTorch's convention;
+                               # airbench's batchnorm_momentum is the weight of the old statistic, 1 - this)
     'epochs': 15,              # passes over the training set
-    'batch_size': 128,         # examples per batch before held-out ones are removed; last partial batch dropped
-    'lr': 0.2,                 # peak, per step on the batch-mean loss
+    'batch_size': 128,         # nominal examples per batch, before held-out ones are removed; last partial batch dropped
+    'loss_norm': 'nominal',    # the batch loss = summed cross-entropy of the kept rows / batch_size ('nominal'),
+                               # or / the number of kept rows ('kept': the earlier trainer; see train)
+    'lr': 0.2,                 # peak, per step, on that batch loss
     'schedule': [[0.0, 0.1], [0.25, 1.0], [1.0, 0.0]],  # lr multiplier at fractions of all steps, linear between
-    'momentum': 0.9,
+    'momentum': 0.9,           # SGD momentum (velocity decay per step)
     'nesterov': True,
-    'weight_decay': 5e-4,      # L2 on every parameter, coupled to lr (torch SGD)
+    'weight_decay': 5e-4,      # L2 coefficient on every parameter, coupled to lr (torch SGD: lr x 5e-4 x w per step)
     'label_smoothing': 0.0,
 }
 SMOKE = {'widths': [32, 32], 'epochs': 2}  # a narrow net, 22 steps: seconds per block on a CPU
 NORMS = ('batch', 'layer', 'none')
+LOSS_NORMS = ('nominal', 'kept')
 EPS = 1e-5                     # of BatchNorm and LayerNorm (PyTorch default)
 BLOCK = 100                    # models trained at once: saturates the 2 cores (see the cost above)
 RUNS = 500                     # runs per arm by default (the harness default, 1000, is CIFAR-10's)
@@ -100,6 +104,9 @@ def settings(**overrides):
     h = {**hyp, **overrides}
     if h['norm'] not in NORMS:
         raise ValueError(f"norm={h['norm']!r}, expected 'batch' (BatchNorm), 'layer' (LayerNorm) or 'none'")
+    if h['loss_norm'] not in LOSS_NORMS:
+        raise ValueError(f"loss_norm={h['loss_norm']!r}, expected 'nominal' (summed loss / batch_size) or "
+                         "'kept' (mean over the kept rows)")
     return h
 
 
@@ -200,7 +207,8 @@ def train(images, labels, *, keep, seed, device=None, **overrides):
     examples) or the indices of the examples model k may see; seed: a list of K ints. Model k draws its
     init from seed[k] and, each epoch, a permutation of all N examples from np.random.default_rng(seed[k]);
     the examples not in keep[k] are then masked out of the batches they fall in: they add nothing to the
-    loss (a mean over the valid rows), the gradients or the BatchNorm statistics. Every model takes the
+    loss (the kept rows' summed loss / batch_size, or / their count with loss_norm='kept'), the
+    gradients or the BatchNorm statistics. Every model takes the
     same number of steps. A model that diverges ends with non-finite logits; the others are unaffected.
     """
     h = settings(**overrides)
@@ -238,7 +246,13 @@ def train(images, labels, *, keep, seed, device=None, **overrides):
             logits = forward(nets, x, valid, h['bn_momentum'])
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction='none',
                                    label_smoothing=h['label_smoothing']).view(k, -1)
-            loss = torch.where(valid, loss, 0.0).sum(1) / valid.sum(1).clamp(min=1)  # (K,) mean over valid rows
+            # Divided by the nominal batch size, not by the count of kept rows: with the count, a removed
+            # example would raise the weight of every other example of its batch (1/127 instead of 1/128),
+            # a channel by which removing an example moves the whole training set, self-influence aside.
+            # airbench's loss, summed over the batch with hyperparameters per 1024 examples, behaves the
+            # same way: a removed example takes its own term out and leaves the others' weights alone.
+            denominator = h['batch_size'] if h['loss_norm'] == 'nominal' else valid.sum(1).clamp(min=1)
+            loss = torch.where(valid, loss, 0.0).sum(1) / denominator  # (K,)
             for group in optimizer.param_groups:
                 group['lr'] = h['lr'] * lr_multiplier(nets['steps'], total_steps, h['schedule'])
             optimizer.zero_grad(set_to_none=True)

@@ -94,7 +94,8 @@ def test_masked_batchnorm_equals_batchnorm_of_the_valid_rows_alone():
 def reference_train(images, labels, keep, seed, h):
     """One model in plain PyTorch on the documented batches: each epoch np.random.default_rng(seed)
     permutes all examples, the permutation is cut into full batches, and the excluded examples are
-    removed from them. Initial weights taken from trainer_digits.make_nets."""
+    removed from them; the loss is the kept rows' summed cross-entropy divided by the nominal batch size
+    (or their mean with loss_norm='kept'). Initial weights taken from trainer_digits.make_nets."""
     init = trainer_digits.make_nets([seed], h['widths'], 'batch')
     sizes = [64, *h['widths'], 10]
     layers = []
@@ -116,7 +117,8 @@ def reference_train(images, labels, keep, seed, h):
         for idx in rng.permutation(len(labels))[:n_batches * h['batch_size']].reshape(n_batches, -1):
             idx = idx[kept[idx]]
             optimizer.param_groups[0]['lr'] = h['lr'] * trainer_digits.lr_multiplier(step, total, h['schedule'])
-            loss = F.cross_entropy(net(images[idx]), labels[idx])
+            loss = F.cross_entropy(net(images[idx]), labels[idx], reduction='sum')
+            loss = loss / (h['batch_size'] if h['loss_norm'] == 'nominal' else len(idx))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -124,11 +126,12 @@ def reference_train(images, labels, keep, seed, h):
     return net.eval()
 
 
-def test_masking_equals_training_on_the_kept_examples_alone(digits):
+@pytest.mark.parametrize('loss_norm', trainer_digits.LOSS_NORMS)
+def test_masking_equals_training_on_the_kept_examples_alone(digits, loss_norm):
     images, labels, test_images, _ = digits
-    h = trainer_digits.settings(**TINY)
+    h = trainer_digits.settings(**TINY, loss_norm=loss_norm)
     half = experiment.keep_for('scan', 8, len(labels), trainer_digits.HELD_OUT)  # batches of about 64
-    nets = trainer_digits.train(images, labels, keep=[excluded(), half], seed=[4, 8], **TINY)
+    nets = trainer_digits.train(images, labels, keep=[excluded(), half], seed=[4, 8], **TINY, loss_norm=loss_norm)
     logits = trainer_digits.infer(nets, test_images)
     for k, (keep, seed) in enumerate([(excluded(), 4), (half, 8)]):
         net = reference_train(images, labels, keep, seed, h)
@@ -174,6 +177,8 @@ def test_unknown_norm_or_hyperparameter_is_refused(digits):
     images, labels, *_ = digits
     with pytest.raises(ValueError, match="'batch'.*'layer'.*'none'"):
         trainer_digits.train(images, labels, keep=[None], seed=[0], norm='group')
+    with pytest.raises(ValueError, match="'nominal'.*'kept'"):
+        trainer_digits.train(images, labels, keep=[None], seed=[0], loss_norm='mean')
     with pytest.raises(TypeError, match='unknown'):
         trainer_digits.train(images, labels, keep=[None], seed=[0], learning_rate=0.1)
     with pytest.raises(TypeError, match='lists'):
