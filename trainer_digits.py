@@ -60,18 +60,54 @@ BLOCK = 100                    # models trained at once: saturates the 2 cores (
 RUNS = 500                     # runs per arm by default (the harness default, 1000, is CIFAR-10's)
 N_TRAIN = 1437                 # the first 1437 of the 1797 digits; the last 360 are the test set
 
-# Held-out examples, indices into the 1437 training digits.
+# Held-out examples, indices into the 1437 training digits: 2 random and 2 easy per class, by a rule
+# fixed before any confirmation run (random_per_class, easy_per_class below):
+# - random: per class, the first 2 digits of that class in np.random.default_rng(0).permutation(1437);
+# - easy: from a scan on seeds 1,000,000 on (`python trainer_digits.py --scan --runs 2500`, the loss
+#   divided by the nominal batch size), per class the 2 most negative scan estimates among the
+#   high-margin digits (mean margin when included in the top quartile of all tested digits; a class with
+#   fewer than 2 of them falls back to the top quartile of its own class), whatever their sign or
+#   p-value, random picks skipped. Confirmation uses disjoint seeds (0 on).
+# Both lists run class 0 to class 9. held_out_from_scan() redraws the set from a scan store.
 HELD_OUT = {
-    # np.random.default_rng(0).choice(1437, 20, replace=False)
-    'random': [1304, 437, 383, 1343, 725, 868, 804, 1390, 903, 927,
-               249, 1160, 906, 23, 780, 107, 1206, 720, 1045, 58],
-    # The scan's choice (discovery: `python trainer_digits.py --scan --runs 3000`, seeds 1,000,000 to
-    # 1,002,999; `python viz.py --scan --trainer digits`): the 20 most negative self-influence estimates
-    # among the high-margin digits (mean margin when included in the top quartile, >= 12.68), most
-    # negative first. The with/without experiment confirms them on disjoint seeds (0 to 499).
-    'easy': [372, 707, 1225, 1091, 919, 610, 229, 1268, 1036, 1169,
-             885, 1429, 577, 631, 1407, 613, 817, 956, 1220, 273],
+    'random': [101, 1342, 1030, 1071, 1143, 12, 1160, 226, 270, 876,
+               419, 1129, 960, 880, 870, 624, 1325, 284, 405, 589],
+    'easy': None,  # filled from the scan
 }
+PER_CLASS = 2  # held-out digits per class and group: 20 classes x 2 would pile up no class (see README)
+
+
+def random_per_class(labels, per_class=PER_CLASS, seed=0):
+    """The random held-out digits: per class (0 first), the first `per_class` digits of that class in
+    np.random.default_rng(seed).permutation(len(labels)). labels (N,) ints -> list of ints."""
+    labels = np.asarray(labels)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    return [int(i) for c in np.unique(labels) for i in order[labels[order] == c][:per_class]]
+
+
+def easy_per_class(scan, per_class=PER_CLASS, exclude=()):
+    """The easy held-out digits from a scan analysis (the dict of viz.analyse_scan): per class (0 first),
+    the `per_class` high-margin digits with the most negative self-influence estimate, whatever its sign
+    or p-value, digits in `exclude` skipped. High margin: scan['high_margin'] (mean margin when included
+    in the top quartile of all tested digits); a class with fewer than `per_class` such digits takes the
+    top quartile of its own tested digits instead."""
+    picks = []
+    for c in np.unique(scan['label']):
+        pool = scan['tested'] & (scan['label'] == c) & ~np.isin(scan['index'], list(exclude))
+        high = pool & scan['high_margin']
+        if high.sum() < per_class:
+            high = pool & (scan['mean_in'] >= np.quantile(scan['mean_in'][pool], 0.75))
+        candidates = np.flatnonzero(high)
+        picks += [int(i) for i in candidates[np.argsort(scan['self_influence'][candidates], kind='stable')][:per_class]]
+    return picks
+
+
+def held_out_from_scan(path, labels=None):
+    """{'random': [...], 'easy': [...]} by the rule above, from the scan store at `path`."""
+    import viz
+    scan = viz.analyse_scan(viz.open_scan(path))
+    random = random_per_class(scan['label'] if labels is None else labels)
+    return {'random': random, 'easy': easy_per_class(scan, exclude=random)}
 
 
 ############################################
