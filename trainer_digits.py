@@ -63,7 +63,7 @@ N_TRAIN = 1437                 # the first 1437 of the 1797 digits; the last 360
 # Held-out examples, indices into the 1437 training digits: 2 random and 2 easy per class, by a rule
 # fixed before any confirmation run (random_per_class, easy_per_class below):
 # - random: per class, the first 2 digits of that class in np.random.default_rng(0).permutation(1437);
-# - easy: from a scan on seeds 1,000,000 on (`python trainer_digits.py --scan --runs 2500`, the loss
+# - easy: from a scan on seeds 1,000,000 on (`python trainer_digits.py --scan --runs 1200`, the loss
 #   divided by the nominal batch size), per class the 2 most negative scan estimates among the
 #   high-margin digits (mean margin when included in the top quartile of all tested digits; a class with
 #   fewer than 2 of them falls back to the top quartile of its own class), whatever their sign or
