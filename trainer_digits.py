@@ -63,7 +63,7 @@ N_TRAIN = 1437                 # the first 1437 of the 1797 digits; the last 360
 # Held-out examples, indices into the 1437 training digits: 2 random and 2 easy per class, by a rule
 # fixed before any confirmation run (random_per_class, easy_per_class below):
 # - random: per class, the first 2 digits of that class in np.random.default_rng(0).permutation(1437);
-# - easy: from a scan on seeds 1,000,000 on (`python trainer_digits.py --scan --runs 1200`, the loss
+# - easy: from a scan on seeds 1,000,000 on (`python trainer_digits.py --scan --runs 500`, the loss
 #   divided by the nominal batch size), per class the 2 most negative scan estimates among the
 #   high-margin digits (mean margin when included in the top quartile of all tested digits; a class with
 #   fewer than 2 of them falls back to the top quartile of its own class), whatever their sign or
@@ -72,7 +72,9 @@ N_TRAIN = 1437                 # the first 1437 of the 1797 digits; the last 360
 HELD_OUT = {
     'random': [101, 1342, 1030, 1071, 1143, 12, 1160, 226, 270, 876,
                419, 1129, 960, 880, 870, 624, 1325, 284, 405, 589],
-    'easy': None,  # filled from the scan
+    # scan of 500 runs (seeds 1,000,000 to 1,000,499), high margin: mean margin when included >= 10.07
+    'easy': [786, 1335, 1, 1050, 1084, 1207, 789, 193, 1268, 919,
+             885, 176, 351, 1094, 610, 44, 1069, 684, 1296, 1027],
 }
 PER_CLASS = 2  # held-out digits per class and group: 20 classes x 2 would pile up no class (see README)
 
