@@ -185,13 +185,38 @@ def test_unknown_norm_or_hyperparameter_is_refused(digits):
         trainer_digits.train(images, labels, keep=None, seed=0)
 
 
-def test_held_out_are_40_distinct_training_indices_and_random_follows_its_rule():
+def test_held_out_are_2_random_and_2_easy_per_class_and_random_follows_its_rule(digits):
+    labels = digits[1].numpy()
     held = trainer_digits.HELD_OUT
     everything = held['random'] + held['easy']
-    assert len(held['random']) == len(held['easy']) == 20
     assert len(set(everything)) == 40
     assert all(0 <= i < trainer_digits.N_TRAIN and isinstance(i, int) for i in everything)
-    assert held['random'] == np.random.default_rng(0).choice(1437, 20, replace=False).tolist()
+    for group in held.values():
+        assert labels[group].tolist() == [c for c in range(10) for _ in range(2)]  # class 0 first, 2 each
+    assert held['random'] == trainer_digits.random_per_class(labels)
+    order = np.random.default_rng(0).permutation(1437)
+    assert held['random'][:2] == [int(i) for i in order[labels[order] == 0][:2]]
+
+
+def test_easy_rule_takes_per_class_the_most_negative_high_margin_estimates():
+    rng = np.random.default_rng(1)
+    n = 200
+    scan = dict(index=np.arange(n), label=np.arange(n) % 2, tested=np.ones(n, bool),
+                mean_in=rng.uniform(0, 10, n), self_influence=rng.normal(0, 1, n))
+    scan['tested'][3] = False
+    scan['high_margin'] = scan['tested'] & (scan['mean_in'] >= np.quantile(scan['mean_in'][scan['tested']], 0.75))
+    exclude = [int(np.flatnonzero(scan['high_margin'] & (scan['label'] == 0))[0])]
+    picks = trainer_digits.easy_per_class(scan, exclude=exclude)
+    for c, pair in enumerate((picks[:2], picks[2:])):
+        pool = np.flatnonzero(scan['high_margin'] & (scan['label'] == c) & ~np.isin(scan['index'], exclude))
+        assert sorted(pair) == sorted(pool[np.argsort(scan['self_influence'][pool])[:2]].tolist())
+        assert scan['self_influence'][pair[0]] <= scan['self_influence'][pair[1]]
+    # a class with too few high-margin examples falls back to its own top quartile
+    scan['high_margin'] = scan['high_margin'] & (scan['label'] == 0)
+    picks = trainer_digits.easy_per_class(scan)
+    ones = np.flatnonzero(scan['tested'] & (scan['label'] == 1))
+    top = ones[scan['mean_in'][ones] >= np.quantile(scan['mean_in'][ones], 0.75)]
+    assert sorted(picks[2:]) == sorted(top[np.argsort(scan['self_influence'][top])[:2]].tolist())
 
 
 def test_settings_are_serialisable_and_the_lr_rises_then_falls_to_zero():
