@@ -217,3 +217,21 @@ def pairing_ratio(a, b):
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     with np.errstate(divide='ignore', invalid='ignore'):
         return (a - b).var(0, ddof=1) / (a.var(0, ddof=1) + b.var(0, ddof=1))
+
+
+def matched_controls(mean_margin, labels, held_out, target, k):
+    """Controls of each held-out example: the k training examples with its label, not held out, whose
+    mean margin is nearest to its target margin (ties: lower index first). Examples with a non-finite
+    mean margin are never controls.
+
+    mean_margin (n_train,), labels (n_train,), held_out (m,) indices, target (m,) margins
+    -> list of m int64 arrays of up to k indices, nearest first (fewer where fewer candidates exist)."""
+    mean_margin, labels = np.asarray(mean_margin, dtype=np.float64), np.asarray(labels)
+    eligible = np.isfinite(mean_margin)
+    eligible[np.asarray(held_out, dtype=np.int64)] = False
+    out = []
+    for i, t in zip(held_out, target):
+        candidates = np.flatnonzero(eligible & (labels == labels[i]))
+        order = np.argsort(np.abs(mean_margin[candidates] - t), kind='stable')
+        out.append(candidates[order[:k]])
+    return out

@@ -37,68 +37,19 @@ Runs with a non-finite logit at a held-out example (a diverged net) are left out
 and the report says which runs and examples. Notes about the store go to stderr, the report to stdout.
 """
 import argparse
-import csv
-import json
 import sys
+import textwrap
 
 import numpy as np
 
 import stats
 from store import Store, StoreError, keep_for
+from viz_io import (CHUNK, LEVEL, column_chunks, control_means, drop_nonfinite, group_title, held_out_groups, listed,
+                    mean_margins, note, pick_controls,
+                    note_progress, plot_forest, ptext, read_margins, save_csv, save_json)
 
-LEVEL = 0.95  # confidence level of every interval
-POWER = 0.8   # for "runs per arm needed": chance of reaching p < alpha if the observed effect is real
-CHUNK = 16    # runs mapped at a time (see held_out_logits)
-
-
-def note(message):
-    print(f'viz: {message}', file=sys.stderr, flush=True)
-
-
-############################################
-#            reading the store             #
-############################################
-
-def held_out_logits(logits, idx):
-    """Yield (first run, (k, m, 10) float16) chunks of the held-out columns idx (m,) of logits
-    (N, n_train, 10), reading nothing else. Each chunk of CHUNK runs is mapped afresh and unmapped after:
-    the kernel maps file pages in around every page it faults in (fault-around, large folios; measured
-    up to the whole 1 MB of a 50000-example run), so one mapping of the whole file would end up with
-    most of the data resident. Per chunk, the resident size stays at CHUNK MB or less."""
-    if not isinstance(logits, np.memmap) or logits.filename is None or not logits.flags.c_contiguous:
-        yield 0, np.asarray(logits[:, idx, :])  # an in-memory array (an arm with no runs)
-        return
-    run_bytes = logits.strides[0]
-    for lo in range(0, len(logits), CHUNK):
-        part = np.memmap(logits.filename, logits.dtype, 'r', offset=logits.offset + lo * run_bytes,
-                         shape=(min(CHUNK, len(logits) - lo), *logits.shape[1:]))
-        yield lo, part[:, idx, :]  # fancy indexing copies: nothing keeps `part` mapped
-        del part
-
-
-def read_margins(store, arm, idx):
-    """Margins of the held-out examples in every finished run of `arm`.
-    -> margins (N, m) float64 for idx (m,), runs (dict of (N,) arrays: run, seed, seconds, test_acc)."""
-    logits, runs = store.load(arm)  # (N, n_train, 10) float16, memory-mapped
-    labels = store.labels[idx]
-    out = np.empty((len(logits), len(idx)))
-    for lo, chunk in held_out_logits(logits, idx):
-        out[lo:lo + len(chunk)] = stats.margins(chunk, labels)
-    return out, runs
-
-
-def drop_nonfinite(arm, margins, runs, idx):
-    """Leave out runs with a NaN/inf margin at any held-out example; say which runs and examples."""
-    bad = ~np.isfinite(margins)  # (N, m)
-    rows = np.flatnonzero(bad.any(1))
-    if len(rows):
-        where = lambda r: ', '.join(str(idx[j]) for j in np.flatnonzero(bad[r]))
-        shown = '; '.join(f'run {runs["run"][r]} at example(s) {where(r)}' for r in rows[:10])
-        more = f' and {len(rows) - 10} more' if len(rows) > 10 else ''
-        note(f'{arm} arm: {len(rows)} run(s) with non-finite logits at held-out examples, left out of '
-             f'every statistic: {shown}{more}. Such runs diverged; retrain them if they are many.')
-    keep = np.setdiff1d(np.arange(len(margins)), rows)
-    return margins[keep], {k: np.asarray(v)[keep] for k, v in runs.items()}
+POWER = 0.8     # for "runs per arm needed": chance of reaching p < alpha if the observed effect is real
+CONTROLS = 50   # controls per held-out example (--controls)
 
 
 def open_store(path):
@@ -107,32 +58,19 @@ def open_store(path):
     if 'with' not in store.arms:
         raise StoreError(f'{path} is a scan store (arms: {", ".join(store.arms)}), not the with/without '
                          f'experiment. Analyse it with: python viz.py --scan {path}')
-    groups = [(name, np.asarray(ix, dtype=np.int64)) for name, ix in store.settings['held_out'].items()]
-    if not groups or not all(len(ix) for _, ix in groups):
-        raise StoreError(f'{path}/settings.json lists no held-out examples '
-                         f'(held_out = {store.settings["held_out"]}); nothing to analyse.')
+    groups = held_out_groups(store)
     note_progress(store)
     return store, groups
-
-
-def note_progress(store):
-    """Say on stderr if the store is still being written or holds runs that diverged."""
-    path = store.path
-    busy = store.in_progress()
-    if busy:
-        note(f'{path} is still being written ({busy} run(s) in progress); analysing the runs finished so far.')
-    failed = store.failed()
-    if failed:
-        note(f'{len(failed)} run(s) diverged during training and were recorded in {path}/failed/, not stored.')
 
 
 ############################################
 #                analysis                  #
 ############################################
 
-def analyse(store, groups, test='welch', alpha=0.01):
+def analyse(store, groups, test='welch', alpha=0.01, controls=CONTROLS):
     """Every statistic of the report. -> dict: per-example (m,) arrays (index, group, mean_with, ...),
-    'groups' [(name, positions)], per-group summaries, counts and the paired results if any."""
+    'groups' [(name, positions)], per-group summaries, counts, the paired results if any and, with
+    controls > 0, the control-adjusted results (see analyse_controls)."""
     idx = np.concatenate([ix for _, ix in groups])
     a, runs_a = drop_nonfinite('with', *read_margins(store, 'with', idx), idx)
     b, runs_b = drop_nonfinite('without', *read_margins(store, 'without', idx), idx)
@@ -186,13 +124,89 @@ def analyse(store, groups, test='welch', alpha=0.01):
         res['pairing_ratio'] = stats.pairing_ratio(pa, pb)
         res['runs_saved'] = len(ia) * (1 - res['pairing_ratio'])  # per arm, at the same standard error
     res.update(meta)
+    res['control_k'] = controls
+    if controls:
+        analyse_controls(store, res, a, b, runs_a, runs_b)
     return res
+
+
+def analyse_controls(store, res, a, b, runs_a, runs_b):
+    """Controls of each held-out example: up to res['control_k'] training examples that are never held out,
+    with its label and the nearest mean margin in `with` (one streamed pass over the `with` arm, then only
+    their columns of both arms). Both arms train on them, so their shift with - without is no
+    self-influence: it is what removing the held-out set does to an example like it.
+
+    Tested on per-run differences, example margin - its controls' mean margin in the same run, so that
+    noise shared by the examples of one run cancels: paired t-test over seed-matched runs when there are
+    2 or more, Welch otherwise. Adds to res, per example (m,): shift (with - without on the runs used
+    here), control_shift, control_adjusted = shift - control_shift, their CIs and p-values, Holm and BH of
+    control_adjusted_p, control_count, control_gap (largest |mean margin difference| to a control) and
+    controls (list of index arrays); per group in group_summary: the same from per-run group averages.
+
+    Selecting controls by their `with` mean biases their shift by about se^2 x the slope of the log density
+    of mean margins at the target (se: standard error of a mean margin, about 0.03 at 1000 runs): far
+    below the effects measured."""
+    idx, k = res['index'], res['control_k']
+    mean_with = mean_margins(store, 'with', runs_a['run'])  # (n_train,)
+    controls = pick_controls(store, mean_with, idx, res['mean_with'], k)
+    ca = control_means(store, 'with', controls, runs_a['run'])  # (n_with, m): per run, mean over controls
+    cb = control_means(store, 'without', controls, runs_b['run'])
+    has = np.array([len(c) > 0 for c in controls])
+    # A run diverged at a control but not at a held-out example: left out of the control analysis only.
+    ok_a, ok_b = np.isfinite(ca[:, has]).all(1), np.isfinite(cb[:, has]).all(1)
+    for arm, ok, runs in (('with', ok_a, runs_a), ('without', ok_b, runs_b)):
+        if not ok.all():
+            note(f'{arm} arm: {(~ok).sum()} run(s) with non-finite logits at a control example, left out of the '
+                 f'control analysis: runs {listed(runs["run"][~ok].tolist())}.')
+    a, b, ca, cb = a[ok_a], b[ok_b], ca[ok_a], cb[ok_b]
+    _, pa, pb = np.intersect1d(runs_a['seed'][ok_a], runs_b['seed'][ok_b], return_indices=True)
+    if len(pa) >= 2:
+        compare = lambda x, y: stats.paired_test(x[pa], y[pb])
+        res['control_test'], res['control_runs'] = 'paired', len(pa)
+    elif len(a) >= 2 and len(b) >= 2:
+        compare = stats.welch_test
+        res['control_test'], res['control_runs'] = 'welch', (len(a), len(b))
+    else:
+        res['control_skipped'] = (f'{len(a)} run(s) with and {len(b)} without are left once runs with '
+                                  'non-finite control margins are out; at least 2 per arm are needed.')
+        return
+
+    def tested(x, y, name):
+        t = compare(x, y)
+        low, high = stats.confidence_interval(t['diff'], t['se'], t['df'], LEVEL)
+        return {name: t['diff'], f'{name}_ci_low': low, f'{name}_ci_high': high, f'{name}_p': t['p']}
+
+    with np.errstate(invalid='ignore'):  # examples without controls: NaN throughout
+        res.update(shift=compare(a, b)['diff'], **tested(ca, cb, 'control_shift'),
+                   **tested(a - ca, b - cb, 'control_adjusted'))
+    res['control_adjusted_p_holm'] = stats.holm(res['control_adjusted_p'])
+    res['control_adjusted_p_bh'] = stats.benjamini_hochberg(res['control_adjusted_p'])
+    res['control_count'] = np.array([len(c) for c in controls])
+    res['control_gap'] = np.array([np.abs(mean_with[c] - res['mean_with'][j]).max() if len(c) else np.nan
+                                   for j, c in enumerate(controls)])
+    res['controls'] = controls
+    for name, pos in res['groups']:
+        pos = pos[has[pos]]
+        g = res['group_summary'][name]
+        if not len(pos):
+            continue
+        mean = lambda x: x[:, pos].mean(1, keepdims=True)  # per-run group average
+        g['shift'] = compare(mean(a), mean(b))['diff'][0]
+        g.update({k: v[0] for k, v in tested(mean(ca), mean(cb), 'control_shift').items()})
+        g.update({k: v[0] for k, v in tested(mean(a - ca), mean(b - cb), 'control_adjusted').items()})
+        sig = res['control_adjusted_p'][pos] < res['alpha']
+        adjusted = res['control_adjusted'][pos]
+        g['control_adjusted_positive'] = int((sig & (adjusted > 0)).sum())
+        g['control_adjusted_negative'] = int((sig & (adjusted < 0)).sum())
 
 
 EXAMPLE_COLUMNS = ['group', 'index', 'mean_with', 'mean_without', 'self_influence', 'se', 'df', 'stat', 'p',
                    'ci_low', 'ci_high', 'p_holm', 'p_bh', 'significant', 'sd_with', 'sd_without', 'runs_needed',
                    'paired_self_influence', 'paired_p', 'paired_ci_low', 'paired_ci_high', 'correlation',
-                   'pairing_ratio', 'runs_saved']
+                   'pairing_ratio', 'runs_saved', 'shift', 'control_shift', 'control_shift_ci_low',
+                   'control_shift_ci_high', 'control_shift_p', 'control_adjusted', 'control_adjusted_ci_low',
+                   'control_adjusted_ci_high', 'control_adjusted_p', 'control_adjusted_p_holm', 'control_adjusted_p_bh',
+                   'control_count', 'control_gap']
 
 
 def example_rows(res):
@@ -209,10 +223,6 @@ def tabbed(*fields):
     """The original printed tab-separated fields; expanding the tabs to 8-column stops gives the
     published layout in spaces. Empty fields are extra tabs."""
     return '\t'.join(fields).expandtabs(8)
-
-
-def group_title(name):
-    return f'{name.capitalize()} examples:'
 
 
 def faithful_table(res):
@@ -320,67 +330,102 @@ def all_examples(res):
     return lines
 
 
-def _finite_or_none(v):
-    return v if not isinstance(v, float) or np.isfinite(v) else None
+def controls_section(res):
+    """Below the summary: what the held-out examples' controls shifted, and the control-adjusted
+    self-influence, per group (all examples) and per example (those with control-adjusted p < alpha)."""
+    if not res['control_k']:
+        return []
+    if 'control_adjusted' not in res:
+        return ['', f'Controls: none analysed; {res["control_skipped"]}']
+    pct, alpha = f'{LEVEL:.0%}', res['alpha']
+    test = (f'paired t-test over {res["control_runs"]} seed-matched runs' if res['control_test'] == 'paired'
+            else "Welch's t-test, {} runs with and {} without".format(*res['control_runs']))
+    count, gap = res['control_count'], res['control_gap']
+    text = (f'Controls: for each held-out example, up to {res["control_k"]} training examples never held out, with its '
+            f'label and the nearest mean margin in `with` ({count.min()} to {count.max()} per example; margin gap to '
+            f'the farthest: median {np.nanmedian(gap):.3f}, max {np.nanmax(gap):.3f}). Both arms train on them, so '
+            'their shift with - without is no self-influence: it is what removing the held-out set does to an '
+            'example like it (cross-influence). Control-adjusted self-influence = shift - control shift, tested on '
+            f'the per-run difference example - mean of its controls ({test}, {pct} CI):')
+    lines = ['', *textwrap.wrap(text, 110),
+             f'{"group":<12}{"examples":>8}  {"shift":>7}  {"control shift":>13}  {pct + " CI":<18}  {"adjusted":>8}  '
+             f'{pct + " CI":<18}  {"p":>6}  {"sig. +":>6}  {"sig. -":>6}']
+    for name, g in res['group_summary'].items():
+        if 'control_adjusted' not in g:
+            lines.append(f'{name.capitalize():<12}  (no example of the group has controls)')
+            continue
+        cs = f'[{g["control_shift_ci_low"]:+.3f}, {g["control_shift_ci_high"]:+.3f}]'
+        ca = f'[{g["control_adjusted_ci_low"]:+.3f}, {g["control_adjusted_ci_high"]:+.3f}]'
+        lines.append(f'{name.capitalize():<12}{g["examples"]:>8}  {g["shift"]:>+7.3f}  {g["control_shift"]:>+13.3f}  '
+                     f'{cs:<18}  {g["control_adjusted"]:>+8.3f}  {ca:<18}  {g["control_adjusted_p"]:>6.4f}  '
+                     f'{g["control_adjusted_positive"]:>6}  {g["control_adjusted_negative"]:>6}')
+    lines += ['', f'Control-adjusted self-influence different from zero (p < {alpha:g}):', control_head()]
+    for name, pos in res['groups']:
+        lines.append(group_title(name))
+        listed_here = [j for j in pos if res['control_adjusted_p'][j] < alpha]
+        lines += [control_row(res, j) for j in listed_here] or ['(none)']
+    return lines
 
 
-def _save_csv(rows, columns, path):
-    with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+def control_head(adjusted_p=False):
+    pct = f'{LEVEL:.0%}'
+    head = (f'{"index":>6}  {"shift":>7}  {"control shift":>13}  {pct + " CI":<18}  {"adjusted":>8}  '
+            f'{pct + " CI":<18}  {"p":>6}')
+    return head + (f'    {"Holm":>6}  {"BH":>6}  {"controls":>8}  {"gap":>5}' if adjusted_p else '')
 
 
-def _save_json(doc, rows, path):
-    """doc plus one entry per row under 'examples'; NaN/inf written as null."""
-    doc['examples'] = [{k: _finite_or_none(v) for k, v in row.items()} for row in rows]
-    with open(path, 'w') as f:
-        json.dump(doc, f, indent=1)
+def control_row(res, j, adjusted_p=False):
+    cs = f'[{res["control_shift_ci_low"][j]:+.3f}, {res["control_shift_ci_high"][j]:+.3f}]'
+    ca = f'[{res["control_adjusted_ci_low"][j]:+.3f}, {res["control_adjusted_ci_high"][j]:+.3f}]'
+    line = (f'{res["index"][j]:>6}  {res["shift"][j]:>+7.3f}  {res["control_shift"][j]:>+13.3f}  {cs:<18}  '
+            f'{res["control_adjusted"][j]:>+8.3f}  {ca:<18}  {res["control_adjusted_p"][j]:>6.4f}')
+    if adjusted_p:
+        mark = '*' if res['control_adjusted_p'][j] < res['alpha'] else ' '
+        line += (f' {mark}  {res["control_adjusted_p_holm"][j]:>6.4f}  {res["control_adjusted_p_bh"][j]:>6.4f}  '
+                 f'{res["control_count"][j]:>8}  {res["control_gap"][j]:>5.3f}')
+    return line
+
+
+def all_controls(res):
+    """--all: every held-out example's control-adjusted self-influence, with Holm and BH."""
+    if 'control_adjusted' not in res:
+        return []
+    lines = ['', f'All held-out examples, control-adjusted. * marks p < {res["alpha"]:g}; Holm and BH: adjusted over '
+                 f'all {len(res["index"])} examples; controls: how many; gap: largest |mean margin difference in '
+                 '`with`| to one of them.', control_head(adjusted_p=True)]
+    for name, pos in res['groups']:
+        lines.append(group_title(name))
+        lines += [control_row(res, j, adjusted_p=True) for j in pos]
+    return lines
+
+
+CONTROL_COLUMNS = ['shift', 'control_shift', 'control_shift_ci_low', 'control_shift_ci_high', 'control_shift_p',
+                   'control_adjusted', 'control_adjusted_ci_low', 'control_adjusted_ci_high', 'control_adjusted_p',
+                   'control_adjusted_p_holm', 'control_adjusted_p_bh', 'control_count', 'control_gap']
 
 
 def write_csv(res, path):
     rows = example_rows(res)
-    _save_csv(rows, list(rows[0]), path)
+    save_csv(rows, list(rows[0]), path)
 
 
 def write_json(res, path):
-    """Settings of the analysis, group summaries and per-example rows."""
-    groups = {name: {k: _finite_or_none(float(v)) if isinstance(v, (float, np.floating)) else v for k, v in g.items()}
-              for name, g in res['group_summary'].items()}
+    """Settings of the analysis, group summaries and per-example rows (with each example's controls)."""
     doc = dict(store=res['path'], trainer=res['trainer'], test=res['test'], alpha=res['alpha'], level=LEVEL,
-               power=POWER, n_with=res['n_with'], n_without=res['n_without'], n_pairs=res['n_pairs'], groups=groups)
-    _save_json(doc, example_rows(res), path)
+               power=POWER, n_with=res['n_with'], n_without=res['n_without'], n_pairs=res['n_pairs'],
+               controls_per_example=res['control_k'], control_test=res.get('control_test'),
+               groups=res['group_summary'])
+    rows = example_rows(res)
+    if 'controls' in res:
+        for row, c in zip(rows, res['controls']):
+            row['controls'] = c.tolist()
+    save_json(doc, rows, path)
 
 
-def plot_forest(res, path):
-    """Forest plot: self-influence with its CI per held-out example, one colour per group,
-    filled markers for p < alpha."""
-    import matplotlib
-    matplotlib.use('Agg')  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    m = len(res['index'])
-    fig, ax = plt.subplots(figsize=(7, 1.5 + 0.2 * (m + 2 * len(res['groups']))))
-    y, ticks, labels = 0.0, [], []
-    for k, (name, pos) in enumerate(res['groups']):
-        colour = f'C{k}'
-        for i, j in enumerate(pos):
-            si, lo, hi = res['self_influence'][j], res['ci_low'][j], res['ci_high'][j]
-            ax.errorbar(si, y, xerr=[[si - lo], [hi - si]], fmt='o', color=colour, capsize=2, markersize=4,
-                        markerfacecolor=colour if res['significant'][j] else 'white',
-                        label=f'{name} examples' if i == 0 else None)
-            ticks.append(y)
-            labels.append(str(res['index'][j]))
-            y -= 1
-        y -= 1.5  # gap between groups
-    ax.axvline(0, color='grey', linewidth=0.8)
-    ax.set_yticks(ticks, labels, fontsize=7)
-    ax.set_xlabel(f'self-influence = mean margin with - without ({LEVEL:.0%} CI; filled: p < {res["alpha"]:g})')
-    ax.set_title(f'{res["trainer"]}: {res["n_with"]} runs with, {res["n_without"]} without', fontsize=10)
-    ax.legend(loc='best', fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def write_plot(res, path):
+    """Forest plot of self-influence, with the control-adjusted estimate as a second marker per row."""
+    plot_forest(res, path, 'self-influence = mean margin with - without; diamonds: control-adjusted',
+                f'{res["trainer"]}: {res["n_with"]} runs with, {res["n_without"]} without')
 
 
 ############################################
@@ -413,18 +458,12 @@ def scan_chunks(store, logits, runs, left_out):
     (N, n_train, 10) at a time. Runs with a non-finite margin are skipped; their run numbers are
     appended to left_out."""
     every = np.arange(store.settings['n_train'])
-    for lo, chunk in held_out_logits(logits, every):
+    for lo, chunk in column_chunks(logits, every):
         seeds, numbers = runs['seed'][lo:lo + len(chunk)], runs['run'][lo:lo + len(chunk)]
         m = stats.margins(chunk, store.labels)
         ok = np.isfinite(m).all(1)
         left_out += [int(r) for r in numbers[~ok]]
         yield m[ok], scan_masks(store, seeds[ok])
-
-
-def listed(indices, limit=10):
-    """'3, 17, 40 and 5 more': the first `limit` of a list of runs or examples."""
-    shown = ', '.join(str(i) for i in indices[:limit])
-    return shown + (f' and {len(indices) - limit} more' if len(indices) > limit else '')
 
 
 def analyse_scan(store, alpha=0.01):
@@ -493,11 +532,6 @@ def scan_rows(res):
     return [{c: res[c][j].item() for c in SCAN_COLUMNS} for j in range(len(res['index']))]
 
 
-def ptext(p):
-    """p-values of a scan reach 1e-30 and below: three significant digits, not four decimals."""
-    return f'{p:.3g}'
-
-
 def scan_head():
     return (f'{"rank":>6}  {"index":>6}  {"label":>5}  {"included":>8}  {"excluded":>8}  {"self-infl":>9}  '
             f'{f"{LEVEL:.0%} CI":<18}  {"p":>9}  {"BH p":>9}')
@@ -547,7 +581,7 @@ def scan_report(res, top=20):
 
 
 def write_scan_csv(res, path):
-    _save_csv(scan_rows(res), SCAN_COLUMNS, path)
+    save_csv(scan_rows(res), SCAN_COLUMNS, path)
 
 
 def write_scan_json(res, path):
@@ -556,7 +590,7 @@ def write_scan_json(res, path):
                level=LEVEL, alpha=res['alpha'], high_margin_threshold=float(res['high_margin_threshold']),
                high_margin_rule='mean margin when included in the top quartile of the tested examples',
                held_out={name: ix.tolist() for name, ix in res['groups']})
-    _save_json(doc, scan_rows(res), path)
+    save_json(doc, scan_rows(res), path)
 
 
 def main(argv=None):
@@ -570,15 +604,22 @@ def main(argv=None):
     parser.add_argument('--csv', metavar='FILE', help='write per-example statistics as CSV')
     parser.add_argument('--json', metavar='FILE', help='write per-example statistics and group summaries as JSON')
     parser.add_argument('--plot', metavar='FILE.png', help='write a forest plot of self-influence with CIs')
+    parser.add_argument('--controls', type=int, metavar='K',
+                        help=f'controls per held-out example (default {CONTROLS}; 0: none, and no pass over all '
+                             'examples)')
     parser.add_argument('--scan', action='store_true',
                         help='report a scan store (trainer --scan): the self-influence of every training example')
     parser.add_argument('--top', type=int, default=20, help='with --scan: examples per list (default 20)')
     args = parser.parse_args(argv)
     if not 0 < args.alpha < 1:
         parser.error(f'--alpha {args.alpha}: expected a probability between 0 and 1, e.g. 0.01')
-    if args.scan and (args.all or args.plot or args.test != 'welch'):
-        parser.error('--all, --plot and --test z belong to the with/without report; with --scan use --top, '
-                     '--alpha, --csv and --json')
+    if args.scan and (args.all or args.plot or args.test != 'welch' or args.controls is not None):
+        parser.error('--all, --plot, --controls and --test z belong to the with/without report; with --scan use '
+                     '--top, --alpha, --csv and --json')
+    if args.controls is not None and args.controls < 0:
+        parser.error(f'--controls {args.controls}: expected a number of controls per example, 0 or more')
+    if args.controls is None:
+        args.controls = CONTROLS
     if args.top < 1:
         parser.error(f'--top {args.top}: expected a number of examples, 1 or more')
 
@@ -594,12 +635,13 @@ def main(argv=None):
         path = args.store or f'runs/{args.trainer}'
         try:
             store, groups = open_store(path)
-            res = analyse(store, groups, args.test, args.alpha)
+            res = analyse(store, groups, args.test, args.alpha, args.controls)
         except StoreError as e:
             sys.exit(f'viz: {e}')
-        lines = faithful_table(res) + summary(res) + (all_examples(res) if args.all else [])
+        lines = (faithful_table(res) + summary(res) + controls_section(res)
+                 + (all_examples(res) + all_controls(res) if args.all else []))
         print('\n'.join(lines))
-        writers = ((write_csv, args.csv), (write_json, args.json), (plot_forest, args.plot))
+        writers = ((write_csv, args.csv), (write_json, args.json), (write_plot, args.plot))
     for write, out in writers:
         if out:
             try:

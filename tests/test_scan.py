@@ -9,6 +9,7 @@ from scipy import stats as sps
 
 import stats
 import viz
+import viz_io
 from store import SCAN_SEED_BASE, Store, keep_for, seed_for
 
 HELD = {'random': [0, 1, 2], 'easy': [150, 151]}
@@ -139,7 +140,7 @@ def test_example_never_excluded_gets_no_test():
 
 
 def test_viz_scan_equals_a_direct_computation_on_the_store(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(viz, 'CHUNK', 7)  # 23 runs: chunks of 7, 7, 7, 2
+    monkeypatch.setattr(viz_io, "CHUNK", 7)  # 23 runs: chunks of 7, 7, 7, 2
     store, _ = make_scan_store(tmp_path / 's', n_train=160, runs=23)
     res, _, _ = report(['--scan', tmp_path / 's'], capsys)
     logits, runs = store.load('scan')
@@ -234,8 +235,8 @@ def test_csv_and_json_hold_the_numbers_printed(planted, capsys, tmp_path):
         assert f'{float(row["mean_in"]):.3f}' == r[3] and f'{float(row["mean_out"]):.3f}' == r[4]
         assert f'{float(row["self_influence"]):+.3f}' == r[5] == f'{ex["self_influence"]:+.3f}'
         assert [f'{float(row["ci_low"]):+.3f},', f'{float(row["ci_high"]):+.3f}]'] == [r[6][1:], r[7]]
-        assert viz.ptext(float(row['p'])) == r[8] == viz.ptext(ex['p'])
-        assert viz.ptext(float(row['p_bh'])) == r[9] == viz.ptext(ex['p_bh'])
+        assert viz_io.ptext(float(row['p'])) == r[8] == viz_io.ptext(ex['p'])
+        assert viz_io.ptext(float(row['p_bh'])) == r[9] == viz_io.ptext(ex['p_bh'])
 
 
 def test_trainer_option_reads_its_scan_folder(tmp_path, capsys, monkeypatch):

@@ -154,3 +154,13 @@ def test_runs_needed_gives_the_stated_power():
     p = stats.welch_test(rng.normal(d, s1, size=(n, trials)), rng.normal(0, s2, size=(n, trials)))['p']
     assert abs((p < alpha).mean() - 0.8) < 0.03
     assert stats.runs_needed(np.array([0.0]), np.array([1.0]), np.array([1.0]))[0] == np.inf
+
+
+def test_matched_controls_share_the_label_skip_held_out_and_nonfinite_and_take_the_nearest():
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 0, 0])
+    mean = np.array([5.0, 4.0, 6.5, np.nan, 5.2, 5.0, 5.1, 4.8, 9.0])
+    held_out = np.array([0, 1])
+    got = stats.matched_controls(mean, labels, held_out, target=np.array([5.0, 4.0]), k=3)
+    # label 0, not held out (0, 1), finite (not 3): candidates 2 (6.5), 4 (5.2), 7 (4.8), 8 (9.0)
+    assert [c.tolist() for c in got] == [[4, 7, 2], [7, 4, 2]]  # 4 and 7 tie at 0.2 from 5.0: lower index first
+    assert [len(c) for c in stats.matched_controls(mean, labels, held_out, [5.0, 4.0], k=10)] == [4, 4]

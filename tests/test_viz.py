@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
+import stats
 import viz
+import viz_io
 from store import Store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,8 +188,9 @@ def test_csv_and_json_hold_the_numbers_of_the_table(planted, capsys, tmp_path):
 
 def test_all_lists_every_example_with_its_interval_and_mark(planted, capsys):
     res, lines, _ = report([planted, '--all'], capsys)
-    start = next(k for k, line in enumerate(lines) if line.startswith('All held-out examples'))
-    rows = [line for line in lines[start:] if line.strip()[:1].isdigit()]
+    start = lines.index(next(line for line in lines if line.startswith('All held-out examples.')))
+    end = lines.index(next(line for line in lines if line.startswith('All held-out examples, control-adjusted')))
+    rows = [line for line in lines[start:end] if line.strip()[:1].isdigit()]
     assert len(rows) == 40
     for row, j in zip(rows, range(40)):
         f = row.split()
@@ -269,10 +272,153 @@ def test_store_being_written_is_said_and_analysed(planted, capsys):
 
 
 def test_chunked_reading_matches_indexing_the_whole_array(planted, monkeypatch):
-    monkeypatch.setattr(viz, 'CHUNK', 7)  # 30 runs: chunks of 7, 7, 7, 7, 2
+    monkeypatch.setattr(viz_io, "CHUNK", 7)  # 30 runs: chunks of 7, 7, 7, 7, 2
     store = Store(planted)
     logits, _ = store.load('with')
     idx = np.array([79, 0, 63, 5])
-    chunks = list(viz.held_out_logits(logits, idx))
+    chunks = list(viz_io.column_chunks(logits, idx))
     assert [lo for lo, _ in chunks] == [0, 7, 14, 21, 28]
     np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), np.asarray(logits)[:, idx, :])
+
+
+# ---- controls: examples never held out, same label, nearest mean margin in `with` ----
+
+GOLDEN = os.path.join(ROOT, 'tests', 'golden', 'viz_default.txt')
+
+
+def test_default_report_is_unchanged_above_the_controls(planted, capsys):
+    """tests/golden/viz_default.txt is the default report of the planted store printed before controls
+    existed: it must stay the report's first lines, byte for byte, and --controls 0 must print nothing else."""
+    with open(GOLDEN) as f:
+        golden = f.read().replace('{store}', str(planted))
+    viz.main([str(planted)])
+    out = capsys.readouterr().out
+    assert out.startswith(golden) and out[len(golden):].startswith('\nControls: ')
+    viz.main([str(planted), '--controls', '0'])
+    assert capsys.readouterr().out == golden
+
+
+def logits_with_margins(margins, labels):
+    """(..., n, 10) logits whose margins are `margins` (..., n): label logit = margin, one other class at 0,
+    the other eight at -30 (they move the margin by 1e-12). Float16 storage: margins to about 0.004."""
+    logits = np.full((*np.shape(margins), 10), -30.0)
+    np.put_along_axis(logits, ((labels + 1) % 10)[:, None], 0.0, -1)
+    np.put_along_axis(logits, labels[:, None], np.asarray(margins)[..., None], -1)
+    return logits.astype(np.float16)
+
+
+def write_arms(path, held_out, labels, margins):
+    """A store whose every example has the planted margins: {arm: (runs, n_train)}, run k with seed k."""
+    settings = dict(trainer='toy', hyp={}, held_out=held_out, n_train=len(labels), data_fingerprint='toy',
+                    seed_base=0, arms=list(margins))
+    store = Store.create(path, settings, labels)
+    for arm, m in margins.items():
+        for run, row in enumerate(m):
+            store.save_run(arm, run, seed=run, logits=logits_with_margins(row, labels), seconds=1.0, test_acc=0.9)
+    return store
+
+
+CROSS_N, CROSS_RUNS = 1000, 40
+CROSS_HELD = {'random': list(range(0, 100, 10)), 'easy': list(range(505, 605, 10))}
+
+
+@pytest.fixture(scope='module')
+def cross_store(tmp_path_factory):
+    """1000 examples (label = index % 10), 40 seed-matched runs per arm. Removing the held-out set lowers
+    EVERY example's margin by 0.2 + 0.05 x label (a cross-influence); the held-out examples also have a
+    self-influence in -0.6..+0.6. Noise: per seed and example (both arms), per run (all examples of the run
+    alike, sd 0.3: what controls cancel and pairing does not) and independent (sd 0.15)."""
+    rng = np.random.default_rng(8)
+    labels = np.arange(CROSS_N) % 10
+    held = np.array(CROSS_HELD['random'] + CROSS_HELD['easy'])
+    self_effect = np.zeros(CROSS_N)
+    self_effect[held] = np.linspace(-0.6, 0.6, len(held))
+    cross = 0.2 + 0.05 * labels
+    base = rng.uniform(1, 9, CROSS_N)
+    seed_noise = rng.normal(0, 0.3, (CROSS_RUNS, CROSS_N))
+    arm = lambda shift: (base + shift + seed_noise + rng.normal(0, 0.3, (CROSS_RUNS, 1))
+                         + rng.normal(0, 0.15, (CROSS_RUNS, CROSS_N)))
+    path = tmp_path_factory.mktemp('cross') / 'store'
+    write_arms(path, CROSS_HELD, labels, {'with': arm(self_effect + cross), 'without': arm(0.0)})
+    return path, held, self_effect[held], cross[held]
+
+
+def test_controls_recover_self_influence_under_a_global_cross_influence(cross_store, capsys):
+    path, held, self_effect, cross = cross_store
+    res, lines, _ = report([path, '--controls', '30'], capsys)
+    assert res['control_test'] == 'paired' and res['control_runs'] == CROSS_RUNS
+    covered = lambda low, high, truth: ((low <= truth) & (truth <= high)).sum()
+    # Raw with - without carries the cross-influence: its CIs miss the self-effects.
+    assert covered(res['paired_ci_low'], res['paired_ci_high'], self_effect) <= 2
+    # Control-adjusted: within their 95% CIs (at least 17 of 20: P(<= 16 of 20) = 1.6% at 95% coverage).
+    assert covered(res['control_adjusted_ci_low'], res['control_adjusted_ci_high'], self_effect) >= 17
+    assert covered(res['control_shift_ci_low'], res['control_shift_ci_high'], cross) >= 17
+    np.testing.assert_allclose(res['control_adjusted'], res['shift'] - res['control_shift'], atol=1e-12)
+    # Shared run noise cancels against the controls: narrower intervals than the raw paired ones.
+    assert np.median(res['control_adjusted_ci_high'] - res['control_adjusted_ci_low']) < \
+        0.6 * np.median(res['paired_ci_high'] - res['paired_ci_low'])
+    for name, pos in res['groups']:
+        g = res['group_summary'][name]
+        assert g['control_shift_ci_low'] <= cross[pos].mean() <= g['control_shift_ci_high']
+        assert g['control_adjusted_ci_low'] <= self_effect[pos].mean() <= g['control_adjusted_ci_high']
+        np.testing.assert_allclose(g['control_adjusted'], g['shift'] - g['control_shift'], atol=1e-12)
+    rows = [line.split() for line in lines if line.startswith(('Random ', 'Easy ')) and line.count('[') == 2]
+    assert [r[0] for r in rows] == ['Random', 'Easy']
+    for r, (name, _) in zip(rows, res['groups']):
+        g = res['group_summary'][name]
+        assert r[2:5] == [f'{g["shift"]:+.3f}', f'{g["control_shift"]:+.3f}', f'[{g["control_shift_ci_low"]:+.3f},']
+        assert r[6] == f'{g["control_adjusted"]:+.3f}' and r[9] == f'{g["control_adjusted_p"]:.4f}'
+
+
+def test_controls_share_the_label_are_never_held_out_and_have_the_nearest_margins(cross_store, capsys):
+    path, held, _, _ = cross_store
+    res, _, _ = report([path, '--controls', '30'], capsys)
+    store = Store(path)
+    logits, _ = store.load('with')
+    mean = stats.margins(np.asarray(logits), store.labels).mean(0)  # (1000,): small enough to hold
+    for i, target, c in zip(held, res['mean_with'], res['controls']):
+        assert len(c) == 30 and not set(c) & set(held) and np.all(store.labels[c] == store.labels[i])
+        others = np.setdiff1d(np.flatnonzero(store.labels == store.labels[i]), np.concatenate([held, c]))
+        assert np.abs(mean[c] - target).max() <= np.abs(mean[others] - target).min() + 1e-9
+    np.testing.assert_allclose(res['control_gap'], [np.abs(mean[c] - t).max() for c, t in
+                                                    zip(res['controls'], res['mean_with'])], atol=1e-9)
+
+
+def test_control_columns_are_in_csv_json_all_and_plot(cross_store, capsys, tmp_path):
+    path, held, _, _ = cross_store
+    res, lines, _ = report([path, '--controls', '30', '--all', '--csv', tmp_path / 'si.csv',
+                            '--json', tmp_path / 'si.json', '--plot', tmp_path / 'si.png'], capsys)
+    with open(tmp_path / 'si.csv') as f:
+        from_csv = list(csv.DictReader(f))
+    with open(tmp_path / 'si.json') as f:
+        doc = json.load(f)
+    keys = ['control_shift', 'control_shift_ci_low', 'control_shift_ci_high', 'control_adjusted',
+            'control_adjusted_ci_low', 'control_adjusted_ci_high', 'control_adjusted_p']
+    for j, (row, ex) in enumerate(zip(from_csv, doc['examples'])):
+        for k in keys:
+            assert float(row[k]) == ex[k] == res[k][j]
+        assert ex['controls'] == res['controls'][j].tolist() and len(ex['controls']) == 30
+    assert doc['controls_per_example'] == 30 and doc['control_test'] == 'paired'
+    assert doc['groups']['easy']['control_adjusted'] == res['group_summary']['easy']['control_adjusted']
+    start = lines.index(next(line for line in lines if line.startswith('All held-out examples, control-adjusted')))
+    rows = [line.split() for line in lines[start:] if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == list(held)
+    for r, j in zip(rows, range(len(held))):
+        assert r[5] == f'{res["control_adjusted"][j]:+.3f}'
+        assert (r[9] == '*') == (res['control_adjusted_p'][j] < 0.01)
+    with open(tmp_path / 'si.png', 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_few_candidates_are_said_and_used(planted, capsys):
+    res, _, err = report([planted], capsys)  # 100 examples in 10 labels: about 6 candidates per example
+    assert 'fewer than 50 controls' in err
+    store = Store(planted)
+    for i, c in zip(res['index'], res['controls']):
+        candidates = (store.labels == store.labels[i]) & ~np.isin(np.arange(N_TRAIN), res['index'])
+        assert len(c) == candidates.sum() and candidates[c].all()
+
+
+def test_controls_option_is_checked(planted):
+    with pytest.raises(SystemExit):
+        viz.main([str(planted), '--controls', '-1'])

@@ -1,0 +1,228 @@
+"""viz_io.py: what the three reports of viz.py share: reading margins out of a run store (streamed, CHUNK
+runs at a time, only the columns asked for), the notes on stderr, and the CSV / JSON / forest-plot writers.
+
+Reports: viz.py (with/without), viz_factorial.py (factorial design), viz_scan.py (scan).
+"""
+import csv
+import json
+import sys
+
+import numpy as np
+
+import stats
+from store import Store, StoreError
+
+LEVEL = 0.95  # confidence level of every interval
+CHUNK = 16    # runs mapped at a time (see column_chunks)
+
+
+def note(message):
+    print(f'viz: {message}', file=sys.stderr, flush=True)
+
+
+def listed(indices, limit=10):
+    """'3, 17, 40 and 5 more': the first `limit` of a list of runs or examples."""
+    shown = ', '.join(str(i) for i in indices[:limit])
+    return shown + (f' and {len(indices) - limit} more' if len(indices) > limit else '')
+
+
+def ptext(p):
+    """p-values that reach 1e-30 and below: three significant digits, not four decimals."""
+    return f'{p:.3g}'
+
+
+def group_title(name):
+    return f'{name.capitalize()} examples:'
+
+
+############################################
+#            reading the store             #
+############################################
+
+def open_any(path):
+    """The store at `path`, with a note on stderr if it is still being written or holds diverged runs."""
+    store = Store(path)
+    note_progress(store)
+    return store
+
+
+def note_progress(store):
+    """Say on stderr if the store is still being written or holds runs that diverged."""
+    path = store.path
+    busy = store.in_progress()
+    if busy:
+        note(f'{path} is still being written ({busy} run(s) in progress); analysing the runs finished so far.')
+    failed = store.failed()
+    if failed:
+        note(f'{len(failed)} run(s) diverged during training and were recorded in {path}/failed/, not stored.')
+
+
+def held_out_groups(store):
+    """[(name, indices (k,) int64)] of the store's held-out examples, in the store's order."""
+    groups = [(name, np.asarray(ix, dtype=np.int64)) for name, ix in store.settings['held_out'].items()]
+    if not groups or not all(len(ix) for _, ix in groups):
+        raise StoreError(f'{store.path}/settings.json lists no held-out examples '
+                         f'(held_out = {store.settings["held_out"]}); nothing to analyse.')
+    return groups
+
+
+def column_chunks(logits, idx):
+    """Yield (first run, (k, len(idx), 10) float16) chunks of the columns idx of logits (N, n_train, 10),
+    reading nothing else. Each chunk of CHUNK runs is mapped afresh and unmapped after: the kernel maps
+    file pages in around every page it faults in (fault-around, large folios; measured up to the whole
+    1 MB of a 50000-example run), so one mapping of the whole file would end up with most of the data
+    resident. Per chunk, the resident size stays at CHUNK MB or less."""
+    if not isinstance(logits, np.memmap) or logits.filename is None or not logits.flags.c_contiguous:
+        yield 0, np.asarray(logits[:, idx, :])  # an in-memory array (an arm with no runs)
+        return
+    run_bytes = logits.strides[0]
+    for lo in range(0, len(logits), CHUNK):
+        part = np.memmap(logits.filename, logits.dtype, 'r', offset=logits.offset + lo * run_bytes,
+                         shape=(min(CHUNK, len(logits) - lo), *logits.shape[1:]))
+        yield lo, part[:, idx, :]  # fancy indexing copies: nothing keeps `part` mapped
+        del part
+
+
+def read_margins(store, arm, idx):
+    """Margins of the examples idx (m,) in every finished run of `arm`.
+    -> margins (N, m) float64, runs (dict of (N,) arrays: run, seed, seconds, test_acc)."""
+    logits, runs = store.load(arm)  # (N, n_train, 10) float16, memory-mapped
+    labels = store.labels[idx]
+    out = np.empty((len(logits), len(idx)))
+    for lo, chunk in column_chunks(logits, idx):
+        out[lo:lo + len(chunk)] = stats.margins(chunk, labels)
+    return out, runs
+
+
+def drop_nonfinite(arm, margins, runs, idx, what='held-out examples'):
+    """Leave out runs with a NaN/inf margin at any column; say which runs and examples."""
+    bad = ~np.isfinite(margins)  # (N, m)
+    rows = np.flatnonzero(bad.any(1))
+    if len(rows):
+        where = lambda r: ', '.join(str(idx[j]) for j in np.flatnonzero(bad[r]))
+        shown = '; '.join(f'run {runs["run"][r]} at example(s) {where(r)}' for r in rows[:10])
+        more = f' and {len(rows) - 10} more' if len(rows) > 10 else ''
+        note(f'{arm} arm: {len(rows)} run(s) with non-finite logits at {what}, left out of '
+             f'every statistic: {shown}{more}. Such runs diverged; retrain them if they are many.')
+    keep = np.setdiff1d(np.arange(len(margins)), rows)
+    return margins[keep], {k: np.asarray(v)[keep] for k, v in runs.items()}
+
+
+def mean_margins(store, arm, runs=None):
+    """Every training example's mean margin over the runs of `arm` (the numbers in `runs`, default all),
+    one streamed pass, CHUNK runs in memory at a time. A non-finite margin counts for nothing.
+    -> (n_train,) float64, NaN for an example with no finite margin."""
+    logits, index = store.load(arm)
+    use = np.ones(len(logits), bool) if runs is None else np.isin(index['run'], runs)
+    every = np.arange(store.settings['n_train'])
+    total, count = np.zeros(len(every)), np.zeros(len(every), np.int64)
+    for lo, chunk in column_chunks(logits, every):
+        m = stats.margins(chunk[use[lo:lo + len(chunk)]], store.labels)  # (k, n_train)
+        ok = np.isfinite(m)
+        total += np.where(ok, m, 0.0).sum(0)
+        count += ok.sum(0)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return np.where(count > 0, total / count, np.nan)
+
+
+def pick_controls(store, mean_margin, idx, target, k):
+    """For each held-out example idx[j]: the k training examples that are never held out, have its label
+    and the mean margin nearest to target[j] (see stats.matched_controls); a note on stderr where fewer
+    than k exist. -> list of (<= k,) int64 arrays."""
+    controls = stats.matched_controls(mean_margin, store.labels, idx, target, k)
+    short = [(int(i), len(c)) for i, c in zip(idx, controls) if len(c) < k]
+    if short:
+        note(f'fewer than {k} controls (same label, never held out, finite margins) for '
+             f'{len(short)} held-out example(s): {listed([f"{i} ({n})" for i, n in short])}; '
+             'using those there are.')
+    return controls
+
+
+def control_means(store, arm, controls, runs):
+    """Per run, the mean margin of each held-out example's controls, reading only their columns.
+    controls: list of m index arrays; runs: the run numbers wanted, in order.
+    -> (len(runs), m) float64 (NaN where an example has no controls or a control's margin is not finite)."""
+    columns = np.unique(np.concatenate([c for c in controls] + [np.zeros(0, np.int64)]))
+    margins, index = read_margins(store, arm, columns)
+    rows = np.searchsorted(index['run'], runs)
+    margins = margins[rows]  # (len(runs), columns)
+    out = np.full((len(runs), len(controls)), np.nan)
+    for j, c in enumerate(controls):
+        if len(c):
+            out[:, j] = margins[:, np.searchsorted(columns, c)].mean(1)
+    return out
+
+
+############################################
+#                 writers                  #
+############################################
+
+def _finite_or_none(v):
+    return v if not isinstance(v, float) or np.isfinite(v) else None
+
+
+def plain(v):
+    """A numpy scalar or array as plain Python (floats, ints, bools, lists); NaN/inf stay floats."""
+    return v.tolist() if isinstance(v, np.ndarray) else v.item() if isinstance(v, np.generic) else v
+
+
+def save_csv(rows, columns, path):
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction='ignore')
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _json_safe(v):
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return _finite_or_none(plain(v))
+
+
+def save_json(doc, rows, path):
+    """doc plus one entry per row under 'examples'; NaN/inf written as null."""
+    doc = _json_safe({**doc, 'examples': rows})
+    with open(path, 'w') as f:
+        json.dump(doc, f, indent=1)
+
+
+def plot_forest(res, path, xlabel, title):
+    """Forest plot: res['self_influence'] with its CI per held-out example, one colour per group, filled
+    markers for p < alpha; where res has 'control_adjusted', a second marker (a diamond just below) with
+    its CI: the control-adjusted estimate."""
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    m = len(res['index'])
+    adjusted = 'control_adjusted' in res
+    fig, ax = plt.subplots(figsize=(7, 1.5 + (0.3 if adjusted else 0.2) * (m + 2 * len(res['groups']))))
+    y, ticks, labels = 0.0, [], []
+    for k, (name, pos) in enumerate(res['groups']):
+        colour = f'C{k}'
+        for i, j in enumerate(pos):
+            si, lo, hi = res['self_influence'][j], res['ci_low'][j], res['ci_high'][j]
+            ax.errorbar(si, y, xerr=[[si - lo], [hi - si]], fmt='o', color=colour, capsize=2, markersize=4,
+                        markerfacecolor=colour if res['significant'][j] else 'white',
+                        label=f'{name} examples' if i == 0 else None)
+            if adjusted and np.isfinite(res['control_adjusted'][j]):
+                ca, lo, hi = (res[c][j] for c in ('control_adjusted', 'control_adjusted_ci_low',
+                                                  'control_adjusted_ci_high'))
+                filled = res['control_adjusted_p'][j] < res['alpha']
+                ax.errorbar(ca, y - 0.35, xerr=[[ca - lo], [hi - ca]], fmt='D', color=colour, capsize=2,
+                            markersize=3.5, alpha=0.7, markerfacecolor=colour if filled else 'white',
+                            label=f'{name}, control-adjusted' if i == 0 else None)
+            ticks.append(y)
+            labels.append(str(res['index'][j]))
+            y -= 1
+        y -= 1.5  # gap between groups
+    ax.axvline(0, color='grey', linewidth=0.8)
+    ax.set_yticks(ticks, labels, fontsize=7)
+    ax.set_xlabel(xlabel + f' ({LEVEL:.0%} CI; filled: p < {res["alpha"]:g})')
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc='best', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
