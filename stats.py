@@ -100,10 +100,20 @@ def scan_test(chunks):
     se, stat (t), df, p; the same numbers as scipy.stats.ttest_ind(in, out, equal_var=False) per
     example. An example with fewer than 2 runs on either side has no variance there: NaN statistics.
     """
-    acc = None  # per side: count, sum and sum of squares of (margin - shift), (n,) each
-    for margins, included in chunks:
+    return scan_test_halves((m, inside, np.zeros(len(m), bool)) for m, inside in chunks)[0]
+
+
+def scan_test_halves(chunks):
+    """scan_test on all runs and on each of two disjoint halves of them, in the same pass.
+
+    chunks: iterable of (margins (k, n), included (k, n) bool, second (k,) bool: the run belongs to the
+    second half). -> (all runs, first half, second half): three dicts as scan_test returns.
+    """
+    acc, shift = None, None  # per half, per side: count, sum and sum of squares of (margin - shift), (n,) each
+    for margins, included, second in chunks:
         x = np.asarray(margins, dtype=np.float64)
         inside = np.asarray(included, dtype=bool)
+        second = np.asarray(second, dtype=bool)
         if x.ndim != 2 or x.shape != inside.shape or (acc is not None and x.shape[1] != len(shift)):
             expected = 'a (runs, examples) pair' if acc is None else f'(runs, {len(shift)}) like the first chunk'
             raise ValueError(f'margins of shape {x.shape} and included of shape {inside.shape}: expected {expected}')
@@ -117,17 +127,26 @@ def scan_test(chunks):
             # 16 digits. Summing margin - shift, shift near the mean, makes that loss negligible at
             # any scale, for free: the first chunk's mean per example is close enough.
             shift = x.mean(0)
-            acc = {side: [np.zeros(x.shape[1], np.int64), np.zeros(x.shape[1]), np.zeros(x.shape[1])]
-                   for side in ('in', 'out')}
+            acc = [{side: [np.zeros(x.shape[1], np.int64), np.zeros(x.shape[1]), np.zeros(x.shape[1])]
+                    for side in ('in', 'out')} for _ in range(2)]
         d = x - shift
-        for side, mask in (('in', inside), ('out', ~inside)):
-            count, total, squares = acc[side]
-            count += mask.sum(0)
-            total += np.where(mask, d, 0.0).sum(0)
-            squares += np.where(mask, d * d, 0.0).sum(0)
+        for half, rows in zip(acc, (~second, second)):
+            if not rows.any():
+                continue
+            dh, ih = (d, inside) if rows.all() else (d[rows], inside[rows])
+            for side, mask in (('in', ih), ('out', ~ih)):
+                count, total, squares = half[side]
+                count += mask.sum(0)
+                total += np.where(mask, dh, 0.0).sum(0)
+                squares += np.where(mask, dh * dh, 0.0).sum(0)
     if acc is None:
         raise ValueError('no runs in the scan: expected at least one chunk of margins')
+    both = {side: [a + b for a, b in zip(acc[0][side], acc[1][side])] for side in ('in', 'out')}
+    return tuple(_scan_result(sums, shift) for sums in (both, *acc))
 
+
+def _scan_result(acc, shift):
+    """Welch's test from a scan's per-side counts and sums of (margin - shift)."""
     moments = []
     for side in ('in', 'out'):
         count, total, squares = acc[side]
@@ -140,6 +159,33 @@ def scan_test(chunks):
     res['mean_in'], res['mean_out'] = res.pop('mean_with'), res.pop('mean_without')
     res['n_in'], res['n_out'] = acc['in'][0], acc['out'][0]
     return res
+
+
+def null_extremes(se, k, draws=200, seed=0):
+    """The k most negative of M estimates when no example has an effect: each draw is M independent
+    normal estimates with mean 0 and standard deviations se (M,) (the observed standard errors), and
+    keeps its k smallest, sorted. The most positive ones are the same with the sign flipped (the null
+    is symmetric). -> (draws, k): row d = the k most negative of draw d, most negative first."""
+    se = np.asarray(se, dtype=np.float64)
+    k = min(k, len(se))
+    rng = np.random.default_rng(seed)
+    out = np.empty((draws, k))
+    block = max(1, 2_000_000 // max(1, len(se)))  # draws at a time: about 16 MB of normals
+    for lo in range(0, draws, block):
+        z = rng.standard_normal((min(block, draws - lo), len(se))) * se
+        out[lo:lo + len(z)] = np.sort(np.partition(z, k - 1, axis=1)[:, :k], axis=1)
+    return out
+
+
+def split_half(first, second):
+    """Split-half reliability of per-example estimates made on two disjoint halves of the runs:
+    Pearson r over the examples finite in both, and the Spearman-Brown reliability of estimates on all
+    runs, 2r / (1 + r). (n,) arrays -> (r, spearman_brown, examples used)."""
+    ok = np.isfinite(first) & np.isfinite(second)
+    if ok.sum() < 3:
+        return np.nan, np.nan, int(ok.sum())
+    r = np.corrcoef(first[ok], second[ok])[0, 1]
+    return r, 2 * r / (1 + r), int(ok.sum())
 
 
 def confidence_interval(diff, se, df, level=0.95):
@@ -235,3 +281,34 @@ def matched_controls(mean_margin, labels, held_out, target, k):
         order = np.argsort(np.abs(mean_margin[candidates] - t), kind='stable')
         out.append(candidates[order[:k]])
     return out
+
+
+def cross_influence(y, x):
+    """Least squares, per example i, of y[:, i] on an intercept and every column of x: the factorial
+    design's regression of an example's margin difference between the two runs of a pair on which run
+    kept each held-out example.
+
+    y (pairs, m): margin in run a - margin in run b; x (pairs, m): +1 where example j was kept in run a,
+    -1 where in run b. With margin = base + sum_j beta[j, i] kept_j + noise in each run, the difference is
+    y_i = sum_j beta[j, i] x_j + noise: beta[j, i] is the change of i's margin when j is added
+    (cross-influence of j on i; beta[i, i] its self-influence). Standard errors from each example's
+    residuals, t-test with pairs - m - 1 degrees of freedom. Needs pairs > m + 1 and x of full rank.
+    -> dict: beta, se, stat, p (m, m) indexed [j, i]; intercept (m,); df (int)."""
+    y, x = np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64)
+    pairs, m = y.shape
+    if x.shape != y.shape:
+        raise ValueError(f'y of shape {y.shape} and x of shape {x.shape}: expected both (pairs, examples)')
+    df = pairs - m - 1
+    if df < 1:
+        raise ValueError(f'{pairs} pairs for {m} examples: the regression needs more than m + 1 = {m + 1} pairs')
+    design = np.column_stack([np.ones(pairs), x])  # (pairs, m + 1)
+    if np.linalg.matrix_rank(design) < m + 1:
+        raise ValueError(f'the assignments of the {m} examples over {pairs} pairs are collinear; more pairs are needed')
+    inverse = np.linalg.inv(design.T @ design)
+    coef = inverse @ design.T @ y                          # (m + 1, m)
+    residual_var = ((y - design @ coef) ** 2).sum(0) / df  # (m,)
+    se = np.sqrt(np.diag(inverse)[:, None] * residual_var[None, :])
+    with np.errstate(divide='ignore', invalid='ignore'):
+        t = coef / se
+    p = 2 * sps.t.sf(np.abs(t), df)
+    return dict(beta=coef[1:], se=se[1:], stat=t[1:], p=p[1:], intercept=coef[0], df=df)

@@ -66,6 +66,15 @@ def held_out_groups(store):
     return groups
 
 
+def positions_of(groups):
+    """[(name, indices)] -> [(name, its positions in the concatenated held-out order)]."""
+    out, start = [], 0
+    for name, ix in groups:
+        out.append((name, np.arange(start, start + len(ix))))
+        start += len(ix)
+    return out
+
+
 def column_chunks(logits, idx):
     """Yield (first run, (k, len(idx), 10) float16) chunks of the columns idx of logits (N, n_train, 10),
     reading nothing else. Each chunk of CHUNK runs is mapped afresh and unmapped after: the kernel maps
@@ -125,34 +134,6 @@ def mean_margins(store, arm, runs=None):
         return np.where(count > 0, total / count, np.nan)
 
 
-def pick_controls(store, mean_margin, idx, target, k):
-    """For each held-out example idx[j]: the k training examples that are never held out, have its label
-    and the mean margin nearest to target[j] (see stats.matched_controls); a note on stderr where fewer
-    than k exist. -> list of (<= k,) int64 arrays."""
-    controls = stats.matched_controls(mean_margin, store.labels, idx, target, k)
-    short = [(int(i), len(c)) for i, c in zip(idx, controls) if len(c) < k]
-    if short:
-        note(f'fewer than {k} controls (same label, never held out, finite margins) for '
-             f'{len(short)} held-out example(s): {listed([f"{i} ({n})" for i, n in short])}; '
-             'using those there are.')
-    return controls
-
-
-def control_means(store, arm, controls, runs):
-    """Per run, the mean margin of each held-out example's controls, reading only their columns.
-    controls: list of m index arrays; runs: the run numbers wanted, in order.
-    -> (len(runs), m) float64 (NaN where an example has no controls or a control's margin is not finite)."""
-    columns = np.unique(np.concatenate([c for c in controls] + [np.zeros(0, np.int64)]))
-    margins, index = read_margins(store, arm, columns)
-    rows = np.searchsorted(index['run'], runs)
-    margins = margins[rows]  # (len(runs), columns)
-    out = np.full((len(runs), len(controls)), np.nan)
-    for j, c in enumerate(controls):
-        if len(c):
-            out[:, j] = margins[:, np.searchsorted(columns, c)].mean(1)
-    return out
-
-
 ############################################
 #                 writers                  #
 ############################################
@@ -164,6 +145,13 @@ def _finite_or_none(v):
 def plain(v):
     """A numpy scalar or array as plain Python (floats, ints, bools, lists); NaN/inf stay floats."""
     return v.tolist() if isinstance(v, np.ndarray) else v.item() if isinstance(v, np.generic) else v
+
+
+def rows_of(res, columns):
+    """One dict per example (row of res['index']) with the columns of `columns` that res holds, plain
+    Python values (NaN/inf kept as floats)."""
+    columns = [c for c in columns if c in res]
+    return [{c: res[c][j].item() for c in columns} for j in range(len(res['index']))]
 
 
 def save_csv(rows, columns, path):

@@ -10,6 +10,8 @@ from scipy import stats as sps
 import stats
 import viz
 import viz_io
+import viz_scan
+from planted_stores import logits_with_margins
 from store import SCAN_SEED_BASE, Store, keep_for, seed_for
 
 HELD = {'random': [0, 1, 2], 'easy': [150, 151]}
@@ -25,16 +27,6 @@ def included_in(seed, n_train, held_out=HELD):
     mask = np.zeros(n_train, dtype=bool)
     mask[keep_for('scan', seed, n_train, held_out)] = True
     return mask
-
-
-def logits_with_margins(margins, labels):
-    """(n, 10) logits whose margin is `margins` (n,): label logit = margin, one other class at 0, the other
-    eight at -30 (they move the margin by 1e-12). Stored as float16: margins to about 0.004."""
-    n = len(labels)
-    logits = np.full((n, 10), -30.0)
-    logits[np.arange(n), (labels + 1) % 10] = 0.0
-    logits[np.arange(n), labels] = margins
-    return logits.astype(np.float16)
 
 
 def make_scan_store(path, n_train, runs, effect=None, seed=0, noise=0.5):
@@ -89,7 +81,7 @@ def test_viz_recomputes_the_masks_of_the_stored_runs(tmp_path):
     store, _ = make_scan_store(tmp_path / 's', n_train=60, runs=5)
     _, runs = store.load('scan')
     assert list(runs['seed']) == [SCAN_SEED_BASE + r for r in range(5)]
-    np.testing.assert_array_equal(viz.scan_masks(store, runs['seed']),
+    np.testing.assert_array_equal(viz_scan.scan_masks(store, runs['seed']),
                                   [included_in(s, 60) for s in runs['seed']])
 
 
@@ -145,7 +137,7 @@ def test_viz_scan_equals_a_direct_computation_on_the_store(tmp_path, capsys, mon
     res, _, _ = report(['--scan', tmp_path / 's'], capsys)
     logits, runs = store.load('scan')
     margins = stats.margins(np.asarray(logits), store.labels)  # (23, 160): small enough to hold
-    included = viz.scan_masks(store, runs['seed'])
+    included = viz_scan.scan_masks(store, runs['seed'])
     t, p, df = welch_direct(margins, included)
     np.testing.assert_allclose(res['stat'], t, rtol=1e-9)
     np.testing.assert_allclose(res['p'], p, rtol=1e-8)
@@ -296,3 +288,83 @@ def test_diverged_run_is_named_and_left_out(tmp_path, capsys):
     res, _, err = report(['--scan', tmp_path / 's'], capsys)
     assert '1 scan run(s) with non-finite logits left out of every statistic: runs 12.' in err
     assert res['runs'] == 12 and res['n_in'].sum() + res['n_out'].sum() == 12 * 40
+
+
+# ---- is it more than noise: split halves, extremes against no effect, the easy-set rule ----
+
+@pytest.fixture(scope='module')
+def effect_and_null(tmp_path_factory):
+    """Two scans of 200 examples x 160 runs: every example with a planted effect (sd 0.3), and none."""
+    root = tmp_path_factory.mktemp('reliability')
+    effect = np.random.default_rng(9).normal(0, 0.3, 200)
+    make_scan_store(root / 'effect', 200, 160, effect, seed=4)
+    make_scan_store(root / 'null', 200, 160, None, seed=5)
+    return root / 'effect', root / 'null'
+
+
+def test_split_halves_are_the_even_and_odd_runs_estimated_alone(effect_and_null, capsys):
+    res, _, _ = report(['--scan', effect_and_null[0]], capsys)
+    store = Store(effect_and_null[0])
+    logits, runs = store.load('scan')
+    margins = stats.margins(np.asarray(logits), store.labels)
+    included = viz_scan.scan_masks(store, runs['seed'])
+    for name, rows in (('even', runs['run'] % 2 == 0), ('odd', runs['run'] % 2 == 1)):
+        m, inc = margins[rows], included[rows]
+        want = [m[inc[:, j], j].mean() - m[~inc[:, j], j].mean() for j in range(200)]
+        np.testing.assert_allclose(res[f'self_influence_{name}'], want, rtol=1e-9, atol=1e-12)
+
+
+def test_split_half_reliability_is_high_with_effects_and_near_zero_without(effect_and_null, capsys):
+    r, _, n = report(['--scan', effect_and_null[0]], capsys)[0]['reliability']['split_half']
+    assert n == 200 and r > 0.75  # expected about 0.88: effect variance 0.09 against 0.0125 of noise per half
+    res, lines, _ = report(['--scan', effect_and_null[1]], capsys)
+    r, _, n = res['reliability']['split_half']
+    assert abs(r) < 4 / np.sqrt(n)  # no effect: r has sd about 1 / sqrt(n)
+    text = ' '.join(lines)
+    assert f'their estimates correlate at r = {r:.2f} over {n} tested examples' in text
+
+
+def extremes_rows(lines):
+    start = lines.index(next(line for line in lines if line.startswith('list ')))
+    return [line for line in lines[start + 1:] if line.strip()]
+
+
+def test_extremes_are_beyond_no_effect_only_where_effects_are_planted(effect_and_null, capsys):
+    res, lines, _ = report(['--scan', effect_and_null[0], '--top', '10'], capsys)
+    rows = [row for row in extremes_rows(lines) if not row.startswith('most negative high-margin')]
+    assert len(rows) == 4 and all(row.endswith('beyond: more extreme than no effect gives') for row in rows)
+    e = res['reliability']['extremes']['most negative']
+    assert e['observed'][0] == res['self_influence'][res['order'][0]] and len(e['observed']) == 10
+    res, lines, _ = report(['--scan', effect_and_null[1], '--top', '10'], capsys)
+    rows = extremes_rows(lines)
+    assert len(rows) == 6 and sum(row.endswith('within what no effect gives') for row in rows) >= 5
+    for e in res['reliability']['extremes'].values():  # the null draws' spread: medians of 200 draws, ordered
+        assert np.all(np.diff(np.abs(e['null_median'])) <= 0)
+
+
+def test_easy_candidates_are_the_printed_high_margin_list(effect_and_null, capsys):
+    res, lines, _ = report(['--scan', effect_and_null[0], '--top', '12'], capsys)
+    printed = [int(r[1]) for r in section(lines, 'Most negative among high-margin')]
+    np.testing.assert_array_equal(viz_scan.easy_candidates(res, 12), printed)
+    high = np.flatnonzero(res['high_margin'])
+    assert len(high) == 50 and set(printed) <= set(high)
+    assert max(res['self_influence'][printed]) <= min(np.delete(res['self_influence'], printed)[
+        np.isin(np.delete(np.arange(200), printed), high)])
+    two = viz_scan.easy_candidates(res, 12, per_class=2)
+    assert len(two) == 12 and max(np.bincount(res['label'][two])) == 2
+    ranked = high[np.argsort(res['self_influence'][high])]  # every high-margin example, most negative first
+    skipped = [j for j in ranked[:list(ranked).index(two[-1])] if j not in two]
+    assert skipped and all(np.sum(res['label'][two] == res['label'][j]) == 2 for j in skipped)  # its label was full
+    assert list(two) == [j for j in ranked if j in set(two)]
+
+
+def test_json_holds_the_reliability(effect_and_null, capsys, tmp_path):
+    res, _, _ = report(['--scan', effect_and_null[0], '--json', tmp_path / 's.json', '--csv', tmp_path / 's.csv'],
+                       capsys)
+    with open(tmp_path / 's.json') as f:
+        rel = json.load(f)['reliability']
+    assert rel['split_half_r'] == res['reliability']['split_half'][0]
+    assert rel['extremes']['most negative']['observed'] == res['reliability']['extremes']['most negative']['observed'].tolist()
+    with open(tmp_path / 's.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[7]['self_influence_odd']) == res['self_influence_odd'][7]

@@ -164,3 +164,53 @@ def test_matched_controls_share_the_label_skip_held_out_and_nonfinite_and_take_t
     # label 0, not held out (0, 1), finite (not 3): candidates 2 (6.5), 4 (5.2), 7 (4.8), 8 (9.0)
     assert [c.tolist() for c in got] == [[4, 7, 2], [7, 4, 2]]  # 4 and 7 tie at 0.2 from 5.0: lower index first
     assert [len(c) for c in stats.matched_controls(mean, labels, held_out, [5.0, 4.0], k=10)] == [4, 4]
+
+
+def test_cross_influence_matches_scipy_linregress_for_one_example():
+    rng = np.random.default_rng(4)
+    x = rng.choice([-1.0, 1.0], (30, 1))
+    y = 0.3 + 0.7 * x + rng.normal(0, 0.5, (30, 1))
+    got = stats.cross_influence(y, x)
+    want = sps.linregress(x[:, 0], y[:, 0])
+    np.testing.assert_allclose([got['beta'][0, 0], got['se'][0, 0], got['p'][0, 0], got['intercept'][0]],
+                               [want.slope, want.stderr, want.pvalue, want.intercept], rtol=1e-10)
+    assert got['df'] == 28
+
+
+def test_cross_influence_fits_every_example_on_every_assignment():
+    rng = np.random.default_rng(5)
+    pairs, m = 50, 4
+    x = rng.choice([-1.0, 1.0], (pairs, m))
+    beta = rng.normal(0, 1, (m, m))  # [j, i]
+    y = x @ beta + rng.normal(0, 0.1, (pairs, m))
+    got = stats.cross_influence(y, x)
+    design = np.column_stack([np.ones(pairs), x])
+    np.testing.assert_allclose(got['beta'], np.linalg.lstsq(design, y, rcond=None)[0][1:], rtol=1e-10)
+    assert np.abs(got['beta'] - beta).max() < 6 * got['se'].max()
+    with pytest.raises(ValueError, match='more than m \\+ 1'):
+        stats.cross_influence(y[:m + 1], x[:m + 1])
+
+
+def test_scan_test_halves_equal_scan_test_on_each_half_and_on_all():
+    rng = np.random.default_rng(6)
+    margins = rng.normal(3, 1, (40, 9))
+    included = rng.random((40, 9)) < 0.5
+    second = np.arange(40) % 2 == 1
+    chunks = [(margins[a:a + 7], included[a:a + 7], second[a:a + 7]) for a in range(0, 40, 7)]
+    every, first_half, second_half = stats.scan_test_halves(chunks)
+    for got, rows in ((every, slice(None)), (first_half, ~second), (second_half, second)):
+        want = stats.scan_test([(margins[rows], included[rows])])
+        for key in ('diff', 'se', 'df', 'p', 'n_in'):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-10)
+
+
+def test_null_extremes_match_the_exact_distribution_of_the_minimum():
+    """For M independent N(0, 1): P(min <= x) = 1 - (1 - Phi(x))^M, so the median minimum is
+    Phi^-1(1 - 0.5^(1/M))."""
+    m = 1000
+    draws = stats.null_extremes(np.ones(m), k=5, draws=400, seed=1)
+    assert draws.shape == (400, 5) and np.all(np.diff(draws, axis=1) >= 0)
+    exact = sps.norm.ppf(1 - 0.5 ** (1 / m))
+    assert abs(np.median(draws[:, 0]) - exact) < 0.1  # 400 draws: the median's sd is about 0.02
+    scaled = stats.null_extremes(np.full(m, 0.2), k=5, draws=400, seed=1)
+    np.testing.assert_allclose(scaled, 0.2 * draws, rtol=1e-12)

@@ -11,6 +11,7 @@ import pytest
 import stats
 import viz
 import viz_io
+from planted_stores import write_arms
 from store import Store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -298,26 +299,6 @@ def test_default_report_is_unchanged_above_the_controls(planted, capsys):
     assert capsys.readouterr().out == golden
 
 
-def logits_with_margins(margins, labels):
-    """(..., n, 10) logits whose margins are `margins` (..., n): label logit = margin, one other class at 0,
-    the other eight at -30 (they move the margin by 1e-12). Float16 storage: margins to about 0.004."""
-    logits = np.full((*np.shape(margins), 10), -30.0)
-    np.put_along_axis(logits, ((labels + 1) % 10)[:, None], 0.0, -1)
-    np.put_along_axis(logits, labels[:, None], np.asarray(margins)[..., None], -1)
-    return logits.astype(np.float16)
-
-
-def write_arms(path, held_out, labels, margins):
-    """A store whose every example has the planted margins: {arm: (runs, n_train)}, run k with seed k."""
-    settings = dict(trainer='toy', hyp={}, held_out=held_out, n_train=len(labels), data_fingerprint='toy',
-                    seed_base=0, arms=list(margins))
-    store = Store.create(path, settings, labels)
-    for arm, m in margins.items():
-        for run, row in enumerate(m):
-            store.save_run(arm, run, seed=run, logits=logits_with_margins(row, labels), seconds=1.0, test_acc=0.9)
-    return store
-
-
 CROSS_N, CROSS_RUNS = 1000, 40
 CROSS_HELD = {'random': list(range(0, 100, 10)), 'easy': list(range(505, 605, 10))}
 
@@ -422,3 +403,18 @@ def test_few_candidates_are_said_and_used(planted, capsys):
 def test_controls_option_is_checked(planted):
     with pytest.raises(SystemExit):
         viz.main([str(planted), '--controls', '-1'])
+
+
+def test_help_shows_the_commands_of_the_docstring():
+    out = subprocess.run([sys.executable, 'viz.py', '--help'], cwd=ROOT, capture_output=True, text=True, check=True)
+    for command in ('python viz.py --scan', 'python viz.py --controls 0', 'python viz.py runs/digits-factorial'):
+        assert command in out.stdout
+    assert '    python viz.py --all --csv si.csv' in out.stdout  # the layout kept, not re-wrapped
+
+
+@pytest.mark.parametrize('argv', [['--scan', '--controls', '5'], ['--scan', '--all'], ['--scan', '--test', 'z'],
+                                  ['--top', '5']])
+def test_options_of_another_report_are_refused(planted, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        viz.main([str(planted), *argv])
+    assert e.value.code == 2 and 'belong' in capsys.readouterr().err
