@@ -67,7 +67,9 @@ N_TRAIN = 1437                 # the first 1437 of the 1797 digits; the last 360
 #   divided by the nominal batch size), per class the 2 most negative scan estimates among the
 #   high-margin digits (mean margin when included in the top quartile of all tested digits; a class with
 #   fewer than 2 of them falls back to the top quartile of its own class), whatever their sign or
-#   p-value, random picks skipped. Confirmation uses disjoint seeds (0 on).
+#   p-value, random picks skipped (the same 20 as `viz.py --scan`'s easy candidates at 2 per class,
+#   viz_scan.easy_candidates(res, 20, per_class=2), whenever no fallback or skip is needed, as here).
+#   Confirmation uses disjoint seeds (0 on).
 # Both lists run class 0 to class 9. held_out_from_scan() redraws the set from a scan store.
 HELD_OUT = {
     'random': [101, 1342, 1030, 1071, 1143, 12, 1160, 226, 270, 876,
@@ -88,7 +90,7 @@ def random_per_class(labels, per_class=PER_CLASS, seed=0):
 
 
 def easy_per_class(scan, per_class=PER_CLASS, exclude=()):
-    """The easy held-out digits from a scan analysis (the dict of viz.analyse_scan): per class (0 first),
+    """The easy held-out digits from a scan analysis (the dict of viz_scan.analyse): per class (0 first),
     the `per_class` high-margin digits with the most negative self-influence estimate, whatever its sign
     or p-value, digits in `exclude` skipped. High margin: scan['high_margin'] (mean margin when included
     in the top quartile of all tested digits); a class with fewer than `per_class` such digits takes the
@@ -106,8 +108,8 @@ def easy_per_class(scan, per_class=PER_CLASS, exclude=()):
 
 def held_out_from_scan(path, labels=None):
     """{'random': [...], 'easy': [...]} by the rule above, from the scan store at `path`."""
-    import viz
-    scan = viz.analyse_scan(viz.open_scan(path))
+    import viz_scan
+    scan = viz_scan.analyse(viz_scan.open_scan(path))
     random = random_per_class(scan['label'] if labels is None else labels)
     return {'random': random, 'easy': easy_per_class(scan, exclude=random)}
 

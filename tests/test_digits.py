@@ -211,6 +211,11 @@ def test_easy_rule_takes_per_class_the_most_negative_high_margin_estimates():
         pool = np.flatnonzero(scan['high_margin'] & (scan['label'] == c) & ~np.isin(scan['index'], exclude))
         assert sorted(pair) == sorted(pool[np.argsort(scan['self_influence'][pool])[:2]].tolist())
         assert scan['self_influence'][pair[0]] <= scan['self_influence'][pair[1]]
+    # with every class holding 2 or more high-margin examples and nothing excluded, the same set as the
+    # scan report's easy candidates at 2 per class
+    import viz_scan
+    scan['order'] = np.flatnonzero(scan['tested'])[np.argsort(scan['self_influence'][scan['tested']], kind='stable')]
+    assert sorted(trainer_digits.easy_per_class(scan)) == sorted(viz_scan.easy_candidates(scan, 4, per_class=2).tolist())
     # a class with too few high-margin examples falls back to its own top quartile
     scan['high_margin'] = scan['high_margin'] & (scan['label'] == 0)
     picks = trainer_digits.easy_per_class(scan)
