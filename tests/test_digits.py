@@ -94,7 +94,8 @@ def test_masked_batchnorm_equals_batchnorm_of_the_valid_rows_alone():
 def reference_train(images, labels, keep, seed, h):
     """One model in plain PyTorch on the documented batches: each epoch np.random.default_rng(seed)
     permutes all examples, the permutation is cut into full batches, and the excluded examples are
-    removed from them. Initial weights taken from trainer_digits.make_nets."""
+    removed from them; the loss is the kept rows' summed cross-entropy divided by the nominal batch size
+    (or their mean with loss_norm='kept'). Initial weights taken from trainer_digits.make_nets."""
     init = trainer_digits.make_nets([seed], h['widths'], 'batch')
     sizes = [64, *h['widths'], 10]
     layers = []
@@ -116,7 +117,8 @@ def reference_train(images, labels, keep, seed, h):
         for idx in rng.permutation(len(labels))[:n_batches * h['batch_size']].reshape(n_batches, -1):
             idx = idx[kept[idx]]
             optimizer.param_groups[0]['lr'] = h['lr'] * trainer_digits.lr_multiplier(step, total, h['schedule'])
-            loss = F.cross_entropy(net(images[idx]), labels[idx])
+            loss = F.cross_entropy(net(images[idx]), labels[idx], reduction='sum')
+            loss = loss / (h['batch_size'] if h['loss_norm'] == 'nominal' else len(idx))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -124,11 +126,12 @@ def reference_train(images, labels, keep, seed, h):
     return net.eval()
 
 
-def test_masking_equals_training_on_the_kept_examples_alone(digits):
+@pytest.mark.parametrize('loss_norm', trainer_digits.LOSS_NORMS)
+def test_masking_equals_training_on_the_kept_examples_alone(digits, loss_norm):
     images, labels, test_images, _ = digits
-    h = trainer_digits.settings(**TINY)
+    h = trainer_digits.settings(**TINY, loss_norm=loss_norm)
     half = experiment.keep_for('scan', 8, len(labels), trainer_digits.HELD_OUT)  # batches of about 64
-    nets = trainer_digits.train(images, labels, keep=[excluded(), half], seed=[4, 8], **TINY)
+    nets = trainer_digits.train(images, labels, keep=[excluded(), half], seed=[4, 8], **TINY, loss_norm=loss_norm)
     logits = trainer_digits.infer(nets, test_images)
     for k, (keep, seed) in enumerate([(excluded(), 4), (half, 8)]):
         net = reference_train(images, labels, keep, seed, h)
@@ -174,19 +177,51 @@ def test_unknown_norm_or_hyperparameter_is_refused(digits):
     images, labels, *_ = digits
     with pytest.raises(ValueError, match="'batch'.*'layer'.*'none'"):
         trainer_digits.train(images, labels, keep=[None], seed=[0], norm='group')
+    with pytest.raises(ValueError, match="'nominal'.*'kept'"):
+        trainer_digits.train(images, labels, keep=[None], seed=[0], loss_norm='mean')
     with pytest.raises(TypeError, match='unknown'):
         trainer_digits.train(images, labels, keep=[None], seed=[0], learning_rate=0.1)
     with pytest.raises(TypeError, match='lists'):
         trainer_digits.train(images, labels, keep=None, seed=0)
 
 
-def test_held_out_are_40_distinct_training_indices_and_random_follows_its_rule():
+def test_held_out_are_2_random_and_2_easy_per_class_and_random_follows_its_rule(digits):
+    labels = digits[1].numpy()
     held = trainer_digits.HELD_OUT
     everything = held['random'] + held['easy']
-    assert len(held['random']) == len(held['easy']) == 20
     assert len(set(everything)) == 40
     assert all(0 <= i < trainer_digits.N_TRAIN and isinstance(i, int) for i in everything)
-    assert held['random'] == np.random.default_rng(0).choice(1437, 20, replace=False).tolist()
+    for group in held.values():
+        assert labels[group].tolist() == [c for c in range(10) for _ in range(2)]  # class 0 first, 2 each
+    assert held['random'] == trainer_digits.random_per_class(labels)
+    order = np.random.default_rng(0).permutation(1437)
+    assert held['random'][:2] == [int(i) for i in order[labels[order] == 0][:2]]
+
+
+def test_easy_rule_takes_per_class_the_most_negative_high_margin_estimates():
+    rng = np.random.default_rng(1)
+    n = 200
+    scan = dict(index=np.arange(n), label=np.arange(n) % 2, tested=np.ones(n, bool),
+                mean_in=rng.uniform(0, 10, n), self_influence=rng.normal(0, 1, n))
+    scan['tested'][3] = False
+    scan['high_margin'] = scan['tested'] & (scan['mean_in'] >= np.quantile(scan['mean_in'][scan['tested']], 0.75))
+    exclude = [int(np.flatnonzero(scan['high_margin'] & (scan['label'] == 0))[0])]
+    picks = trainer_digits.easy_per_class(scan, exclude=exclude)
+    for c, pair in enumerate((picks[:2], picks[2:])):
+        pool = np.flatnonzero(scan['high_margin'] & (scan['label'] == c) & ~np.isin(scan['index'], exclude))
+        assert sorted(pair) == sorted(pool[np.argsort(scan['self_influence'][pool])[:2]].tolist())
+        assert scan['self_influence'][pair[0]] <= scan['self_influence'][pair[1]]
+    # with every class holding 2 or more high-margin examples and nothing excluded, the same set as the
+    # scan report's easy candidates at 2 per class
+    import viz_scan
+    scan['order'] = np.flatnonzero(scan['tested'])[np.argsort(scan['self_influence'][scan['tested']], kind='stable')]
+    assert sorted(trainer_digits.easy_per_class(scan)) == sorted(viz_scan.easy_candidates(scan, 4, per_class=2).tolist())
+    # a class with too few high-margin examples falls back to its own top quartile
+    scan['high_margin'] = scan['high_margin'] & (scan['label'] == 0)
+    picks = trainer_digits.easy_per_class(scan)
+    ones = np.flatnonzero(scan['tested'] & (scan['label'] == 1))
+    top = ones[scan['mean_in'][ones] >= np.quantile(scan['mean_in'][ones], 0.75)]
+    assert sorted(picks[2:]) == sorted(top[np.argsort(scan['self_influence'][top])[:2]].tolist())
 
 
 def test_settings_are_serialisable_and_the_lr_rises_then_falls_to_zero():
