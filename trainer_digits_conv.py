@@ -1,0 +1,301 @@
+"""trainer_digits_conv.py: the self-influence experiment on the 8x8 digits with a small airbench-style convnet.
+
+Question: does negative self-influence of easy examples appear, on a CPU, with settings closer to the
+airbench recipe than trainer_digits.py's MLP? Same data and harness as trainer_digits.py (scikit-learn's
+digits, 1437 training and 360 test images, `experiment.main`), but the net and its training follow
+airbench94: conv groups (3x3 conv -> 2x2 max-pool -> BatchNorm -> GELU -> 3x3 conv -> BatchNorm -> GELU)
+with BatchNorm scale frozen at 1, a global max-pool and a bias-free linear layer times a fixed factor;
+random translation (and, with flip=true, flips) per model, per example, per epoch; cross-entropy summed over the kept rows
+of a batch with hyperparameters per 1024 examples (so a removed example up-weights nothing); Nesterov
+SGD; a triangular lr; lookahead. BLOCK models train at once: grouped convolutions (groups = models) and
+masked BatchNorm over each model's kept rows (trainer_digits.batch_norm).
+
+    python trainer_digits_conv.py --design factorial --runs 350 && python viz.py runs/digitsconv-factorial
+    python trainer_digits_conv.py --design factorial --runs 160 --hyp epochs=16   # a variant: its own store
+    python trainer_digits_conv.py --smoke --runs 4                                # the plumbing, seconds
+
+Left out of airbench: the whitening layer (its statistics would be one more place to mask; BatchNorm
+follows the first conv anyway) and input normalisation (the canvas is zero-padded, and 0 is the digits'
+background, so padding and translation add background and nothing else).
+
+Data per model and epoch, all drawn from np.random.default_rng(seed): a permutation of the 1437 digits
+cut into batches (trainer_digits.epoch_order), then a horizontal flip (probability 1/2; used only with
+flip=true) and a shift of
+-translate..+translate pixels in each direction for every digit, whether the run keeps it or not. So
+the two runs of a pair (same seed) see the same batches with the same augmentations, minus the examples
+one of them removes; those are masked out: zeros in, no loss, no gradient, no BatchNorm statistic.
+
+Cost, measured on a shared 2-core VM (AMD EPYC, torch 2.14.1, one thread per process): 0.56 s per model
+in blocks of 10 at load average 2.8; 1.7 to 2.6 s per model and worker with two workers while other jobs
+ran (load 1.2 to 9.1).
+
+Last result (factorial design, the class-balanced 2 random + 2 easy digits per class, 50 controls each;
+README, "A convnet on the digits"): control-adjusted self-influence of the 20 easy digits +0.011
+[-0.000, +0.023] at the defaults (350 pairs), +0.006 [-0.006, +0.018] with widths [32, 64] (200 pairs),
+-0.038 [-0.056, -0.019] with 16 epochs (160 pairs), -0.043 [-0.065, -0.022] with 32 (150 pairs); the
+20 random digits +0.11 to +0.14 in all four.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import airbench
+import experiment
+import trainer_digits
+
+hyp = {
+    'widths': [16, 32],        # channels of the conv groups; each group halves the resolution
+    'pad': 2,                  # zero pixels around the 8x8 digit: a 12x12 canvas (12 -> 6 -> 3 -> global max)
+    'translate': 2,            # pixels, each direction, per example per epoch (the canvas moves, the digit stays whole)
+    'flip': False,             # random horizontal flip, per example per epoch (off: a mirrored digit is often
+                               # another symbol; with it on, test accuracy fell from 97.6% to 93.4%)
+    'epochs': 8,               # passes over the training set: 88 steps
+    'batch_size': 128,         # examples per batch before removed ones are masked; last partial batch dropped
+    'lr': 10.0,                # per 1024 examples (airbench's experiment: 5.0 over ~970 steps; here 88)
+    'momentum': 0.85,          # Nesterov
+    'weight_decay': 0.0153,    # per 1024 examples, decoupled from lr
+    'bias_scaler': 64.0,       # lr multiplier of the BatchNorm biases (decay unchanged)
+    'bn_momentum': 0.6,        # weight of the old running statistic (airbench's convention; torch momentum = 1 - this)
+    'scaling_factor': 1 / 3,   # fixed multiplier of the logits (airbench: 1/9 after 256 channels; here 32)
+    'label_smoothing': 0.0,
+    'lookahead': True,         # EMA of the weights pulled in every 5 steps, the EMA at the end (airbench)
+}
+SMOKE = {'widths': [8, 8], 'epochs': 1}
+EPS = 1e-12                    # of BatchNorm (airbench)
+BLOCK = 50                     # models trained at once (README: cost per model vs block size)
+RUNS = 300                     # runs per arm by default
+HELD_OUT = trainer_digits.HELD_OUT
+
+
+def settings(**overrides):
+    """`hyp` with `overrides` applied; unknown names are an error."""
+    unknown = set(overrides) - set(hyp)
+    if unknown:
+        raise TypeError(f'unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(hyp)}')
+    h = {**hyp, **overrides}
+    if not h['widths'] or h['pad'] < 0 or h['translate'] < 0:
+        raise ValueError(f"widths={h['widths']}, pad={h['pad']}, translate={h['translate']}: expected at least "
+                         'one conv group and non-negative padding and translation')
+    return h
+
+
+############################################
+#          Data and augmentation           #
+############################################
+
+def canvas(images, pad, translate):
+    """(N, 64) digits -> (N, 8 + 2 (pad + translate)) squared, zero-padded: every crop of side
+    8 + 2 pad holds the whole digit."""
+    margin = pad + translate
+    return F.pad(images.view(-1, 8, 8), (margin,) * 4)
+
+
+def draw_epoch(rng, n_train, batch_size, translate):
+    """One model's epoch: batches (n_batches, batch_size) int64, then flip (n_train,) bool and shift
+    (n_train, 2) int64 in 0..2 translate (the crop's corner; translate = centred), for every example."""
+    order = trainer_digits.epoch_order(rng, n_train, batch_size)
+    flip = rng.random(n_train) < 0.5
+    shift = rng.integers(0, 2 * translate + 1, (n_train, 2))
+    return order, flip, shift
+
+
+def augment(padded, idx, flip, shift, size):
+    """Crops of side `size` of padded[idx] at corners `shift`, mirrored where `flip`.
+    padded (N, P, P); idx, flip (R,); shift (R, 2) -> (R, size, size)."""
+    x = airbench.crop(padded[idx].unsqueeze(1), shift[:, 0], shift[:, 1], size).squeeze(1)
+    return torch.where(flip.view(-1, 1, 1), x.flip(-1), x)
+
+
+############################################
+#       K models at once: parameters       #
+############################################
+
+def conv_init(g, c_out, c_in):
+    """(c_out, c_in, 3, 3): PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)), then the first c_in
+    filters the identity (airbench's Dirac init)."""
+    w = (torch.rand(c_out, c_in, 3, 3, generator=g) * 2 - 1) * (9 * c_in) ** -0.5
+    torch.nn.init.dirac_(w[:c_in])
+    return w
+
+
+def make_nets(seeds, widths=hyp['widths'], device='cpu'):
+    """Parameters of len(seeds) independent convnets, drawn per model on the CPU from a generator seeded
+    by its seed (the same weights on every device and in every block).
+    convs: per conv (K x c_out, c_in, 3, 3), model k's filters at rows k c_out .. (k+1) c_out, the
+    layout of a grouped convolution; shifts, running: per BatchNorm (K, c_out); linear (K, widths[-1], 10)."""
+    k = len(seeds)
+    shapes = []
+    c_in = 1
+    for w in widths:
+        shapes += [(w, c_in), (w, w)]
+        c_in = w
+    convs = [torch.empty(k, c_out, c_in, 3, 3) for c_out, c_in in shapes]
+    linear = torch.empty(k, widths[-1], 10)
+    for m, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(seed)
+        for conv, (c_out, c_in) in zip(convs, shapes):
+            conv[m] = conv_init(g, c_out, c_in)
+        linear[m] = (torch.rand(widths[-1], 10, generator=g) * 2 - 1) * widths[-1] ** -0.5
+    return {
+        'convs': [c.flatten(0, 1).to(device) for c in convs],
+        'shifts': [torch.zeros(k, c_out, device=device) for c_out, _ in shapes],     # BatchNorm biases
+        'scales': [torch.ones(k, c_out, device=device) for c_out, _ in shapes],      # frozen at 1
+        'running': [[torch.zeros(k, c_out, device=device), torch.ones(k, c_out, device=device)]
+                    for c_out, _ in shapes],
+        'linear': linear.to(device),
+        'steps': 0,
+    }
+
+
+############################################
+#        K models at once: forward         #
+############################################
+
+def per_model(h, k):
+    """(B, K c, H, W) channels-last -> a (K, B H W, c) view of the same memory (no copy)."""
+    b, kc, height, width = h.shape
+    return h.permute(0, 2, 3, 1).reshape(b * height * width, k, kc // k).transpose(0, 1)
+
+
+def from_per_model(h, b, height, width):
+    """Inverse of per_model: (K, B H W, c) -> (B, K c, H, W) channels-last."""
+    k, _, c = h.shape
+    return h.transpose(0, 1).reshape(b, height, width, k * c).permute(0, 3, 1, 2)
+
+
+def norm(nets, i, h, valid, momentum):
+    """BatchNorm i of every model on h (B, K c, H, W). valid (K, B) bool: training, each model's
+    statistics from its valid rows and all their pixels (running statistics updated); None: eval."""
+    k = len(nets['shifts'][i])
+    mean, var = nets['running'][i]
+    if valid is None:
+        scale = (nets['scales'][i] * torch.rsqrt(var + EPS)).view(1, -1, 1, 1)
+        return torch.addcmul(nets['shifts'][i].view(1, -1, 1, 1), h - mean.view(1, -1, 1, 1), scale)
+    b, _, height, width = h.shape
+    rows = valid.unsqueeze(-1).expand(k, b, height * width).reshape(k, -1)   # (K, B H W) in per_model's order
+    out = trainer_digits.batch_norm(per_model(h, k), rows, nets['scales'][i], nets['shifts'][i], mean, var,
+                                    1 - momentum, EPS)
+    return from_per_model(out, b, height, width)
+
+
+def forward(nets, x, valid=None, momentum=hyp['bn_momentum'], scaling_factor=hyp['scaling_factor']):
+    """Logits (K, B, 10) for x (B, K, S, S), model k's images in channel k (channels-last).
+    valid (K, B) bool: training mode; None: eval mode (BatchNorm from the running statistics)."""
+    k = nets['linear'].shape[0]
+    h = x
+    for i, conv in enumerate(nets['convs']):
+        h = F.conv2d(h, conv, padding=1, groups=k)
+        if i % 2 == 0:
+            h = F.max_pool2d(h, 2)
+        h = F.gelu(norm(nets, i, h, valid, momentum))
+    h = h.amax((2, 3)).view(len(h), k, -1).transpose(0, 1)                 # (K, B, widths[-1])
+    return torch.bmm(h, nets['linear']) * scaling_factor
+
+
+############################################
+#                 Training                 #
+############################################
+
+def train(images, labels, *, keep, seed, device=None, **overrides):
+    """Train len(seed) convnets at once; returns their parameters (a dict, see make_nets) after the
+    last lookahead update, with nets['steps'] (optimizer steps taken) and nets['hyp'] (for infer).
+
+    images float32 (N, 64) in [0, 1], labels int64 (N,). keep: K entries, None (all examples) or the
+    indices model k may see; seed: K ints (init, batches and augmentations of model k). Every model
+    takes the same steps; a removed example is masked out of the batch it falls in. A model that
+    diverges ends with non-finite logits; the others of its block are unaffected.
+    """
+    h = settings(**overrides)
+    if not isinstance(seed, (list, tuple)) or not isinstance(keep, (list, tuple)):
+        raise TypeError('train takes lists: keep=[...] and seed=[...], one entry per model of the block')
+    if len(keep) != len(seed):
+        raise ValueError(f'{len(keep)} keep entries for {len(seed)} seeds: give one of each per model')
+    device = torch.device(device or images.device)
+    n_train, k, batch_size = len(labels), len(seed), h['batch_size']
+    n_batches = n_train // batch_size
+    if n_batches == 0:
+        raise ValueError(f'{n_train} examples make no full batch of {batch_size}; lower batch_size.')
+    kept = torch.ones(k, n_train, dtype=torch.bool)  # (K, N): which examples each model may see
+    for row, keep_k in zip(kept, keep):
+        if keep_k is not None:
+            row[:] = False
+            row[torch.as_tensor(keep_k, dtype=torch.long)] = True
+    kept = kept.to(device)
+    padded = canvas(images.to(device), h['pad'], h['translate'])
+    size = 8 + 2 * h['pad']
+    rngs = [np.random.default_rng(s) for s in seed]
+
+    nets = make_nets(seed, h['widths'], device)
+    nets['hyp'] = h
+    # Per 1024 examples -> torch SGD, as airbench: a Nesterov step is about 1 + 1/(1 - momentum) gradients.
+    kilostep_scale = 1024 * (1 + 1 / (1 - h['momentum']))
+    lr = h['lr'] / kilostep_scale
+    lr_biases = lr * h['bias_scaler']
+    wd = h['weight_decay'] * batch_size / kilostep_scale            # absolute decay per step at the peak lr
+    weights = [*nets['convs'], nets['linear']]
+    for p in weights + nets['shifts']:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD([dict(params=nets['shifts'], lr=lr_biases, weight_decay=wd / lr_biases),
+                                 dict(params=weights, lr=lr, weight_decay=wd / lr)],
+                                momentum=h['momentum'], nesterov=True, fused=True)
+    base_lrs = [group['lr'] for group in optimizer.param_groups]
+    live = [*weights, *nets['shifts'], *(t for pair in nets['running'] for t in pair)]
+    ema = [t.detach().clone() for t in live]
+    total_steps = h['epochs'] * n_batches
+    for _ in range(h['epochs']):
+        draws = [draw_epoch(rng, n_train, batch_size, h['translate']) for rng in rngs]
+        order = torch.from_numpy(np.stack([d[0] for d in draws], 1)).to(device)    # (batches, K, B)
+        flip = torch.from_numpy(np.stack([d[1] for d in draws]) & h['flip']).to(device)  # (K, N)
+        shift = torch.from_numpy(np.stack([d[2] for d in draws])).to(device)       # (K, N, 2)
+        for idx in order:                                                          # (K, B)
+            valid = kept.gather(1, idx)
+            x = augment(padded, idx.flatten(), flip.gather(1, idx).flatten(),
+                        shift.gather(1, idx.unsqueeze(-1).expand(k, batch_size, 2)).flatten(0, 1), size)
+            x = torch.where(valid.view(-1, 1, 1), x, 0.0)   # masked rows hold zeros, never the example
+            x = x.view(k, batch_size, size, size).transpose(0, 1).contiguous(memory_format=torch.channels_last)
+            y = torch.where(valid, labels[idx], 0)
+            logits = forward(nets, x, valid, h['bn_momentum'], h['scaling_factor'])
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction='none',
+                                   label_smoothing=h['label_smoothing'])
+            loss = torch.where(valid.flatten(), loss, 0.0).sum()  # summed: a removed row leaves the others' weight alone
+            multiplier = airbench.lr_multiplier(nets['steps'], total_steps)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group['lr'] = base * multiplier
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()                                 # model k's parameters get model k's gradient only
+            optimizer.step()
+            nets['steps'] += 1
+            if h['lookahead'] and nets['steps'] % 5 == 0:
+                lookahead(live, ema, airbench.lookahead_decay(nets['steps'], total_steps))
+    if h['lookahead']:
+        lookahead(live, ema, 1.0)                           # the live weights become the EMA
+    for p in weights + nets['shifts']:
+        p.requires_grad_(False)
+    return nets
+
+
+@torch.no_grad()
+def lookahead(live, ema, decay):
+    """Move the EMA toward the live tensors, then copy it into them (elementwise: per model)."""
+    for e, t in zip(ema, live):
+        e.lerp_(t, 1 - decay)
+        t.copy_(e)
+
+
+@torch.no_grad()
+def infer(nets, images, chunk=512):
+    """Logits (K, N, 10) float32 of every model for images (N, 64): the centred, unflipped digit, eval mode."""
+    h, k = nets['hyp'], nets['linear'].shape[0]
+    size = 8 + 2 * h['pad']
+    out = []
+    for part in images.split(chunk):
+        x = canvas(part, h['pad'], 0).unsqueeze(1).expand(-1, k, size, size)
+        x = x.contiguous(memory_format=torch.channels_last)
+        out.append(forward(nets, x, None, h['bn_momentum'], h['scaling_factor']))
+    return torch.cat(out, 1)
+
+
+if __name__ == '__main__':
+    raise SystemExit(experiment.main('digitsconv', hyp, SMOKE, train, infer, __doc__, load=trainer_digits.load,
+                                     held_out=HELD_OUT, block=BLOCK, runs=RUNS))
