@@ -1,49 +1,80 @@
 """store.py: the run store, a folder that any number of workers on any number of machines fill at once.
 
-What lives here: the arms and their seeds (which examples a run of each arm may see), the store's
-layout, the settings that bind a store, claims of runs in progress, reading run files back and packing
-them for the analysis. numpy only: viz.py reads a store without torch.
+What lives here: the arms and their seeds (which examples a run of each arm may see), the settings that
+bind a store, writing files so that readers see all or nothing, claims of runs in progress, finished
+and failed runs, and packing them for the analysis. numpy only: viz.py reads a store without torch.
 
 Layout (one folder per trainer and design, e.g. runs/airbench/):
 
-    settings.json            what made the runs: trainer, hyperparameters, held-out indices,
-                             dataset fingerprint, seed base, arms; a store refuses runs made otherwise
+    settings.json            what made the runs: trainer, hyperparameters, held-out indices, dataset
+                             fingerprint, seed base, arms, labels checksum and a checksum per binding
+                             setting; written last, when the store is complete; a store refuses runs
+                             made otherwise, and a setting edited by hand is named
     labels.npy               (n_train,) int64 training labels, so the analysis needs no dataset
     with/000042.npz          one finished run: logits (n_train, 10) float16, seed, seconds, test_acc,
-    without/000042.npz       device, versions; written to a temporary name, then renamed (atomic)
-    failed/with-000042.json  a run that diverged (NaN): recorded, never stored as valid
+    without/000042.npz       device, versions
+    failed/with-000042.json  a run that diverged (NaN): recorded, never stored as valid, not retried
     claims/with-000042       a run in progress: host, pid; refreshed every minute by its worker
-    corrupt/                 run files that failed to load, moved aside (never deleted)
+    corrupt/                 run files (and failure records) that failed their checks, moved aside, never deleted
     packed/with.npy          (N, n_train, 10) float16, every stored run of the arm in run order,
     packed/with.json         rebuilt on demand when runs were added; read memory-mapped
+
+Every file is written to a temporary name beside it, synced, then renamed into place (or hard-linked,
+where it must not replace anything), and the folder is synced. A file that cannot be read
+(permissions, I/O error) is an error, never called corrupt; notes about the store go to stderr.
 
 Designs (the arms of a store): the with/without experiment (arms `with`, `without`), the factorial
 design (arms `a`, `b`: run k of both shares seed k, and each held-out example is removed from exactly
 one of the two, by a fair coin drawn from the seed), and the scan (arm `scan`: each run on a random half).
 """
+import errno
+import hashlib
 import json
 import os
+import re
 import socket
+import sys
 import threading
 import time
-import zipfile
 
 import numpy as np
-
 ARMS = ('with', 'without')  # the experiment; a scan store has the single arm 'scan'
 FACTORIAL_ARMS = ('a', 'b')  # the factorial design: each held-out example is removed from one run of the pair
+DESIGNS = (list(ARMS), list(FACTORIAL_ARMS), ['scan'])  # the arms a store may have
 SCAN_SEED_BASE = 1_000_000  # scans use seeds from here on, experiments from 0: the ranges never meet
+MAX_RUNS = 1_000_000        # run files are named by six digits: runs 0 .. 999,999
 
 # Settings that must agree between a store and the command adding runs to it.
 BINDING = ('trainer', 'hyp', 'held_out', 'n_train', 'data_fingerprint', 'seed_base', 'arms')
+FORMAT = 2  # settings.json 'format': 2 = settings carry a checksum per binding setting
 
 CLAIM_REFRESH = 60.0   # seconds between a worker's touches of its claim
 CLAIM_TIMEOUT = 600.0  # seconds without a touch after which another host's claim counts as dead
+
+SUBFOLDERS = ('failed', 'claims', 'corrupt', 'packed')
+FAILED_NAME = re.compile(r'(.+)-(\d{6})\.json')
 
 
 class StoreError(Exception):
     """A store that cannot be used as asked; the message says why and what to do."""
 
+
+class Unreadable(StoreError):
+    """A file that exists but cannot be read (permissions, I/O error): not corrupt, never moved."""
+
+
+class _Vanished(Exception):
+    """A run file removed while it was being read (moved aside by another process)."""
+
+
+def note(message):
+    """Notes about the store go to stderr: stdout is the report."""
+    print(f'store: {message}', file=sys.stderr, flush=True)
+
+
+############################################
+#           Arms, seeds and examples       #
+############################################
 
 def seed_for(run, seed_base=0):
     """Run k of both arms uses the same seed: init, data order and augmentation are paired."""
@@ -86,44 +117,233 @@ def kept_bits(arm, seed, n_train, held_out):
     return None if keep is None else np.packbits(np.isin(np.arange(n_train), keep))
 
 
+############################################
+#        Settings that bind a store        #
+############################################
+
+def digest(value):
+    """A short hash of a JSON value, independent of key order."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def labels_digest(labels):
+    return hashlib.sha256(np.ascontiguousarray(labels, dtype='<i8').tobytes()).hexdigest()
+
+
+def check_settings(s, where):
+    """Return `s` if it is a well-formed settings object of this format; else raise StoreError naming
+    the first key that is wrong. Each binding key carries a checksum: a value edited by hand is named
+    here, not discovered later as a store full of foreign run files."""
+    fix = ('settings.json was edited or damaged: restore it (a store\'s settings cannot change once runs '
+           'are stored), or start a new store with another --out.')
+    if not isinstance(s, dict):
+        raise StoreError(f'{where} holds a JSON {type(s).__name__}, expected an object of settings. {fix}')
+    if 'format' not in s:
+        raise StoreError(f'{where} has no \'format\': the store was written by an earlier version of this '
+                         'project, whose run files do not record their settings and arm. Analyse it with that '
+                         'version, or train again into a new --out.')
+    if s['format'] != FORMAT:
+        raise StoreError(f'{where}: \'format\' is {_short(s["format"])}, this version reads format {FORMAT}. '
+                         'Use the version of this project that wrote the store.')
+    missing = [k for k in (*BINDING, 'labels_sha256', 'checksums') if k not in s]
+    if missing:
+        raise StoreError(f'{where} lacks {", ".join(map(repr, missing))}. {fix}')
+
+    def bad(key, expected):
+        raise StoreError(f'{where}: {key!r} is {_short(s[key])}, expected {expected}. {fix}')
+    if not isinstance(s['trainer'], str) or not s['trainer']:
+        bad('trainer', 'a trainer name')
+    if not isinstance(s['hyp'], dict):
+        bad('hyp', 'an object of hyperparameters')
+    if not _is_int(s['n_train']) or s['n_train'] < 1:
+        bad('n_train', 'the number of training examples (an integer >= 1)')
+    if not isinstance(s['data_fingerprint'], str):
+        bad('data_fingerprint', 'a string')
+    if not _is_int(s['seed_base']) or s['seed_base'] < 0:
+        bad('seed_base', 'an integer >= 0')
+    if s['arms'] not in DESIGNS:
+        bad('arms', ' or '.join(json.dumps(d) for d in DESIGNS))
+    held = s['held_out']
+    if not isinstance(held, dict) or not all(isinstance(g, list) and all(_is_int(i) for i in g)
+                                             for g in held.values()):
+        bad('held_out', 'an object of groups of example indices, e.g. {"random": [0, 1], "easy": [7]}')
+    every = [i for g in held.values() for i in g]
+    if any(not 0 <= i < s['n_train'] for i in every):
+        bad('held_out', f'indices of training examples, 0 to {s["n_train"] - 1}')
+    if len(set(every)) < len(every):
+        bad('held_out', 'each example once')
+    if not isinstance(s['labels_sha256'], str) or not isinstance(s['checksums'], dict):
+        bad('labels_sha256' if not isinstance(s['labels_sha256'], str) else 'checksums',
+            'what the store was created with')
+    edited = [k for k in BINDING if s['checksums'].get(k) != digest(s[k])]
+    if edited:
+        raise StoreError(f'{where}: {", ".join(f"{k!r} (now {_short(s[k])})" for k in edited)} no longer '
+                         f'match{"es" if len(edited) == 1 else ""} the value the store was created with. {fix}')
+    return s
+
+
+############################################
+#          Files written all or nothing    #
+############################################
+
+def fsync_dir(folder):
+    """Make a rename or link in `folder` durable."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, 'O_DIRECTORY', 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder (EINVAL); the rename itself stands
+    finally:
+        os.close(fd)
+
+
+def publish(path, data, exclusive=False):
+    """Write `data` (bytes, or a function writing to a binary file) through a temporary file in the same
+    folder, then rename it into place: readers see all or nothing. exclusive: hard-link instead, which
+    fails with FileExistsError if `path` exists."""
+    tmp = f'{path}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}'
+    try:
+        with open(tmp, 'xb') as f:
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                data(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path) or '.')
+    except FileExistsError:
+        raise  # exclusive, and `path` exists
+    except OSError as e:
+        raise StoreError(f'could not write {path} ({_why(e)}). {_write_advice(e)}') from e
+    finally:
+        _remove(tmp)
+
+
+def _why(e):
+    return e.strerror or str(e)
+
+
+def _write_advice(e):
+    if e.errno == errno.ENOSPC:
+        return 'The disk is full: free space and rerun the same command; stored runs are intact.'
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return 'The store is not writable here: a trainer needs write access to its folder (viz.py does not).'
+    return 'Stored runs are intact; fix the folder and rerun the same command to continue.'
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        pass  # a read-only folder: nothing can be cleaned, and nothing needs to be for reading
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _short(value, width=120):
+    text = json.dumps(value)
+    return text if len(text) <= width else text[:width] + '...'
+
+
+############################################
+#               The store                  #
+############################################
+
 class Store:
     def __init__(self, path):
         self.path = str(path)
         settings_file = os.path.join(self.path, 'settings.json')
-        if not os.path.exists(settings_file):
+        if not os.path.isfile(settings_file):
             raise StoreError(f'no run store at {self.path} (no settings.json there). '
                              'Run a trainer script first, or pass the folder it wrote to.')
         try:
-            with open(settings_file) as f:
-                self.settings = json.load(f)
-            self.labels = np.load(os.path.join(self.path, 'labels.npy'))
-        except (OSError, ValueError) as e:
-            raise StoreError(f'{self.path} is not a readable run store ({e}). '
-                             'Point to a folder written by a trainer script.') from e
-        self.settings.setdefault('arms', list(ARMS))
-        missing = [k for k in BINDING if k not in self.settings]
-        if missing:
-            raise StoreError(f'{settings_file} lacks {missing}: not a store written by this project.')
+            with open(settings_file, 'rb') as f:
+                text = f.read()
+        except OSError as e:
+            raise Unreadable(f'cannot read {settings_file} ({_why(e)}). Fix its permissions or the disk.') from e
+        try:
+            settings = json.loads(text)
+        except ValueError as e:
+            raise StoreError(f'{settings_file} is not valid JSON ({e}): edited by hand or cut short? '
+                             'Restore it, or start a new store with another --out.') from e
+        self.settings = check_settings(settings, settings_file)
         self.arms = tuple(self.settings['arms'])
+        self.binding = digest({k: self.settings[k] for k in BINDING})  # recorded in every run file
+        self.labels = self._read_labels()
+        self._noted = set()
+        for sub in (*self.arms, *SUBFOLDERS):  # a store synced through object storage may lack empty folders
+            try:
+                os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+            except OSError:
+                pass  # read-only: a missing folder reads as empty
+
+    def _read_labels(self):
+        path = os.path.join(self.path, 'labels.npy')
+        try:
+            labels = np.load(path)
+        except FileNotFoundError:
+            raise StoreError(f'{path} is missing: the store lost its labels. Restore the file, or train '
+                             'again into a new --out.') from None
+        except OSError as e:
+            if e.errno is not None:
+                raise Unreadable(f'cannot read {path} ({_why(e)}). Fix its permissions or the disk.') from e
+            raise StoreError(f'{path} is truncated or corrupt ({e}). Restore it from a copy.') from e
+        except Exception as e:  # a truncated or garbage .npy fails in several ways
+            raise StoreError(f'{path} is truncated or corrupt ({type(e).__name__}: {e}). Restore it from a copy.') from e
+        n = self.settings['n_train']
+        if labels.shape != (n,) or labels.dtype.kind not in 'iu' or labels_digest(labels) != self.settings['labels_sha256']:
+            raise StoreError(f'{path} does not hold the labels the store was created with ({labels.dtype} '
+                             f'{labels.shape}, checksum differs from settings.json; expected ({n},) integers): '
+                             'replaced or edited? Restore it from a copy.')
+        return labels.astype(np.int64)
 
     @classmethod
     def create(cls, path, settings, labels):
-        """Open the store at `path`, making it if absent; refuse if it was made with other settings."""
+        """Open the store at `path`, making it if absent; refuse if it was made with other settings.
+        labels.npy is in place before settings.json appears: a store with settings is complete."""
         path = str(path)
-        settings = json.loads(json.dumps({'arms': list(ARMS), **settings}))  # as read back: lists, not tuples
+        labels = np.asarray(labels, dtype=np.int64)
+        settings = json.loads(json.dumps({'format': FORMAT, 'arms': list(ARMS), **settings}))  # lists, not tuples
+        settings['labels_sha256'] = labels_digest(labels)
+        settings['checksums'] = {k: digest(settings[k]) for k in BINDING if k in settings}
+        check_settings(settings, 'the settings of this command')
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise StoreError(f'{path} is a file, expected a store folder. Pass another --out.')
         if not os.path.exists(os.path.join(path, 'settings.json')):
-            for sub in (*settings['arms'], 'failed', 'claims', 'corrupt', 'packed'):
-                os.makedirs(os.path.join(path, sub), exist_ok=True)
-            _atomic_write(os.path.join(path, 'labels.npy'), lambda f: np.save(f, np.asarray(labels, np.int64)))
-            # Exclusive create: of two workers making the store at once, one writes and both agree after.
-            try:
-                _atomic_write(os.path.join(path, 'settings.json'),
-                              lambda f: f.write(json.dumps(settings, indent=1).encode()), exclusive=True)
-            except FileExistsError:
-                pass
+            cls._make(path, settings, labels)
         store = cls(path)
         # A scan trains on random halves whatever the held-out set: that set only labels its report.
-        binding = [k for k in BINDING if not (k == 'held_out' and settings['arms'] == ['scan'])]
+        binding = [k for k in (*BINDING, 'labels_sha256')
+                   if not (k == 'held_out' and settings['arms'] == ['scan'])]
         differ = [k for k in binding if store.settings.get(k) != settings.get(k)]
         if differ:
             lines = [f'  {k}: store has {_short(store.settings.get(k))}, this command has {_short(settings.get(k))}'
@@ -132,49 +352,65 @@ class Store:
                              '\nUse another --out folder for these settings, or rerun with the store\'s settings.')
         return store
 
-    # ---- finished, failed and claimed runs ----
+    @staticmethod
+    def _make(path, settings, labels):
+        layout = {*settings['arms'], *SUBFOLDERS, 'labels.npy'}
+        if os.path.isdir(path):
+            other = [n for n in os.listdir(path) if n not in layout and '.tmp-' not in n]
+            if other:
+                raise StoreError(f'{path} is not empty and not a run store (no settings.json; it holds '
+                                 f'{", ".join(sorted(other)[:5])}). Pass a new or empty folder as --out.')
+        try:
+            for sub in (*settings['arms'], *SUBFOLDERS):
+                os.makedirs(os.path.join(path, sub), exist_ok=True)
+        except OSError as e:
+            raise StoreError(f'could not create the store {path} ({_why(e)}). {_write_advice(e)}') from e
+        labels_file = os.path.join(path, 'labels.npy')
+        try:  # exclusive: of two processes making the store at once, the labels of one stay
+            publish(labels_file, lambda f: np.save(f, labels), exclusive=True)
+        except FileExistsError:
+            pass
+        try:
+            there = np.load(labels_file)
+        except Exception:
+            there = None
+        if there is None or labels_digest(there) != settings['labels_sha256']:
+            if os.path.exists(os.path.join(path, 'settings.json')):
+                return  # made meanwhile by another process: the settings comparison speaks
+            raise StoreError(f'{labels_file} holds other labels than this command\'s data, and there is no '
+                             'settings.json: another process is creating this store with other data, or an '
+                             f'interrupted creation left it. If no other process is running, remove {labels_file} '
+                             'and rerun; otherwise use another --out.')
+        try:  # settings.json last: it makes the store; exclusive, so the first one stays
+            publish(os.path.join(path, 'settings.json'), json.dumps(settings, indent=1).encode(), exclusive=True)
+        except FileExistsError:
+            pass
 
-    def run_file(self, arm, run):
-        return os.path.join(self.path, arm, f'{run:06d}.npz')
+    def _folder(self, sub):
+        return os.path.join(self.path, sub)
 
-    def stored(self, arm):
-        """Run indices with a run file (not yet validated; see load)."""
-        names = os.listdir(os.path.join(self.path, arm))
-        return sorted(int(n[:-4]) for n in names if n.endswith('.npz') and n[:-4].isdigit())
+    def _names(self, sub):
+        try:
+            return os.listdir(self._folder(sub))
+        except FileNotFoundError:
+            return []
 
-    def counts(self, runs):
-        """{arm: stored runs with index < runs}."""
-        return {arm: sum(r < runs for r in self.stored(arm)) for arm in self.arms}
+    def _note_once(self, key, message):
+        if key not in self._noted:
+            self._noted.add(key)
+            note(message)
 
-    def failed(self):
-        """{(arm, run): record} for runs that diverged."""
-        out = {}
-        for name in os.listdir(os.path.join(self.path, 'failed')):
-            if name.endswith('.json'):
-                arm, run = name[:-5].rsplit('-', 1)
-                with open(os.path.join(self.path, 'failed', name)) as f:
-                    out[arm, int(run)] = json.load(f)
-        return out
+    def clean_leftovers(self):
+        """Remove temporary files left by killed processes of this host."""
+        for sub in ('', *self.arms, 'failed', 'packed'):
+            for name in self._names(sub):
+                parts = name.split('.tmp-')
+                if len(parts) == 2 and parts[1].startswith(socket.gethostname() + '-'):
+                    pid = parts[1][len(socket.gethostname()) + 1:].split('-')[0]
+                    if pid.isdigit() and not _pid_alive(int(pid)):
+                        _remove(os.path.join(self.path, sub, name))
 
-    def save_run(self, arm, run, seed, logits, seconds, test_acc, **extra):
-        """Store one finished run; logits (n_train, 10). Atomic: the file is complete or absent.
-        A run that saw only some examples also records which, as bits (checked on loading)."""
-        logits = np.asarray(logits, dtype=np.float16)
-        n_train = self.settings['n_train']
-        if logits.shape != (n_train, 10):
-            raise ValueError(f'logits of shape {logits.shape}, expected ({n_train}, 10)')
-        record = dict(logits=logits, run=run, seed=seed, seconds=seconds, test_acc=test_acc,
-                      store=self.settings['data_fingerprint'] + str(self.settings['seed_base']),
-                      meta=json.dumps(extra))
-        bits = kept_bits(arm, seed, n_train, self.settings['held_out'])
-        if bits is not None:
-            record['kept'] = bits
-        _atomic_write(self.run_file(arm, run), lambda f: np.savez(f, **record))
-
-    def save_failure(self, arm, run, seed, reason, **extra):
-        record = dict(arm=arm, run=run, seed=seed, reason=reason, **extra)
-        _atomic_write(os.path.join(self.path, 'failed', f'{arm}-{run:06d}.json'),
-                      lambda f: f.write(json.dumps(record).encode()))
+    # ---- claims of runs in progress ----
 
     def claim(self, arm, run):
         """Take (arm, run) for this process; False if another live worker has it."""
@@ -209,20 +445,10 @@ class Store:
             return not _pid_alive(owner.get('pid', -1))
         return age > CLAIM_TIMEOUT
 
-    def clean_leftovers(self):
-        """Remove temporary files left by killed processes of this host."""
-        for sub in (*self.arms, 'failed', 'packed'):
-            for name in os.listdir(os.path.join(self.path, sub)):
-                parts = name.split('.tmp-')
-                if len(parts) == 2 and parts[1].startswith(socket.gethostname() + '-'):
-                    pid = parts[1][len(socket.gethostname()) + 1:].split('-')[0]
-                    if pid.isdigit() and not _pid_alive(int(pid)):
-                        _remove(os.path.join(self.path, sub, name))
-
     def in_progress(self):
         """Runs being trained now by live workers."""
         folder = os.path.join(self.path, 'claims')
-        return sum(not self._claim_is_dead(os.path.join(folder, n)) for n in os.listdir(folder))
+        return sum(not self._claim_is_dead(os.path.join(folder, n)) for n in self._names('claims'))
 
     def touch_claims(self, claims):
         for arm, run in list(claims):
@@ -231,18 +457,99 @@ class Store:
             except FileNotFoundError:
                 pass
 
-    # ---- reading runs back ----
+    # ---- finished and failed runs ----
+
+    def run_file(self, arm, run):
+        return os.path.join(self.path, arm, f'{run:06d}.npz')
+
+    def stored(self, arm):
+        """Run indices with a run file (not yet validated; see load)."""
+        names = self._names(arm)
+        return sorted(int(n[:-4]) for n in names if n.endswith('.npz') and n[:-4].isdigit())
+
+    def counts(self, runs):
+        """{arm: stored runs with index < runs}."""
+        return {arm: sum(r < runs for r in self.stored(arm)) for arm in self.arms}
+
+    def save_run(self, arm, run, seed, logits, seconds, test_acc, **extra):
+        """Store one finished run; logits (n_train, 10). Atomic: the file is complete or absent.
+        A run that saw only some examples also records which, as bits (checked on loading)."""
+        logits = np.asarray(logits, dtype=np.float16)
+        n_train = self.settings['n_train']
+        if logits.shape != (n_train, 10):
+            raise ValueError(f'logits of shape {logits.shape}, expected ({n_train}, 10)')
+        record = dict(logits=logits, run=run, seed=seed, seconds=seconds, test_acc=test_acc,
+                      store=self.settings['data_fingerprint'] + str(self.settings['seed_base']),
+                      meta=json.dumps(extra))
+        bits = kept_bits(arm, seed, n_train, self.settings['held_out'])
+        if bits is not None:
+            record['kept'] = bits
+        publish(self.run_file(arm, run), lambda f: np.savez(f, **record))
+
+    def failure_file(self, arm, run):
+        return os.path.join(self.path, 'failed', f'{arm}-{run:06d}.json')
+
+    def save_failure(self, arm, run, seed, reason, **extra):
+        record = dict(arm=arm, run=run, seed=seed, binding=self.binding, reason=reason, **extra)
+        publish(self.failure_file(arm, run), json.dumps(record).encode())
+
+    def failed(self):
+        """{(arm, run): record} for runs that diverged; an entry that is not a failure record of this
+        store is named and moved aside."""
+        out = {}
+        for name in self._names('failed'):
+            if '.tmp-' in name or name.startswith('.'):
+                continue
+            path = os.path.join(self._folder('failed'), name)
+            m = FAILED_NAME.fullmatch(name)
+            if not m or m[1] not in self.arms:
+                self._set_aside('failed', name, f'{path}: not a failure record (expected a name like '
+                                                f'{self.arms[0]}-000042.json)')
+                continue
+            arm, run = m[1], int(m[2])
+            try:
+                with open(path, 'rb') as f:
+                    rec = json.loads(f.read())
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise Unreadable(f'cannot read {path} ({_why(e)}); it was not moved. Fix its permissions '
+                                 'or the disk and rerun.') from e
+            except ValueError:
+                rec = None
+            expected = dict(arm=arm, run=run, seed=seed_for(run, self.settings['seed_base']), binding=self.binding)
+            wrong = ['not a JSON object'] if not isinstance(rec, dict) else \
+                [f'{k} is {_short(rec.get(k))}, expected {_short(v)}' for k, v in expected.items() if rec.get(k) != v]
+            if wrong:
+                self._set_aside('failed', name, f'{path}: {wrong[0]} (a record from another store, or damaged)')
+                continue
+            out[arm, run] = rec
+        return out
 
     def read_run(self, arm, run):
-        """One run file -> dict; raises StoreError if it is corrupt, truncated or foreign."""
+        """One run file -> dict; raises StoreError if it is corrupt, truncated or belongs elsewhere,
+        Unreadable if it cannot be read."""
+        return self._read_run(arm, run)[0]
+
+    def _read_run(self, arm, run):
+        """(record, (size, mtime_ns, inode) of the file read)."""
         path = self.run_file(arm, run)
         try:
-            with np.load(path) as z:
-                rec = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            with open(path, 'rb') as f:
+                st = os.fstat(f.fileno())
+                with np.load(f) as z:
+                    rec = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise _Vanished(path) from None
+        except OSError as e:
+            if e.errno is not None:
+                raise Unreadable(f'cannot read {path} ({_why(e)}); it was not moved. Fix its permissions '
+                                 'or the disk and rerun.') from e
             raise StoreError(f'{path}: corrupt or truncated ({type(e).__name__}: {e})') from e
-        expected = dict(store=self.settings['data_fingerprint'] + str(self.settings['seed_base']),
-                        run=run, seed=seed_for(run, self.settings['seed_base']))
+        except Exception as e:  # a truncated or garbage file fails in many ways (zip, pickle, format)
+            raise StoreError(f'{path}: corrupt or truncated ({type(e).__name__}: {e})') from e
+        seed = seed_for(run, self.settings['seed_base'])
+        expected = dict(store=self.settings['data_fingerprint'] + str(self.settings['seed_base']), run=run, seed=seed)
         for k, v in expected.items():
             if k not in rec or rec[k].item() != v:
                 raise StoreError(f'{path}: {k} is {rec[k].item() if k in rec else "missing"}, '
@@ -251,22 +558,34 @@ class Store:
         if 'logits' not in rec or rec['logits'].shape != (n_train, 10) or rec['logits'].dtype != np.float16:
             raise StoreError(f'{path}: logits missing or not ({n_train}, 10) float16')
         # The analysis redraws each run's kept examples from its arm and seed: they must be the ones trained on.
-        bits = kept_bits(arm, seed_for(run, self.settings['seed_base']), n_train, self.settings['held_out'])
+        bits = kept_bits(arm, seed, n_train, self.settings['held_out'])
         if bits is not None and not np.array_equal(rec.get('kept'), bits):
             raise StoreError(f'{path}: trained on other examples than its arm and seed draw now '
                              '(another numpy version?); keep it out of this store')
-        return rec
+        for key in ('seconds', 'test_acc'):
+            if key not in rec or rec[key].ndim != 0:
+                raise StoreError(f'{path}: {key} missing')
+        return rec, [st.st_size, st.st_mtime_ns, st.st_ino]
 
     def quarantine(self, arm, run, reason):
         """Move a bad run file aside so that the run is redone; nothing is deleted."""
-        src = self.run_file(arm, run)
-        dst = os.path.join(self.path, 'corrupt', f'{arm}-{run:06d}-{int(time.time())}.npz')
+        self._set_aside(arm, f'{run:06d}.npz', reason + '; the run will be redone by the next trainer command')
+
+    def _set_aside(self, sub, name, reason):
+        src = os.path.join(self.path, sub, name)
+        dst = os.path.join(self.path, 'corrupt', f'{sub}-{name}.{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}')
         try:
-            os.replace(src, dst)
+            os.makedirs(self._folder('corrupt'), exist_ok=True)
+            os.rename(src, dst)
         except FileNotFoundError:
+            return  # already moved by another process
+        except OSError as e:
+            self._note_once(src, f'{reason}; left out (could not move it to corrupt/: {_why(e)})')
             return
-        print(f'warning: {reason}; moved to {dst}, the run will be redone by the next trainer command',
-              flush=True)
+        fsync_dir(os.path.dirname(src))
+        note(f'{reason}; moved to {dst}')
+
+    # ---- reading runs back ----
 
     def load(self, arm):
         """(logits, runs): logits (N, n_train, 10) float16 memory-mapped, every valid run of `arm` in
@@ -312,6 +631,10 @@ class Store:
                 else:
                     try:
                         rec = self.read_run(arm, run)
+                    except _Vanished:
+                        continue
+                    except Unreadable:
+                        raise
                     except StoreError as e:
                         self.quarantine(arm, run, str(e))
                         continue
@@ -331,56 +654,4 @@ class Store:
         finally:
             _remove(tmp)
             _remove(tmp + '.npy')
-        _atomic_write(index_file, lambda f: f.write(json.dumps(index).encode()))
-
-
-def _atomic_write(path, write, exclusive=False):
-    """Write through a temporary file in the same folder, then rename: readers see all or nothing.
-    exclusive: fail with FileExistsError if `path` exists (a hard link never overwrites)."""
-    tmp = f'{path}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}'
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            os.link(tmp, path)
-        else:
-            os.replace(tmp, path)
-    except OSError as e:
-        if isinstance(e, FileExistsError):
-            raise
-        raise StoreError(f'could not write {path} ({e}). Runs already stored are intact; '
-                         'free disk space (or fix the folder) and rerun the same command to continue.') from e
-    finally:
-        _remove(tmp)
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _remove(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _short(value, width=120):
-    text = json.dumps(value)
-    return text if len(text) <= width else text[:width] + '...'
+        publish(index_file, json.dumps(index).encode())

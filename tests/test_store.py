@@ -1,0 +1,341 @@
+"""The run store under attack (store.py): workers released at one instant, stale and foreign claims,
+kills at every rename and link, crafted and foreign run files, stale packs, full and read-only disks,
+hand-edited settings. Workers are real harness processes (experiment.main) with a trivial trainer
+(tests/store_worker.py); each finished run prints one line, and the tests count trainings from them."""
+import builtins
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import store as store_module
+import viz
+from store import Store, StoreError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, 'tests', 'store_worker.py')
+sys.path.insert(0, os.path.join(ROOT, 'tests'))
+import store_worker  # noqa: E402
+
+ARMS = ('with', 'without')
+N = 64  # training examples of the fake dataset (store_worker.N_TRAIN)
+
+
+def start(*args, env=None):
+    return subprocess.Popen([sys.executable, WORKER, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def finish(procs, timeout=120):
+    """[(returncode, stdout, stderr)] of every process; kills them all if one overruns."""
+    out = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=timeout)
+            out.append((p.returncode, o, e))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out
+
+
+def trainings(stdout):
+    """(arm, run) of every 'arm run k seed ...' line: one per training a worker finished."""
+    return [(w[0], int(w[2])) for w in (line.split() for line in stdout.splitlines())
+            if len(w) > 3 and w[1] == 'run' and w[2].isdigit()]
+
+
+def release_together(tmp_path, procs_args, env=None):
+    """Start the processes, wait until all have imported everything, then release them at one instant."""
+    go = tmp_path / 'go'
+    procs = [start(*args, go, env=env) for args in procs_args]
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob('go.ready-*'))) < len(procs):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), finish(procs)
+        time.sleep(0.05)
+    go.touch()
+    return finish(procs)
+
+
+def fake_store(path, runs=0):
+    """A store of the fake trainer's settings, with `runs` finished runs per arm."""
+    import experiment
+    code = experiment.main('fake', {'epochs': 1, 'batch_size': 8}, {}, store_worker.fake_train, store_worker.fake_infer,
+                           '', ['--smoke', '--runs', str(max(runs, 1)), '--out', str(path), '--device', 'cpu'],
+                           load=lambda data_dir: store_worker.dataset(), held_out={'random': [0, 1], 'easy': [5, 9]})
+    assert code == 0
+    s = Store(path)
+    if runs == 0:
+        for arm in ARMS:
+            os.remove(s.run_file(arm, 0))
+    return s
+
+
+def leftovers(path):
+    """Every temporary file, takeover marker, claim or private pack link left in the store."""
+    return sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names
+                  if '.tmp-' in n or '.takeover-' in n or '.reader-' in n or os.path.basename(d) == 'claims')
+
+
+def assert_exactly(path, runs):
+    s = Store(path)
+    for arm in ARMS:
+        assert s.stored(arm) == list(range(runs))
+        for run in range(runs):
+            s.read_run(arm, run)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Claims: no run trained twice
+# ---------------------------------------------------------------------------------------------------
+
+def _dead_pid():
+    p = subprocess.Popen(['true'])
+    p.wait()
+    return p.pid
+
+
+def stale_claims(store, runs, kind):
+    """Claims of every run of `store` by workers that are gone:
+    'dead': a mix of a dead process of this machine (pid no longer running), a worker of another
+    machine silent for longer than CLAIM_TIMEOUT, and a claim in an earlier version's format;
+    'reused': a live process of this machine that is not a worker (its pid was reused: another
+    start time), with a fresh heartbeat."""
+    me = store_module.identity()
+    sleeper = subprocess.Popen(['sleep', '120'])
+    old = time.time() - store_module.CLAIM_TIMEOUT - 60
+    for run in range(runs):
+        for arm in ARMS:
+            path = os.path.join(store.path, 'claims', f'{arm}-{run:06d}')
+            if kind == 'reused':
+                owner = dict(me, pid=sleeper.pid, start=store_module._start_time(sleeper.pid) + 1, token='x')
+                mtime = time.time()
+            elif run % 3 == 0:
+                owner, mtime = dict(me, pid=_dead_pid() if run == 0 else 999_999_999, token='x'), time.time()
+            elif run % 3 == 1:
+                owner, mtime = dict(me, boot='another-machine', pid=1, token='x'), old
+            else:
+                owner, mtime = dict(host=me['host'], pid=1, time=0), old  # the earlier format
+            with open(path, 'w') as f:
+                json.dump(owner, f)
+            os.utime(path, (mtime, mtime))
+    return sleeper
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kills at every rename, link and open: what is left is cleaned, the rerun ends at exactly N
+# ---------------------------------------------------------------------------------------------------
+
+KILLS = {
+    'claim link': 'link:claims/with-000002',
+    'claim temp open': 'open:claims/with-000002.tmp',
+    'run file rename': 'replace:with/000002.npz',
+    'run file temp open': 'open:with/000002.npz.tmp',
+    'release of a finished run': 'remove:claims/with-000002',
+    'release marker link': 'link:claims/with-000002.takeover',
+    'labels link at creation': 'link:labels.npy',
+    'settings link at creation': 'link:settings.json',
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two viz at once, two creators at once
+# ---------------------------------------------------------------------------------------------------
+
+def test_two_processes_creating_one_store_with_different_data_leave_a_consistent_store(tmp_path):
+    pairs = [(tmp_path / f's{i}', 2 * i, 2 * i + 1) for i in range(5)]
+    results = release_together(tmp_path, [('create', path, k) for path, *ks in pairs for k in ks])
+    for i, (path, *_) in enumerate(pairs):
+        outcome = sorted(results[2 * i][1].split()[:1] + results[2 * i + 1][1].split()[:1])
+        assert outcome == ['created', 'refused:'], results[2 * i: 2 * i + 2]
+        s = Store(path)  # checks labels.npy against settings.json
+        k = int(s.settings['data_fingerprint'][4:])
+        assert (s.labels == k % 10).all()  # the labels of the data the settings name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Foreign and stale data never reach the analysis
+# ---------------------------------------------------------------------------------------------------
+
+TOY_HELD = {'random': [0, 1], 'easy': [30, 31]}
+
+
+def toy_store(path, runs, hyp=None, seed_base=0, rng_seed=0):
+    """A store written through the real API: `runs` runs per arm of random logits."""
+    rng = np.random.default_rng(rng_seed)
+    settings = dict(trainer='toy', hyp=hyp or {'lr': 1.0}, held_out=TOY_HELD, n_train=40, data_fingerprint='toy',
+                    seed_base=seed_base)
+    s = Store.create(path, settings, np.arange(40) % 10)
+    for run in range(runs):
+        for arm in ARMS:
+            s.save_run(arm, run, seed_base + run, rng.normal(0, 1, (40, 10)).astype(np.float16), 1.0, 0.5)
+    return s
+
+
+def loaded(s, arm='with'):
+    """Run indices load() returns, after checking each row against its run file."""
+    logits, runs = s.load(arm)
+    for i, run in enumerate(runs['run']):
+        assert np.array_equal(logits[i], s.read_run(arm, int(run))['logits'])
+    return list(runs['run'])
+
+
+def moved(path):
+    return sorted(os.listdir(os.path.join(path, 'corrupt')))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A store that explains itself
+# ---------------------------------------------------------------------------------------------------
+
+def edit_settings(path, **changes):
+    settings_file = os.path.join(path, 'settings.json')
+    with open(settings_file) as f:
+        settings = json.load(f)
+    settings.update(changes)
+    with open(settings_file, 'w') as f:
+        json.dump(settings, f)
+
+
+@pytest.mark.parametrize('key, value', [('n_train', 41), ('seed_base', 5), ('hyp', {'lr': 9.0}),
+                                        ('held_out', {'random': [0, 1], 'easy': [30, 32]})])
+def test_hand_edited_setting_is_refused_by_name_and_nothing_is_moved(tmp_path, key, value):
+    toy_store(tmp_path, 3)
+    edit_settings(tmp_path, **{key: value})
+    with pytest.raises(StoreError, match=f"'{key}' \\(now .*no longer matches the value the store was created with"):
+        Store(tmp_path)
+    assert moved(tmp_path) == [] and len(os.listdir(tmp_path / 'with')) == 3
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('arms', ['with', 'maybe'], "'arms' is"),
+    ('held_out', {'random': [0, 400]}, "'held_out' is"),
+    ('held_out', {'random': [0, 0]}, 'each example once'),
+    ('n_train', 'many', "'n_train' is"),
+    ('seed_base', -1, "'seed_base' is"),
+    ('format', 1, "'format' is 1"),
+])
+def test_malformed_settings_are_refused_naming_the_key(tmp_path, key, value, message):
+    toy_store(tmp_path, 1)
+    edit_settings(tmp_path, **{key: value})
+    with pytest.raises(StoreError, match=message):
+        Store(tmp_path)
+
+
+@pytest.mark.parametrize('text', ['[1, 2]', '{"trainer": "toy"', '"a string"'])
+def test_settings_that_are_not_an_object_are_refused(tmp_path, text):
+    toy_store(tmp_path, 1)
+    (tmp_path / 'settings.json').write_text(text)
+    with pytest.raises(StoreError, match='settings.json'):
+        Store(tmp_path)
+
+
+def test_truncated_or_shuffled_labels_are_refused(tmp_path):
+    toy_store(tmp_path, 1)
+    labels_file = tmp_path / 'labels.npy'
+    good = labels_file.read_bytes()
+    labels_file.write_bytes(good[:len(good) // 2])
+    with pytest.raises(StoreError, match='labels.npy is truncated or corrupt'):
+        Store(tmp_path)
+    np.save(labels_file, np.random.default_rng(0).permutation(np.arange(40) % 10))
+    with pytest.raises(StoreError, match='does not hold the labels the store was created with'):
+        Store(tmp_path)
+
+
+def test_garbage_and_stray_files_in_failed_are_named_and_moved_aside(tmp_path, capsys):
+    s = toy_store(tmp_path, 2)
+    s.save_failure('with', 7, 7, 'diverged')
+    (tmp_path / 'failed' / 'with-000008.json').write_text('{not json')
+    (tmp_path / 'failed' / 'notes.txt').write_text('hello')
+    shutil.copy(tmp_path / 'failed' / 'with-000007.json', tmp_path / 'failed' / 'with-000009.json')
+    assert list(s.failed()) == [('with', 7)]
+    err = capsys.readouterr().err
+    assert 'with-000008.json: not a JSON object' in err and 'notes.txt: not a failure record' in err
+    assert 'with-000009.json: run is 7, expected 9' in err
+    assert sorted(os.listdir(tmp_path / 'failed')) == ['with-000007.json'] and len(moved(tmp_path)) == 3
+
+
+def test_missing_subfolders_are_recreated_and_a_bad_run_is_still_moved_aside(tmp_path, capsys):
+    s = toy_store(tmp_path, 3)
+    for sub in store_module.SUBFOLDERS:
+        shutil.rmtree(tmp_path / sub)
+    with open(s.run_file('with', 2), 'r+b') as f:
+        f.truncate(100)
+    s = Store(tmp_path)
+    assert loaded(s) == [0, 1] and s.failed() == {} and s.in_progress() == 0
+    assert len(moved(tmp_path)) == 1 and 'corrupt or truncated' in capsys.readouterr().err
+    assert s.claim('with', 2)
+
+
+def refuse(path_part, err, funcs=('open',), read=False):
+    """Patch the given file functions to fail with `err` (an errno) on paths containing path_part:
+    for open, reads fail if read=True, else writes."""
+    real = {f: getattr(builtins if f == 'open' else os, f) for f in funcs}
+
+    def wrap(name):
+        def wrapper(*args, **kwargs):
+            paths = [a for a in args[:2] if isinstance(a, (str, os.PathLike))]
+            hit = any(path_part in str(p) for p in paths)
+            if name == 'open' and hit:
+                mode = args[1] if len(args) > 1 else kwargs.get('mode', 'r')
+                hit = ('r' in mode and '+' not in mode) == read
+            if hit:
+                raise OSError(err, os.strerror(err), str(paths[0]))
+            return real[name](*args, **kwargs)
+        return wrapper
+    return {f: wrap(f) for f in funcs}
+
+
+def patch(monkeypatch, wrappers):
+    for name, fn in wrappers.items():
+        monkeypatch.setattr(builtins if name == 'open' else os, name, fn)
+
+
+@pytest.mark.parametrize('err', [errno.EACCES, errno.EIO])
+def test_a_run_file_that_cannot_be_read_is_an_error_not_corrupt(tmp_path, monkeypatch, err):
+    s = toy_store(tmp_path, 3)
+    patch(monkeypatch, refuse('with/000001.npz', err, read=True))
+    with pytest.raises(store_module.Unreadable, match=f'cannot read .*000001.npz .*{os.strerror(err)}.*not moved'):
+        s.load('with')
+    monkeypatch.undo()
+    assert moved(tmp_path) == [] and loaded(s) == [0, 1, 2]
+
+
+def _no_writable_map(memmap):
+    """np.memmap (or open_memmap) that refuses to map for writing: a page written through a mapping on a
+    full disk is a SIGBUS."""
+    names_of_args = ('dtype', 'mode') if memmap is np.memmap else ('mode',)
+
+    def only_read(filename, *args, **kwargs):
+        names = names_of_args
+        mode = dict(zip(names, args)).get('mode', kwargs.get('mode', 'r+'))
+        assert mode == 'r', f'a writable mapping ({mode})'
+        return memmap(filename, *args, **kwargs)
+    return only_read
+
+
+def test_notes_about_the_store_go_to_stderr_and_stdout_is_the_report(tmp_path, capsys):
+    s = toy_store(tmp_path, 4)
+    with open(s.run_file('without', 3), 'r+b') as f:
+        f.truncate(50)
+    viz.main([str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert 'corrupt or truncated' in err and 'corrupt' not in out and 'store:' not in out
+    assert out.startswith('Showing examples')
+
+
+def test_the_store_module_imports_without_torch_and_viz_does_not_import_it():
+    without = "import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]); import store"
+    subprocess.run([sys.executable, '-c', without, ROOT], check=True)
+    viz_only = "import sys; sys.path.insert(0, sys.argv[1]); import viz; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, '-c', viz_only, ROOT], check=True)
+
