@@ -121,58 +121,63 @@ def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=T
     def unclaimed():
         failed = store.failed()
         for arm, run in todo:
-            if not os.path.exists(store.run_file(arm, run)) and (arm, run) not in failed and store.claim(arm, run):
-                if os.path.exists(store.run_file(arm, run)):  # finished by another worker since we looked
-                    store.release(arm, run)
-                    continue
-                yield arm, run
+            if os.path.exists(store.run_file(arm, run)) or (arm, run) in failed or not store.claim(arm, run):
+                continue
+            # finished by another worker between the look and the claim: nothing to do
+            if os.path.exists(store.run_file(arm, run)) or os.path.exists(store.failure_file(arm, run)):
+                store.release(arm, run)
+                continue
+            yield arm, run
 
     bar = tqdm(total=len(todo), initial=finished(), unit='run', disable=not progress, dynamic_ncols=True)
     log = bar.write if progress else lambda line: print(line, flush=True)
     seconds = []
     claims = unclaimed()
-    while True:
-        jobs = [job for _, job in zip(range(block), claims)]
-        if not jobs:
-            break
-        mine.update(jobs)
-        try:
-            seeds = [seed_for(run, seed_base) for _, run in jobs]
-            keeps = [keep_for(arm, seed, n_train, held_out) for (arm, _), seed in zip(jobs, seeds)]
-            start = time.perf_counter()
+    try:  # the bar ends its line before any error message
+        while True:
+            jobs = [job for _, job in zip(range(block), claims)]
+            if not jobs:
+                break
+            mine.update(jobs)
             try:
-                if block == 1:
-                    net = train(images, labels, keep=keeps[0], seed=seeds[0], device=device, **hyp)
-                    logits, test_logits = infer(net, images)[None], infer(net, test[0])[None]
-                else:
-                    net = train(images, labels, keep=keeps, seed=seeds, device=device, **hyp)
-                    logits, test_logits = infer(net, images), infer(net, test[0])
-            except _diverged() as e:
-                for (arm, run), seed in zip(jobs, seeds):
-                    store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname())
-                    log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: {e} (recorded in failed/)')
-                continue
-            logits = logits.half()  # (K, n_train, 10): stored as float16
-            finite = torch.isfinite(logits).flatten(1).all(1).tolist()
-            test_acc = (test_logits.argmax(-1).cpu() == test[1].cpu()).float().mean(-1).tolist()
-            logits = logits.cpu().numpy()
-            took = (time.perf_counter() - start) / len(jobs)
-            for k, ((arm, run), seed) in enumerate(zip(jobs, seeds)):
-                if not finite[k]:
-                    store.save_failure(arm, run, seed, 'non-finite logits on the training set',
-                                       device=str(device), host=socket.gethostname())
-                    log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: non-finite logits (recorded in failed/)')
+                seeds = [seed_for(run, seed_base) for _, run in jobs]
+                keeps = [keep_for(arm, seed, n_train, held_out) for (arm, _), seed in zip(jobs, seeds)]
+                start = time.perf_counter()
+                try:
+                    if block == 1:
+                        net = train(images, labels, keep=keeps[0], seed=seeds[0], device=device, **hyp)
+                        logits, test_logits = infer(net, images)[None], infer(net, test[0])[None]
+                    else:
+                        net = train(images, labels, keep=keeps, seed=seeds, device=device, **hyp)
+                        logits, test_logits = infer(net, images), infer(net, test[0])
+                except _diverged() as e:
+                    for (arm, run), seed in zip(jobs, seeds):
+                        store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname())
+                        log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: {e} (recorded in failed/)')
                     continue
-                store.save_run(arm, run, seed, logits[k], took, test_acc[k], device=_device_name(device),
-                               host=socket.gethostname(), torch=torch.__version__)
-                seconds.append(took)
-                log(f'{arm:<7} run {run:>5}  seed {seed:>6}  {took:7.2f} s  test_acc {test_acc[k]:.4f}')
-        finally:
-            for arm, run in jobs:
-                store.release(arm, run)
-                mine.discard((arm, run))
-        bar.update(finished() - bar.n)
-    bar.close()
+                logits = logits.half()  # (K, n_train, 10): stored as float16
+                finite = torch.isfinite(logits).flatten(1).all(1).tolist()
+                test_acc = (test_logits.argmax(-1).cpu() == test[1].cpu()).float().mean(-1).tolist()
+                logits = logits.cpu().numpy()
+                took = (time.perf_counter() - start) / len(jobs)
+                for k, ((arm, run), seed) in enumerate(zip(jobs, seeds)):
+                    if not finite[k]:
+                        store.save_failure(arm, run, seed, 'non-finite logits on the training set',
+                                           device=str(device), host=socket.gethostname())
+                        log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: non-finite logits (recorded in failed/)')
+                        continue
+                    store.save_run(arm, run, seed, logits[k], took, test_acc[k], device=_device_name(device),
+                                   host=socket.gethostname(), torch=torch.__version__)
+                    seconds.append(took)
+                    log(f'{arm:<7} run {run:>5}  seed {seed:>6}  {took:7.2f} s  test_acc {test_acc[k]:.4f}')
+            finally:
+                for arm, run in jobs:
+                    store.release(arm, run)
+                    mine.discard((arm, run))
+            bar.update(finished() - bar.n)
+    finally:
+        bar.close()
+    store.clean_leftovers()  # claims of workers that died after finishing their runs
     counts = store.counts(runs)
     failed = sum(r < runs for _, r in store.failed())
     summary = f'{store.path}: ' + ', '.join(f'{counts[a]}/{runs} runs {a}' for a in store.arms)

@@ -1,8 +1,8 @@
 """store.py: the run store, a folder that any number of workers on any number of machines fill at once.
 
 What lives here: the arms and their seeds (which examples a run of each arm may see), the settings that
-bind a store, writing files so that readers see all or nothing, claims of runs in progress, finished
-and failed runs, and packing them for the analysis. numpy only: viz.py reads a store without torch.
+bind a store, the files of a store and who owns them, claims of runs in progress, finished and failed
+runs, and packing them for the analysis. numpy only: viz.py reads a store without torch.
 
 Layout (one folder per trainer and design, e.g. runs/airbench/):
 
@@ -14,14 +14,22 @@ Layout (one folder per trainer and design, e.g. runs/airbench/):
     with/000042.npz          one finished run: logits (n_train, 10) float16, seed, seconds, test_acc,
     without/000042.npz       device, versions
     failed/with-000042.json  a run that diverged (NaN): recorded, never stored as valid, not retried
-    claims/with-000042       a run in progress: host, pid; refreshed every minute by its worker
+    claims/with-000042       a run in progress: its worker's host, boot id, pid namespace, pid and
+                             process start time; touched every minute by its worker
     corrupt/                 run files (and failure records) that failed their checks, moved aside, never deleted
     packed/with.npy          (N, n_train, 10) float16, every stored run of the arm in run order,
     packed/with.json         rebuilt on demand when runs were added; read memory-mapped
 
-Every file is written to a temporary name beside it, synced, then renamed into place (or hard-linked,
-where it must not replace anything), and the folder is synced. A file that cannot be read
-(permissions, I/O error) is an error, never called corrupt; notes about the store go to stderr.
+Guarantees, and how each is kept:
+- A file appears complete or not at all: it is written to a temporary name beside it, synced, then
+  renamed into place (or hard-linked, where it must not replace anything), and the folder is synced.
+  A file that cannot be read (permissions, I/O error) is an error, never called corrupt; notes about
+  the store go to stderr.
+- A run is trained once: a claim appears with its content (a hard link cannot overwrite), a dead
+  worker's claim is taken over through a marker that only one worker can create, and a worker
+  releases only its own claim. Liveness: on the same machine and pid namespace, the pid must still
+  run the process that made the claim (same start time: pid reuse cannot fool it); elsewhere, the
+  claim's heartbeat must be younger than CLAIM_TIMEOUT.
 
 Designs (the arms of a store): the with/without experiment (arms `with`, `without`), the factorial
 design (arms `a`, `b`: run k of both shares seed k, and each held-out example is removed from exactly
@@ -32,12 +40,13 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import socket
 import sys
-import threading
 import time
 
 import numpy as np
+
 ARMS = ('with', 'without')  # the experiment; a scan store has the single arm 'scan'
 FACTORIAL_ARMS = ('a', 'b')  # the factorial design: each held-out example is removed from one run of the pair
 DESIGNS = (list(ARMS), list(FACTORIAL_ARMS), ['scan'])  # the arms a store may have
@@ -49,9 +58,11 @@ BINDING = ('trainer', 'hyp', 'held_out', 'n_train', 'data_fingerprint', 'seed_ba
 FORMAT = 2  # settings.json 'format': 2 = settings carry a checksum per binding setting
 
 CLAIM_REFRESH = 60.0   # seconds between a worker's touches of its claim
-CLAIM_TIMEOUT = 600.0  # seconds without a touch after which another host's claim counts as dead
+CLAIM_TIMEOUT = 600.0  # seconds without a touch after which a claim (or temporary file) of a process
+                       # this machine cannot check counts as dead
 
 SUBFOLDERS = ('failed', 'claims', 'corrupt', 'packed')
+CLAIM_NAME = re.compile(r'(.+)-(\d{6})')
 FAILED_NAME = re.compile(r'(.+)-(\d{6})\.json')
 
 
@@ -183,8 +194,70 @@ def check_settings(s, where):
 
 
 ############################################
-#          Files written all or nothing    #
+#       Files, owners and publication      #
 ############################################
+
+_ME = {}
+
+
+def identity():
+    """Who this process is, in terms another process can check: host (for people), boot id (this
+    kernel), pid namespace, pid, and the process start time in clock ticks since boot."""
+    pid = os.getpid()
+    if _ME.get('pid') != pid:  # after a fork, the child is another process
+        _ME.clear()
+        _ME.update(host=socket.gethostname(), boot=_boot_id(), pidns=_pid_namespace(), pid=pid,
+                   start=_start_time(pid))
+    return dict(_ME)
+
+
+def _boot_id():
+    try:
+        with open('/proc/sys/kernel/random/boot_id') as f:
+            return f.read().strip().replace('-', '')
+    except OSError:
+        return ''  # not Linux: liveness falls back to the heartbeat
+
+
+def _pid_namespace():
+    try:
+        return re.sub(r'\D', '', os.readlink('/proc/self/ns/pid'))
+    except OSError:
+        return ''
+
+
+def _start_time(pid):
+    """Start time of process `pid` (clock ticks since boot), None if there is no such process here."""
+    try:
+        with open(f'/proc/{int(pid)}/stat') as f:
+            fields = f.read().rpartition(')')[2].split()  # the name in (...) may hold spaces
+        return int(fields[19])  # field 22 of proc(5); fields[0] is field 3
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def owner_alive(owner, mtime):
+    """Whether the process described by `owner` (a dict from identity()) still runs. It can be checked
+    exactly only from the same kernel and pid namespace; otherwise the file's heartbeat (mtime) decides."""
+    me = identity()
+    if me['boot'] and me['pidns'] and owner.get('boot') == me['boot'] and owner.get('pidns') == me['pidns'] \
+            and _is_int(owner.get('pid')) and _is_int(owner.get('start')):
+        return _start_time(owner['pid']) == owner['start']
+    return time.time() - mtime < CLAIM_TIMEOUT
+
+
+def _tag():
+    """A name part unique to this process and call, from which owner_alive can be checked."""
+    me = identity()
+    return f'{me["boot"] or "x"}.{me["pidns"] or "x"}.{me["pid"]}.{me["start"] or "x"}.{secrets.token_hex(4)}'
+
+
+def _tag_owner(tag):
+    parts = tag.split('.')
+    if len(parts) != 5 or not parts[2].isdigit():
+        return {}  # another format (an earlier version's): judged by age
+    return dict(boot=parts[0], pidns=parts[1], pid=int(parts[2]), start=int(parts[3]) if parts[3].isdigit() else None)
+
 
 def fsync_dir(folder):
     """Make a rename or link in `folder` durable."""
@@ -200,24 +273,27 @@ def fsync_dir(folder):
         os.close(fd)
 
 
-def publish(path, data, exclusive=False):
+def publish(path, data, exclusive=False, durable=True):
     """Write `data` (bytes, or a function writing to a binary file) through a temporary file in the same
     folder, then rename it into place: readers see all or nothing. exclusive: hard-link instead, which
-    fails with FileExistsError if `path` exists."""
-    tmp = f'{path}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}'
+    fails with FileExistsError if `path` exists. durable: sync the file and the folder, so that the
+    file survives a crash of the machine (claims need not: after a crash they are stale anyway)."""
+    tmp = f'{path}.tmp-{_tag()}'
     try:
         with open(tmp, 'xb') as f:
             if isinstance(data, bytes):
                 f.write(data)
             else:
                 data(f)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         if exclusive:
             os.link(tmp, path)
         else:
             os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path) or '.')
+        if durable:
+            fsync_dir(os.path.dirname(path) or '.')
     except FileExistsError:
         raise  # exclusive, and `path` exists
     except OSError as e:
@@ -238,6 +314,22 @@ def _write_advice(e):
     return 'Stored runs are intact; fix the folder and rerun the same command to continue.'
 
 
+def _read_bytes(path):
+    """The bytes of a small file, None if it does not exist."""
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return time.time()
+
+
 def _read_json(path):
     try:
         with open(path) as f:
@@ -253,16 +345,6 @@ def _remove(path):
         pass
     except OSError:
         pass  # a read-only folder: nothing can be cleaned, and nothing needs to be for reading
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _is_int(x):
@@ -299,6 +381,7 @@ class Store:
         self.arms = tuple(self.settings['arms'])
         self.binding = digest({k: self.settings[k] for k in BINDING})  # recorded in every run file
         self.labels = self._read_labels()
+        self._mine = {}  # claim path -> the bytes this process wrote there
         self._noted = set()
         for sub in (*self.arms, *SUBFOLDERS):  # a store synced through object storage may lack empty folders
             try:
@@ -400,62 +483,132 @@ class Store:
             self._noted.add(key)
             note(message)
 
-    def clean_leftovers(self):
-        """Remove temporary files left by killed processes of this host."""
-        for sub in ('', *self.arms, 'failed', 'packed'):
+    def clean_leftovers(self, subs=None):
+        """Remove what killed processes left in `subs` (default: everywhere): temporary files, and in
+        claims/ the claims of dead workers (of finished runs too) and takeover markers that no longer
+        apply. Never fails: a read-only store is left as it is."""
+        for sub in (('', *self.arms, *SUBFOLDERS) if subs is None else subs):
             for name in self._names(sub):
-                parts = name.split('.tmp-')
-                if len(parts) == 2 and parts[1].startswith(socket.gethostname() + '-'):
-                    pid = parts[1][len(socket.gethostname()) + 1:].split('-')[0]
-                    if pid.isdigit() and not _pid_alive(int(pid)):
-                        _remove(os.path.join(self.path, sub, name))
+                path = os.path.join(self.path, sub, name)
+                try:
+                    if '.tmp-' in name:
+                        if not owner_alive(_tag_owner(name.rpartition('.tmp-')[2]), _mtime(path)):
+                            _remove(path)
+                    elif sub == 'claims' and '.takeover-' in name:
+                        target, _, rest = name.partition('.takeover-')
+                        held = _read_bytes(os.path.join(self.path, sub, target))
+                        if held is None or hashlib.sha256(held).hexdigest()[:16] != rest.split('-')[0]:
+                            _remove(path)  # its claim has moved on: the marker can never be used again
+                    elif sub == 'claims' and CLAIM_NAME.fullmatch(name) and '.' not in name:
+                        held = _read_bytes(path)
+                        if held is not None and not self._claim_alive(held, path):
+                            self._swap(path, held, None)
+                except (OSError, StoreError):
+                    pass
 
     # ---- claims of runs in progress ----
 
+    def _claim_path(self, arm, run):
+        return os.path.join(self.path, 'claims', f'{arm}-{run:06d}')
+
     def claim(self, arm, run):
-        """Take (arm, run) for this process; False if another live worker has it."""
-        path = os.path.join(self.path, 'claims', f'{arm}-{run:06d}')
-        me = json.dumps(dict(host=socket.gethostname(), pid=os.getpid(), time=time.time())).encode()
-        for _ in range(2):
+        """Take (arm, run) for this process; False if a live worker has it."""
+        path = self._claim_path(arm, run)
+        mine = json.dumps(dict(identity(), token=secrets.token_hex(8), time=time.time())).encode()
+        for _ in range(3):
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._link_new(path, mine)
+                self._mine[path] = mine
+                return True
             except FileExistsError:
-                if not self._claim_is_dead(path):
-                    return False
-                _remove(path)  # a dead worker's claim: take the run over
-                continue
-            with os.fdopen(fd, 'wb') as f:
-                f.write(me)
-            return True
+                pass
+            held = _read_bytes(path)
+            if held is None:
+                continue  # released meanwhile: try again
+            if self._claim_alive(held, path):
+                return False
+            if self._swap(path, held, mine):  # a dead worker's claim: take the run over
+                self._mine[path] = mine
+                return True
+            return False
         return False
 
     def release(self, arm, run):
-        _remove(os.path.join(self.path, 'claims', f'{arm}-{run:06d}'))
+        """Give up this process's claim of (arm, run); another's claim is left alone."""
+        path = self._claim_path(arm, run)
+        mine = self._mine.pop(path, None)
+        if mine is not None and _read_bytes(path) == mine:
+            self._swap(path, mine, None)
 
-    def _claim_is_dead(self, path):
-        try:
-            with open(path) as f:
-                owner = json.load(f)
-            age = time.time() - os.path.getmtime(path)
-        except FileNotFoundError:
-            return True
-        except (OSError, ValueError):
-            return True  # a claim cut short by a kill while being written
-        if owner.get('host') == socket.gethostname():
-            return not _pid_alive(owner.get('pid', -1))
-        return age > CLAIM_TIMEOUT
+    def touch_claims(self, claims):
+        """The heartbeat: refresh the mtime of this process's claims."""
+        for arm, run in list(claims):
+            path = self._claim_path(arm, run)
+            mine = self._mine.get(path)
+            if mine is not None and _read_bytes(path) == mine:
+                try:
+                    os.utime(path)
+                except OSError:
+                    pass
 
     def in_progress(self):
         """Runs being trained now by live workers."""
-        folder = os.path.join(self.path, 'claims')
-        return sum(not self._claim_is_dead(os.path.join(folder, n)) for n in self._names('claims'))
+        count = 0
+        for name in self._names('claims'):
+            path = os.path.join(self._folder('claims'), name)
+            if CLAIM_NAME.fullmatch(name) and '.' not in name:
+                held = _read_bytes(path)
+                count += held is not None and self._claim_alive(held, path)
+        return count
 
-    def touch_claims(self, claims):
-        for arm, run in list(claims):
+    def _claim_alive(self, held, path):
+        try:
+            owner = json.loads(held)
+        except ValueError:
+            owner = None
+        return owner_alive(owner if isinstance(owner, dict) else {}, _mtime(path))
+
+    def _link_new(self, path, data):
+        """Make `path` hold `data`, atomically and only if it does not exist (FileExistsError)."""
+        try:
+            publish(path, data, exclusive=True, durable=False)
+        except StoreError as e:
+            raise StoreError(f'could not claim a run: {e}') from e.__cause__
+
+    def _swap(self, path, held, replacement):
+        """Replace the claim at `path` by `replacement` (None: remove it), provided it still holds `held`.
+        Only the process that creates the marker `path.takeover-HASH-G` may move the claim off `held`;
+        generation G+1 is tried only when the marker of generation G belongs to a dead process. The
+        winner checks that the claim still holds `held`, then renames its marker over the claim (or
+        removes the claim): there is no moment without a claim, and no two winners."""
+        key = hashlib.sha256(held).hexdigest()[:16]
+        me = json.dumps(dict(identity(), token=secrets.token_hex(8), time=time.time())).encode()
+        marker_content = replacement if replacement is not None else me
+        for gen in range(8):
+            marker = f'{path}.takeover-{key}-{gen}'
             try:
-                os.utime(os.path.join(self.path, 'claims', f'{arm}-{run:06d}'))
-            except FileNotFoundError:
-                pass
+                self._link_new(marker, marker_content)
+            except FileExistsError:
+                other = _read_bytes(marker)
+                if other is None or self._claim_alive(other, marker):
+                    return False  # a live process is moving this claim, or has moved it
+                continue  # that process died: the next generation
+            try:
+                if _read_bytes(path) != held:
+                    _remove(marker)
+                    return False  # the claim moved on meanwhile
+                if replacement is None:
+                    os.remove(path)
+                    _remove(marker)
+                else:
+                    os.replace(marker, path)
+            except OSError as e:
+                _remove(marker)
+                raise StoreError(f'could not update the claim {path} ({_why(e)}). {_write_advice(e)}') from e
+            for lower in range(gen):
+                _remove(f'{path}.takeover-{key}-{lower}')
+            return True
+        return False
 
     # ---- finished and failed runs ----
 
@@ -573,7 +726,7 @@ class Store:
 
     def _set_aside(self, sub, name, reason):
         src = os.path.join(self.path, sub, name)
-        dst = os.path.join(self.path, 'corrupt', f'{sub}-{name}.{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}')
+        dst = os.path.join(self.path, 'corrupt', f'{sub}-{name}.{time.strftime("%Y%m%d-%H%M%S")}-{_tag()}')
         try:
             os.makedirs(self._folder('corrupt'), exist_ok=True)
             os.rename(src, dst)
@@ -618,7 +771,7 @@ class Store:
             old_logits = np.load(packed, mmap_mode='r')
             old = {r: i for i, r in enumerate(old_index['run'])}
         index = {k: [] for k in ('run', 'seed', 'seconds', 'test_acc')}
-        tmp = f'{packed}.tmp-{socket.gethostname()}-{os.getpid()}'
+        tmp = f'{packed}.tmp-{_tag()}'
         try:
             if wanted:
                 shape = (len(wanted), self.settings['n_train'], 10)

@@ -98,6 +98,20 @@ def assert_exactly(path, runs):
 # Claims: no run trained twice
 # ---------------------------------------------------------------------------------------------------
 
+def test_three_workers_released_at_one_instant_train_every_run_exactly_once(tmp_path):
+    out, runs, met = tmp_path / 'store', 100, tmp_path / 'met'
+    fake_store(out)
+    met.mkdir()  # each worker's first training waits until all three have one: all three work, whatever the timing
+    results = release_together(tmp_path, [('train', out, runs)] * 3, env={'RENDEZVOUS': f'{met}:3'})
+    assert all(code == 0 for code, _, _ in results), [e[-2000:] for _, _, e in results]
+    assert all(trainings(o) for _, o, _ in results)
+    done = Counter(t for _, o, _ in results for t in trainings(o))
+    assert [t for t, k in done.items() if k > 1] == []  # no run trained twice
+    assert sorted(done) == sorted((a, r) for r in range(runs) for a in ARMS)
+    assert_exactly(out, runs)
+    assert leftovers(out) == []
+
+
 def _dead_pid():
     p = subprocess.Popen(['true'])
     p.wait()
@@ -131,6 +145,92 @@ def stale_claims(store, runs, kind):
     return sleeper
 
 
+@pytest.mark.parametrize('kind', ['dead', 'reused'])
+def test_stale_claims_are_taken_over_by_exactly_one_of_three_workers(tmp_path, kind):
+    out, runs = tmp_path / 'store', 100
+    s = fake_store(out)
+    sleeper = stale_claims(s, runs, kind)
+    try:
+        results = release_together(tmp_path, [('train', out, runs)] * 3)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert all(code == 0 for code, _, _ in results), [e[-2000:] for _, _, e in results]
+    done = Counter(t for _, o, _ in results for t in trainings(o))
+    assert [t for t, k in done.items() if k > 1] == []
+    assert sorted(done) == sorted((a, r) for r in range(runs) for a in ARMS)  # none blocked forever
+    assert_exactly(out, runs)
+    assert leftovers(out) == []
+
+
+def test_workers_in_separate_pid_namespaces_of_one_host_train_every_run_once(tmp_path):
+    """Containers with host networking: one hostname, one kernel, pids from different namespaces.
+    A pid from another namespace proves nothing here: such claims live by their heartbeat."""
+    if subprocess.run(['unshare', '--pid', '--fork', '--mount-proc', 'true'], capture_output=True).returncode:
+        pytest.skip('unshare --pid needs CAP_SYS_ADMIN; the namespace logic is covered by '
+                    'test_claim_from_another_pid_namespace_lives_by_its_heartbeat')
+    out, runs, go = tmp_path / 'store', 100, tmp_path / 'go'
+    fake_store(out)
+    cmd = [sys.executable, WORKER, 'train', str(out), str(runs), str(go)]
+    procs = [subprocess.Popen(['unshare', '--pid', '--fork', '--mount-proc', '--kill-child', *cmd] if k < 2 else cmd,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(3)]
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob('go.ready-*'))) < 3:
+        assert time.time() < deadline and all(p.poll() is None for p in procs), finish(procs)
+        time.sleep(0.05)
+    go.touch()
+    results = finish(procs)
+    assert all(code == 0 for code, _, _ in results), [e[-2000:] for _, _, e in results]
+    done = Counter(t for _, o, _ in results for t in trainings(o))
+    assert [t for t, k in done.items() if k > 1] == []
+    assert_exactly(out, runs)
+    assert leftovers(out) == []
+
+
+def test_claim_from_another_pid_namespace_lives_by_its_heartbeat(tmp_path):
+    s = fake_store(tmp_path)
+    me = store_module.identity()
+    claim = tmp_path / 'claims' / 'with-000003'
+    claim.write_text(json.dumps(dict(me, pidns='4026530000', pid=999_999_999, token='x')))  # no such pid here
+    assert not s.claim('with', 3)  # its worker runs in another namespace: alive while its heartbeat is
+    assert s.in_progress() == 1
+    # its run file being written: kept by this machine's cleanup
+    tmp = tmp_path / 'with' / f'000003.npz.tmp-{me["boot"]}.4026530000.999999999.12345.abcd0123'
+    tmp.write_bytes(b'half a run')
+    s.clean_leftovers()
+    assert tmp.exists() and claim.exists()
+    old = time.time() - store_module.CLAIM_TIMEOUT - 1
+    for path in (claim, tmp):
+        os.utime(path, (old, old))
+    s.clean_leftovers()  # silent for too long: dead
+    assert not tmp.exists() and not claim.exists()
+
+
+def test_a_worker_releases_only_its_own_claim(tmp_path):
+    s, other = fake_store(tmp_path), Store(tmp_path)
+    assert s.claim('with', 4)
+    claim = tmp_path / 'claims' / 'with-000004'
+    theirs = json.dumps(dict(store_module.identity(), token='theirs')).encode()
+    claim.write_bytes(theirs)  # taken over meanwhile (this process was thought dead)
+    s.release('with', 4)
+    assert claim.read_bytes() == theirs
+    other.release('with', 4)  # never claimed it
+    assert claim.read_bytes() == theirs
+
+
+def test_another_hosts_claim_blocks_until_its_heartbeat_stops(tmp_path):
+    s = fake_store(tmp_path)
+    claim = tmp_path / 'claims' / 'with-000003'
+    claim.write_text(json.dumps(dict(host='elsewhere', boot='other', pidns='1', pid=1, start=5, token='x')))
+    assert not s.claim('with', 3)  # fresh: its worker is alive on another machine
+    old = time.time() - store_module.CLAIM_TIMEOUT - 1
+    os.utime(claim, (old, old))
+    assert s.claim('with', 3)  # no heartbeat for too long: the run is taken over
+    assert json.loads(claim.read_text())['pid'] == os.getpid()
+    assert not Store(tmp_path).claim('with', 3)  # and now held by this (live) process
+    assert [n for n in os.listdir(tmp_path / 'claims')] == ['with-000003']  # no marker left
+
+
 # ---------------------------------------------------------------------------------------------------
 # Kills at every rename, link and open: what is left is cleaned, the rerun ends at exactly N
 # ---------------------------------------------------------------------------------------------------
@@ -145,6 +245,35 @@ KILLS = {
     'labels link at creation': 'link:labels.npy',
     'settings link at creation': 'link:settings.json',
 }
+
+
+def test_workers_killed_at_each_rename_link_and_open_leave_nothing_behind_a_rerun(tmp_path):
+    """One worker per kill point (all at once, each on its own store); then the same command again."""
+    cases = {where: tmp_path / where.replace(' ', '-') for where in KILLS}
+    results = finish([start('train', out, 4, env={'KILL_AT': KILLS[where]}) for where, out in cases.items()])
+    for (where, out), (code, stdout, _) in zip(cases.items(), results):
+        assert code == -9, (where, stdout)  # killed where asked, not finished
+        if os.path.exists(out / 'settings.json'):
+            s = Store(out)
+            for arm in ARMS:
+                for run in s.stored(arm):
+                    s.read_run(arm, run)  # every run file there is complete
+        fake_store(out, runs=4)
+        assert_exactly(out, 4)
+        assert leftovers(out) == [], where
+        assert sorted(os.listdir(out)) == sorted(['settings.json', 'labels.npy', *ARMS, *store_module.SUBFOLDERS])
+
+
+@pytest.mark.parametrize('where', ['link:claims/with-000000.takeover', 'replace:claims/with-000000.takeover'])
+def test_worker_killed_while_taking_over_a_dead_claim_leaves_nothing_behind(tmp_path, where):
+    s = fake_store(tmp_path)
+    stale_claims(s, 1, 'dead').kill()
+    code, _, _ = finish([start('claim', tmp_path, env={'KILL_AT': where})])[0]
+    assert code == -9 and len(os.listdir(tmp_path / 'claims')) >= 2  # the dead claim and a marker or temp file
+    assert s.claim('with', 0)  # the next worker takes the run over
+    s.release('with', 0)
+    s.clean_leftovers()
+    assert leftovers(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,6 +450,29 @@ def _no_writable_map(memmap):
         assert mode == 'r', f'a writable mapping ({mode})'
         return memmap(filename, *args, **kwargs)
     return only_read
+
+
+def test_a_trainer_on_a_store_it_cannot_write_to_says_so(tmp_path, monkeypatch, capsys):
+    fake_store(tmp_path)
+    patch(monkeypatch, refuse(str(tmp_path), errno.EROFS, ('open', 'link', 'replace', 'rename', 'remove', 'mkdir')))
+    import experiment
+    code = experiment.main('fake', {'epochs': 1, 'batch_size': 8}, {}, store_worker.fake_train, store_worker.fake_infer,
+                           '', ['--smoke', '--runs', '2', '--out', str(tmp_path), '--device', 'cpu'],
+                           load=lambda data_dir: store_worker.dataset(), held_out={'random': [0, 1], 'easy': [5, 9]})
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert code == 2 and len(errors) == 1 and 'could not claim a run' in errors[0] and 'not writable' in errors[0]
+
+
+def test_a_full_disk_when_a_claim_is_written_stops_the_trainer_with_a_message(tmp_path, monkeypatch, capsys):
+    fake_store(tmp_path)
+    patch(monkeypatch, refuse(os.path.join(str(tmp_path), 'claims'), errno.ENOSPC))
+    import experiment
+    code = experiment.main('fake', {'epochs': 1, 'batch_size': 8}, {}, store_worker.fake_train, store_worker.fake_infer,
+                           '', ['--smoke', '--runs', '2', '--out', str(tmp_path), '--device', 'cpu'],
+                           load=lambda data_dir: store_worker.dataset(), held_out={'random': [0, 1], 'easy': [5, 9]})
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
+    assert code == 2 and len(errors) == 1 and 'No space left on device' in errors[0] and 'disk is full' in errors[0]
 
 
 def test_notes_about_the_store_go_to_stderr_and_stdout_is_the_report(tmp_path, capsys):
