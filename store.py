@@ -7,29 +7,29 @@ runs, and packing them for the analysis. numpy only: viz.py reads a store withou
 Layout (one folder per trainer and design, e.g. runs/airbench/):
 
     settings.json            what made the runs: trainer, hyperparameters, held-out indices, dataset
-                             fingerprint, seed base, arms, labels checksum and a checksum per binding
-                             setting; written last, when the store is complete; a store refuses runs
-                             made otherwise, and a setting edited by hand is named
+                             fingerprint, seed base, arms, labels checksum; written last, when the store
+                             is complete; a store refuses runs made otherwise
     labels.npy               (n_train,) int64 training labels, so the analysis needs no dataset
-    with/000042.npz          one finished run: logits (n_train, 10) float16, seed, seconds, test_acc,
-    without/000042.npz       device, versions
+    with/000042.npz          one finished run: logits (n_train, 10) float16, arm, run, seed, the hash of
+    without/000042.npz       the binding settings, seconds, test_acc, device; six-digit names only
     failed/with-000042.json  a run that diverged (NaN): recorded, never stored as valid, not retried
     claims/with-000042       a run in progress: its worker's host, boot id, pid namespace, pid and
                              process start time; touched every minute by its worker
     corrupt/                 run files (and failure records) that failed their checks, moved aside, never deleted
-    packed/with.npy          (N, n_train, 10) float16, every stored run of the arm in run order,
+    packed/with.npy          (N, n_train, 10) float16, every valid run of the arm in run order,
     packed/with.json         rebuilt on demand when runs were added; read memory-mapped
 
 Guarantees, and how each is kept:
 - A file appears complete or not at all: it is written to a temporary name beside it, synced, then
   renamed into place (or hard-linked, where it must not replace anything), and the folder is synced.
-  A file that cannot be read (permissions, I/O error) is an error, never called corrupt; notes about
-  the store go to stderr.
 - A run is trained once: a claim appears with its content (a hard link cannot overwrite), a dead
   worker's claim is taken over through a marker that only one worker can create, and a worker
   releases only its own claim. Liveness: on the same machine and pid namespace, the pid must still
   run the process that made the claim (same start time: pid reuse cannot fool it); elsewhere, the
   claim's heartbeat must be younger than CLAIM_TIMEOUT.
+- A run file proves where it belongs: the hash of the store's binding settings, its arm, run and
+  seed (and, for runs that saw only some examples, which). Anything else is refused, named and
+  moved to corrupt/, never analysed.
 
 Designs (the arms of a store): the with/without experiment (arms `with`, `without`), the factorial
 design (arms `a`, `b`: run k of both shares seed k, and each held-out example is removed from exactly
@@ -55,13 +55,14 @@ MAX_RUNS = 1_000_000        # run files are named by six digits: runs 0 .. 999,9
 
 # Settings that must agree between a store and the command adding runs to it.
 BINDING = ('trainer', 'hyp', 'held_out', 'n_train', 'data_fingerprint', 'seed_base', 'arms')
-FORMAT = 2  # settings.json 'format': 2 = settings carry a checksum per binding setting
+FORMAT = 2  # settings.json 'format': 2 = run files carry arm, run, seed and the binding hash
 
 CLAIM_REFRESH = 60.0   # seconds between a worker's touches of its claim
 CLAIM_TIMEOUT = 600.0  # seconds without a touch after which a claim (or temporary file) of a process
                        # this machine cannot check counts as dead
 
 SUBFOLDERS = ('failed', 'claims', 'corrupt', 'packed')
+RUN_NAME = re.compile(r'(\d{6})\.npz')
 CLAIM_NAME = re.compile(r'(.+)-(\d{6})')
 FAILED_NAME = re.compile(r'(.+)-(\d{6})\.json')
 
@@ -616,24 +617,31 @@ class Store:
         return os.path.join(self.path, arm, f'{run:06d}.npz')
 
     def stored(self, arm):
-        """Run indices with a run file (not yet validated; see load)."""
-        names = self._names(arm)
-        return sorted(int(n[:-4]) for n in names if n.endswith('.npz') and n[:-4].isdigit())
+        """Run indices with a run file (six-digit names only; not yet validated, see load)."""
+        return sorted(int(m[1]) for m in map(RUN_NAME.fullmatch, self._names(arm)) if m)
 
     def counts(self, runs):
         """{arm: stored runs with index < runs}."""
         return {arm: sum(r < runs for r in self.stored(arm)) for arm in self.arms}
 
+    def _check_run_index(self, arm, run, seed):
+        if arm not in self.arms:
+            raise ValueError(f'arm {arm!r}, expected one of {self.arms}')
+        if not 0 <= run < MAX_RUNS:
+            raise ValueError(f'run {run}, expected 0 to {MAX_RUNS - 1}')
+        if seed != seed_for(run, self.settings['seed_base']):
+            raise ValueError(f'seed {seed} for run {run}, expected {seed_for(run, self.settings["seed_base"])}')
+
     def save_run(self, arm, run, seed, logits, seconds, test_acc, **extra):
         """Store one finished run; logits (n_train, 10). Atomic: the file is complete or absent.
         A run that saw only some examples also records which, as bits (checked on loading)."""
+        self._check_run_index(arm, run, seed)
         logits = np.asarray(logits, dtype=np.float16)
         n_train = self.settings['n_train']
         if logits.shape != (n_train, 10):
             raise ValueError(f'logits of shape {logits.shape}, expected ({n_train}, 10)')
-        record = dict(logits=logits, run=run, seed=seed, seconds=seconds, test_acc=test_acc,
-                      store=self.settings['data_fingerprint'] + str(self.settings['seed_base']),
-                      meta=json.dumps(extra))
+        record = dict(logits=logits, arm=arm, run=run, seed=seed, binding=self.binding, seconds=seconds,
+                      test_acc=test_acc, meta=json.dumps(extra))
         bits = kept_bits(arm, seed, n_train, self.settings['held_out'])
         if bits is not None:
             record['kept'] = bits
@@ -643,6 +651,7 @@ class Store:
         return os.path.join(self.path, 'failed', f'{arm}-{run:06d}.json')
 
     def save_failure(self, arm, run, seed, reason, **extra):
+        self._check_run_index(arm, run, seed)
         record = dict(arm=arm, run=run, seed=seed, binding=self.binding, reason=reason, **extra)
         publish(self.failure_file(arm, run), json.dumps(record).encode())
 
@@ -702,11 +711,16 @@ class Store:
         except Exception as e:  # a truncated or garbage file fails in many ways (zip, pickle, format)
             raise StoreError(f'{path}: corrupt or truncated ({type(e).__name__}: {e})') from e
         seed = seed_for(run, self.settings['seed_base'])
-        expected = dict(store=self.settings['data_fingerprint'] + str(self.settings['seed_base']), run=run, seed=seed)
-        for k, v in expected.items():
-            if k not in rec or rec[k].item() != v:
-                raise StoreError(f'{path}: {k} is {rec[k].item() if k in rec else "missing"}, '
-                                 f'expected {v} (a file from another store?)')
+        expected = [('binding', self.binding, 'made with other settings (trainer, hyperparameters, held-out '
+                                              'set, dataset or seed base): a file from another store'),
+                    ('arm', arm, f'a file of another arm, put into {arm}/'),
+                    ('run', run, 'a file renamed or copied to another run\'s name'),
+                    ('seed', seed, 'a file from another seed range')]
+        for key, value, why in expected:
+            found = rec[key].item() if key in rec and rec[key].ndim == 0 else None
+            if found != value:
+                raise StoreError(f'{path}: {key} is {"missing" if found is None else repr(found)}, expected '
+                                 f'{value!r} ({why})')
         n_train = self.settings['n_train']
         if 'logits' not in rec or rec['logits'].shape != (n_train, 10) or rec['logits'].dtype != np.float16:
             raise StoreError(f'{path}: logits missing or not ({n_train}, 10) float16')
@@ -720,11 +734,13 @@ class Store:
                 raise StoreError(f'{path}: {key} missing')
         return rec, [st.st_size, st.st_mtime_ns, st.st_ino]
 
-    def quarantine(self, arm, run, reason):
-        """Move a bad run file aside so that the run is redone; nothing is deleted."""
-        self._set_aside(arm, f'{run:06d}.npz', reason + '; the run will be redone by the next trainer command')
+    def quarantine(self, arm, run, reason, identity_read=None):
+        """Move a bad run file aside so that the run is redone; nothing is deleted. identity_read: the
+        (size, mtime_ns, inode) of the file found bad; a newer file at that name is put back."""
+        self._set_aside(arm, f'{run:06d}.npz', reason + '; the run will be redone by the next trainer command',
+                        identity_read)
 
-    def _set_aside(self, sub, name, reason):
+    def _set_aside(self, sub, name, reason, identity_read=None):
         src = os.path.join(self.path, sub, name)
         dst = os.path.join(self.path, 'corrupt', f'{sub}-{name}.{time.strftime("%Y%m%d-%H%M%S")}-{_tag()}')
         try:
@@ -736,6 +752,15 @@ class Store:
             self._note_once(src, f'{reason}; left out (could not move it to corrupt/: {_why(e)})')
             return
         fsync_dir(os.path.dirname(src))
+        if identity_read is not None:
+            st = os.stat(dst)
+            if st.st_ino != identity_read[2]:  # a worker redid the run since it was read: put it back
+                try:
+                    os.link(dst, src)
+                    os.remove(dst)
+                except OSError:
+                    pass
+                return
         note(f'{reason}; moved to {dst}')
 
     # ---- reading runs back ----
@@ -745,6 +770,10 @@ class Store:
         run order; runs: 'run', 'seed', 'seconds', 'test_acc' arrays of length N."""
         if arm not in self.arms:
             raise ValueError(f'arm {arm!r}, expected one of {self.arms}')
+        for name in self._names(arm):  # anything but a six-digit run file, a write in progress or a hidden file
+            if not RUN_NAME.fullmatch(name) and '.tmp-' not in name and not name.startswith('.'):
+                self._set_aside(arm, name, f'{os.path.join(self.path, arm, name)}: not a run file name '
+                                           '(expected six digits, e.g. 000042.npz)')
         packed, index_file = (os.path.join(self.path, 'packed', f'{arm}.{ext}') for ext in ('npy', 'json'))
         wanted = self.stored(arm)
         index = _read_json(index_file)
@@ -765,12 +794,13 @@ class Store:
 
     def _pack(self, arm, wanted, old_index, packed, index_file):
         """Write the packed array of all valid runs, streaming run by run and reusing the rows of the
-        previous pack; a bad run file is quarantined and left out."""
+        previous pack; a bad run file is moved aside and left out."""
         old = {}
         if old_index and old_index['run'] and self._pack_matches(packed, len(old_index['run'])):
             old_logits = np.load(packed, mmap_mode='r')
             old = {r: i for i, r in enumerate(old_index['run'])}
         index = {k: [] for k in ('run', 'seed', 'seconds', 'test_acc')}
+        bad = []
         tmp = f'{packed}.tmp-{_tag()}'
         try:
             if wanted:
@@ -783,17 +813,18 @@ class Store:
                     rec['logits'] = old_logits[i]
                 else:
                     try:
-                        rec = self.read_run(arm, run)
+                        rec, stat = self._read_run(arm, run)
                     except _Vanished:
                         continue
                     except Unreadable:
                         raise
                     except StoreError as e:
-                        self.quarantine(arm, run, str(e))
+                        bad.append((run, str(e), _stat_of(self.run_file(arm, run))))
                         continue
                 out[len(index['run'])] = rec['logits']
                 for k in index:
                     index[k].append(rec[k].item() if hasattr(rec[k], 'item') else rec[k])
+            self._set_aside_runs(arm, bad, good=len(index['run']))
             if wanted:
                 out.flush()
                 if len(index['run']) < len(wanted):  # some runs were bad: keep the filled rows only
@@ -808,3 +839,23 @@ class Store:
             _remove(tmp)
             _remove(tmp + '.npy')
         publish(index_file, json.dumps(index).encode())
+
+    def _set_aside_runs(self, arm, bad, good):
+        """Move bad run files aside, unless every file of the arm is foreign: then settings.json is
+        what changed, and nothing is moved."""
+        foreign = [b for b in bad if ': binding is' in b[1] or ': binding is missing' in b[1]]
+        if len(bad) >= 2 and good == 0 and len(foreign) == len(bad):
+            raise StoreError(f'every run file of {os.path.join(self.path, arm)} ({len(bad)}) was made with other '
+                             f'settings than settings.json records (e.g. {bad[0][1]}). Was settings.json replaced? '
+                             'Nothing was moved: restore it, or use another --out.')
+        for run, reason, stat in bad:
+            self.quarantine(arm, run, reason, stat)
+
+
+def _stat_of(path):
+    """[size, mtime_ns, inode] of a file, None if it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino]

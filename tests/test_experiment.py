@@ -136,7 +136,7 @@ def test_corrupt_or_foreign_run_file_is_reported_left_out_and_redone(cifar_dir, 
     logits, runs = store.load('with')
     out, err = capsys.readouterr()
     assert '000002.npz' not in out  # stdout is for the runs and the report
-    assert '000001.npz: corrupt or truncated' in err and '000002.npz: store is' in err and 'another store' in err
+    assert '000001.npz: corrupt or truncated' in err and '000002.npz: binding is' in err and 'another store' in err
     assert list(runs['run']) == [0] and logits.shape[0] == 1
     assert len(os.listdir(tmp_path / 'a' / 'corrupt')) == 2  # moved aside, not deleted
     assert run_main(cifar_dir, held_out_file, tmp_path / 'a', 3) == 0

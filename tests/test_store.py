@@ -322,6 +322,59 @@ def moved(path):
     return sorted(os.listdir(os.path.join(path, 'corrupt')))
 
 
+def test_run_file_from_a_store_with_other_hyperparameters_is_refused_and_moved_aside(tmp_path, capsys):
+    s = toy_store(tmp_path / 'a', 3)
+    other = toy_store(tmp_path / 'b', 4, hyp={'lr': 2.0})  # e.g. --hyp norm=layer: same data, seeds, arms
+    shutil.copy(other.run_file('with', 3), s.run_file('with', 3))
+    assert loaded(s) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert '000003.npz: binding is' in err and 'made with other settings' in err
+    assert moved(s.path) == [m for m in moved(s.path) if m.startswith('with-000003.npz')] and len(moved(s.path)) == 1
+
+
+def test_without_file_copied_into_with_is_refused_naming_the_arm(tmp_path, capsys):
+    s = toy_store(tmp_path, 2)
+    shutil.copy(s.run_file('without', 1), s.run_file('with', 1))
+    assert loaded(s) == [0]
+    assert "000001.npz: arm is 'without', expected 'with'" in capsys.readouterr().err
+
+
+def test_factorial_run_file_put_into_the_other_arm_is_refused(tmp_path, capsys):
+    settings = dict(trainer='toy', hyp={}, held_out=TOY_HELD, n_train=40, data_fingerprint='toy', seed_base=0,
+                    arms=['a', 'b'])
+    s = Store.create(tmp_path, settings, np.arange(40) % 10)
+    for run in range(3):
+        for arm in ('a', 'b'):
+            s.save_run(arm, run, run, np.zeros((40, 10), np.float16), 1.0, 0.5)
+    shutil.copy(s.run_file('a', 2), s.run_file('b', 2))
+    assert loaded(s, 'a') == [0, 1, 2] and loaded(s, 'b') == [0, 1]
+    assert "b/000002.npz: arm is 'a', expected 'b'" in capsys.readouterr().err
+
+
+def test_run_file_renamed_to_another_run_is_refused(tmp_path, capsys):
+    s = toy_store(tmp_path, 2)
+    os.replace(s.run_file('with', 1), os.path.join(s.path, 'with', '000005.npz'))
+    assert loaded(s) == [0]
+    assert '000005.npz: run is 1, expected 5' in capsys.readouterr().err
+
+
+def test_a_name_that_is_not_six_digits_is_not_a_second_copy_of_a_run(tmp_path, capsys):
+    s = toy_store(tmp_path, 6)
+    shutil.copy(s.run_file('with', 5), os.path.join(s.path, 'with', '0000005.npz'))
+    assert loaded(s) == [0, 1, 2, 3, 4, 5]
+    assert '0000005.npz: not a run file name' in capsys.readouterr().err
+    assert s.counts(10)['with'] == 6
+
+
+def test_every_run_file_foreign_means_settings_changed_and_nothing_is_moved(tmp_path):
+    toy_store(tmp_path / 'a', 3)
+    toy_store(tmp_path / 'b', 1, hyp={'lr': 2.0})
+    shutil.copy(tmp_path / 'b' / 'settings.json', tmp_path / 'a' / 'settings.json')  # whole, checksums and all
+    with pytest.raises(StoreError, match=r'every run file of .*with \(3\) was made with other settings .*Nothing was moved'):
+        Store(tmp_path / 'a').load('with')
+    assert moved(tmp_path / 'a') == [] and len(os.listdir(tmp_path / 'a' / 'with')) == 3
+
+
 # ---------------------------------------------------------------------------------------------------
 # A store that explains itself
 # ---------------------------------------------------------------------------------------------------
