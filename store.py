@@ -16,8 +16,9 @@ Layout (one folder per trainer and design, e.g. runs/airbench/):
     claims/with-000042       a run in progress: its worker's host, boot id, pid namespace, pid and
                              process start time; touched every minute by its worker
     corrupt/                 run files (and failure records) that failed their checks, moved aside, never deleted
-    packed/with.npy          (N, n_train, 10) float16, every valid run of the arm in run order,
-    packed/with.json         rebuilt on demand when runs were added; read memory-mapped
+    packed/with.npy          (N, n_train, 10) float16, every valid run of the arm in run order, and its
+    packed/with.json         index: each run's file size, mtime and inode, and the data file's; rebuilt
+                             whenever anything differs, read memory-mapped
 
 Guarantees, and how each is kept:
 - A file appears complete or not at all: it is written to a temporary name beside it, synced, then
@@ -30,11 +31,15 @@ Guarantees, and how each is kept:
 - A run file proves where it belongs: the hash of the store's binding settings, its arm, run and
   seed (and, for runs that saw only some examples, which). Anything else is refused, named and
   moved to corrupt/, never analysed.
+- The pack never goes stale: any change of a run file or of the data file means a rebuild. It is
+  written sequentially (a full disk is an error, never a SIGBUS); a store that cannot be written is
+  analysed straight from its run files.
 
 Designs (the arms of a store): the with/without experiment (arms `with`, `without`), the factorial
 design (arms `a`, `b`: run k of both shares seed k, and each held-out example is removed from exactly
 one of the two, by a fair coin drawn from the seed), and the scan (arm `scan`: each run on a random half).
 """
+import atexit
 import errno
 import hashlib
 import json
@@ -42,6 +47,7 @@ import os
 import re
 import secrets
 import socket
+import struct
 import sys
 import time
 
@@ -60,11 +66,13 @@ FORMAT = 2  # settings.json 'format': 2 = run files carry arm, run, seed and the
 CLAIM_REFRESH = 60.0   # seconds between a worker's touches of its claim
 CLAIM_TIMEOUT = 600.0  # seconds without a touch after which a claim (or temporary file) of a process
                        # this machine cannot check counts as dead
+READER_TIMEOUT = 86400.0  # seconds after which another machine's private link to a pack counts as left over
 
 SUBFOLDERS = ('failed', 'claims', 'corrupt', 'packed')
 RUN_NAME = re.compile(r'(\d{6})\.npz')
 CLAIM_NAME = re.compile(r'(.+)-(\d{6})')
 FAILED_NAME = re.compile(r'(.+)-(\d{6})\.json')
+HEADER_BYTES = 128  # of a pack's .npy header: fixed, so the shape can be rewritten in place
 
 
 class StoreError(Exception):
@@ -485,9 +493,9 @@ class Store:
             note(message)
 
     def clean_leftovers(self, subs=None):
-        """Remove what killed processes left in `subs` (default: everywhere): temporary files, and in
-        claims/ the claims of dead workers (of finished runs too) and takeover markers that no longer
-        apply. Never fails: a read-only store is left as it is."""
+        """Remove what killed processes left in `subs` (default: everywhere): temporary files, private
+        links to old packs, and in claims/ the claims of dead workers (of finished runs too) and
+        takeover markers that no longer apply. Never fails: a read-only store is left as it is."""
         for sub in (('', *self.arms, *SUBFOLDERS) if subs is None else subs):
             for name in self._names(sub):
                 path = os.path.join(self.path, sub, name)
@@ -495,6 +503,13 @@ class Store:
                     if '.tmp-' in name:
                         if not owner_alive(_tag_owner(name.rpartition('.tmp-')[2]), _mtime(path)):
                             _remove(path)
+                    elif '.reader-' in name:
+                        owner, me = _tag_owner(name.rpartition('.reader-')[2]), identity()
+                        if owner.get('boot') == me['boot'] and owner.get('pidns') == me['pidns']:
+                            if not owner_alive(owner, 0):
+                                _remove(path)
+                        elif time.time() - os.lstat(path).st_ctime > READER_TIMEOUT:
+                            _remove(path)  # another machine's: its link count changed a day ago
                     elif sub == 'claims' and '.takeover-' in name:
                         target, _, rest = name.partition('.takeover-')
                         held = _read_bytes(os.path.join(self.path, sub, target))
@@ -763,82 +778,162 @@ class Store:
                 return
         note(f'{reason}; moved to {dst}')
 
-    # ---- reading runs back ----
+    # ---- reading runs back: the pack ----
 
     def load(self, arm):
-        """(logits, runs): logits (N, n_train, 10) float16 memory-mapped, every valid run of `arm` in
-        run order; runs: 'run', 'seed', 'seconds', 'test_acc' arrays of length N."""
+        """(logits, runs): logits (N, n_train, 10) float16, every valid run of `arm` in run order
+        (memory-mapped from the pack; in memory when the store cannot be written); runs: 'run', 'seed',
+        'seconds', 'test_acc' arrays of length N."""
         if arm not in self.arms:
             raise ValueError(f'arm {arm!r}, expected one of {self.arms}')
         for name in self._names(arm):  # anything but a six-digit run file, a write in progress or a hidden file
             if not RUN_NAME.fullmatch(name) and '.tmp-' not in name and not name.startswith('.'):
                 self._set_aside(arm, name, f'{os.path.join(self.path, arm, name)}: not a run file name '
                                            '(expected six digits, e.g. 000042.npz)')
-        packed, index_file = (os.path.join(self.path, 'packed', f'{arm}.{ext}') for ext in ('npy', 'json'))
-        wanted = self.stored(arm)
-        index = _read_json(index_file)
-        if index is None or index['run'] != wanted or not self._pack_matches(packed, len(wanted)):
-            self._pack(arm, wanted, index, packed, index_file)
-            index = _read_json(index_file)
-        logits = np.load(packed, mmap_mode='r') if index['run'] else \
-            np.zeros((0, self.settings['n_train'], 10), np.float16)
+        self.clean_leftovers(['packed'])
+        for attempt in range(3):
+            files = self._stats(arm)
+            if not files:
+                return self._empty()
+            got = self._open_pack(arm, files)
+            if got is not None:
+                return got
+            if attempt < 2:
+                got = self._pack(arm, files)
+                if got is not None:
+                    return got
+        return self._from_files(arm, self._stats(arm), 'the pack kept changing while it was read')
+
+    def _stats(self, arm):
+        """{run: [size, mtime_ns, inode]} of the run files of `arm`."""
+        out = {}
+        for run in self.stored(arm):
+            try:
+                st = os.stat(self.run_file(arm, run))
+            except FileNotFoundError:
+                continue
+            out[run] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        return out
+
+    def _empty(self):
+        return (np.zeros((0, self.settings['n_train'], 10), np.float16),
+                {'run': np.zeros(0, int), 'seed': np.zeros(0, int), 'seconds': np.zeros(0), 'test_acc': np.zeros(0)})
+
+    def _pack_paths(self, arm):
+        return (os.path.join(self.path, 'packed', f'{arm}.npy'), os.path.join(self.path, 'packed', f'{arm}.json'))
+
+    def _read_index(self, arm):
+        """The pack's index if well-formed and of this store, else None."""
+        index = _read_json(self._pack_paths(arm)[1])
+        keys = ('run', 'seed', 'seconds', 'test_acc', 'files')
+        if not isinstance(index, dict) or index.get('binding') != self.binding or \
+                not all(isinstance(index.get(k), list) for k in keys) or \
+                len({len(index[k]) for k in keys}) != 1 or not isinstance(index.get('data'), list):
+            return None
+        return index
+
+    def _map_pack(self, arm, index, private):
+        """Map the data file if it is the one the index was built with and holds its rows; else None.
+        private: map a link only this process uses, so that a rebuild by another process cannot
+        change the file under the mapping."""
+        data = self._pack_paths(arm)[0]
+        try:
+            f = open(data, 'rb')
+        except OSError:
+            return None
+        with f:
+            st = os.fstat(f.fileno())
+            if [st.st_size, st.st_mtime_ns, st.st_ino] != index['data']:
+                return None
+            try:
+                np.lib.format.read_magic(f)
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            except (ValueError, OSError):
+                return None
+            offset = f.tell()
+            n = len(index['run'])
+            if shape != (n, self.settings['n_train'], 10) or fortran or dtype != np.float16 or \
+                    offset + n * self.settings['n_train'] * 20 != st.st_size or n == 0:
+                return None
+            if not private:  # mapped through the file checked above, whatever its name holds by now
+                return np.memmap(f, np.float16, 'r', offset=offset, shape=shape)
+            path = _reader_link(data, st)
+            return None if path is None else np.memmap(path, np.float16, 'r', offset=offset, shape=shape)
+
+    def _open_pack(self, arm, files):
+        index = self._read_index(arm)
+        if index is None or dict(zip(index['run'], index['files'])) != files or len(index['run']) != len(files):
+            return None
+        logits = self._map_pack(arm, index, private=True)
+        if logits is None:
+            return None
         return logits, {k: np.asarray(index[k]) for k in ('run', 'seed', 'seconds', 'test_acc')}
 
-    def _pack_matches(self, packed, n):
-        if n == 0:
-            return True
-        try:
-            return np.load(packed, mmap_mode='r').shape == (n, self.settings['n_train'], 10)
-        except (OSError, ValueError):
-            return False
-
-    def _pack(self, arm, wanted, old_index, packed, index_file):
-        """Write the packed array of all valid runs, streaming run by run and reusing the rows of the
-        previous pack; a bad run file is moved aside and left out."""
-        old = {}
-        if old_index and old_index['run'] and self._pack_matches(packed, len(old_index['run'])):
-            old_logits = np.load(packed, mmap_mode='r')
-            old = {r: i for i, r in enumerate(old_index['run'])}
-        index = {k: [] for k in ('run', 'seed', 'seconds', 'test_acc')}
+    def _pack(self, arm, files):
+        """Write the pack of every valid run, sequentially, reusing the rows of the previous pack for
+        run files that did not change; bad run files are moved aside. Returns (logits, runs) or None
+        if the store changed meanwhile; analyses from the run files if the pack cannot be written."""
+        n_train = self.settings['n_train']
+        data, index_file = self._pack_paths(arm)
+        old_index = self._read_index(arm)
+        old = self._map_pack(arm, old_index, private=False) if old_index else None
+        reuse = {} if old is None else {r: (i, f) for i, (r, f) in enumerate(zip(old_index['run'], old_index['files']))}
+        tmp = f'{data}.tmp-{_tag()}'
+        keys = ('run', 'seed', 'seconds', 'test_acc', 'files')
+        index = {k: [] for k in keys}
         bad = []
-        tmp = f'{packed}.tmp-{_tag()}'
         try:
-            if wanted:
-                shape = (len(wanted), self.settings['n_train'], 10)
-                out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16, shape=shape)
-            for run in wanted:
-                if run in old:
-                    i = old[run]
-                    rec = {k: old_index[k][i] for k in index}
-                    rec['logits'] = old_logits[i]
-                else:
-                    try:
-                        rec, stat = self._read_run(arm, run)
-                    except _Vanished:
-                        continue
-                    except Unreadable:
-                        raise
-                    except StoreError as e:
-                        bad.append((run, str(e), _stat_of(self.run_file(arm, run))))
-                        continue
-                out[len(index['run'])] = rec['logits']
-                for k in index:
-                    index[k].append(rec[k].item() if hasattr(rec[k], 'item') else rec[k])
-            self._set_aside_runs(arm, bad, good=len(index['run']))
-            if wanted:
+            with open(tmp, 'xb') as out:
+                out.write(_npy_header((len(files), n_train, 10)))
+                for run in sorted(files):
+                    if run in reuse and reuse[run][1] == files[run]:
+                        i = reuse[run][0]
+                        logits, rec = old[i], {k: old_index[k][i] for k in keys}
+                    else:
+                        try:
+                            found, stat = self._read_run(arm, run)
+                        except _Vanished:
+                            continue
+                        except Unreadable:
+                            raise
+                        except StoreError as e:
+                            bad.append((run, str(e), files[run]))
+                            continue
+                        logits = found['logits']
+                        rec = dict(run=run, seed=found['seed'].item(), seconds=found['seconds'].item(),
+                                   test_acc=found['test_acc'].item(), files=stat)
+                    # written in order, never through a mapping: a full disk is an OSError, not a SIGBUS
+                    out.write(np.ascontiguousarray(logits, dtype='<f2').tobytes())
+                    for k in keys:
+                        index[k].append(rec[k])
+                if len(index['run']) < len(files):  # some runs were bad: the header says how many are here
+                    out.seek(0)
+                    out.write(_npy_header((len(index['run']), n_train, 10)))
+                    out.truncate(HEADER_BYTES + len(index['run']) * n_train * 20)
                 out.flush()
-                if len(index['run']) < len(wanted):  # some runs were bad: keep the filled rows only
-                    np.save(tmp + '.npy', out[:len(index['run'])])
-                    os.replace(tmp + '.npy', tmp)
-                del out
-                os.replace(tmp, packed)
-        except OSError as e:
-            raise StoreError(f'could not write {packed} ({e}); stored runs are intact. '
-                             'Free disk space and rerun.') from e
+                os.fsync(out.fileno())
+                st = os.fstat(out.fileno())
+            del old
+            self._set_aside_runs(arm, bad, good=len(index['run']))
+            if not index['run']:
+                return self._empty()
+            private = _reader_link(tmp, st)
+            index.update(binding=self.binding, data=[st.st_size, st.st_mtime_ns, st.st_ino])
+            try:  # publish for the next reader; this one maps its own link whatever happens here
+                os.replace(tmp, data)
+                fsync_dir(os.path.dirname(data))
+                publish(index_file, json.dumps(index).encode())
+            except (OSError, StoreError):
+                pass
+        except OSError as e:  # disk full, read-only store, no packed/ folder
+            return self._from_files(arm, self._stats(arm), f'could not write {data} ({_why(e)})')
         finally:
             _remove(tmp)
-            _remove(tmp + '.npy')
-        publish(index_file, json.dumps(index).encode())
+        if private in (None, tmp):  # the file changed, or no hard links here: map what was published
+            return None
+        shape = (len(index['run']), n_train, 10)
+        return (np.memmap(private, np.float16, 'r', offset=HEADER_BYTES, shape=shape),
+                {k: np.asarray(index[k]) for k in ('run', 'seed', 'seconds', 'test_acc')})
 
     def _set_aside_runs(self, arm, bad, good):
         """Move bad run files aside, unless every file of the arm is foreign: then settings.json is
@@ -851,11 +946,59 @@ class Store:
         for run, reason, stat in bad:
             self.quarantine(arm, run, reason, stat)
 
+    def _from_files(self, arm, files, reason):
+        """Every valid run read straight from its file, in memory (no pack is written)."""
+        self._note_once(('from files', arm), f'{reason}; analysing the {len(files)} run files of '
+                                             f'{os.path.join(self.path, arm)} directly, in memory')
+        n_train = self.settings['n_train']
+        logits = np.empty((len(files), n_train, 10), np.float16)
+        runs = {k: [] for k in ('run', 'seed', 'seconds', 'test_acc')}
+        bad = []
+        for run in sorted(files):
+            try:
+                rec, stat = self._read_run(arm, run)
+            except _Vanished:
+                continue
+            except Unreadable:
+                raise
+            except StoreError as e:
+                bad.append((run, str(e), files[run]))
+                continue
+            logits[len(runs['run'])] = rec['logits']
+            for k in runs:
+                runs[k].append(rec[k].item())
+        self._set_aside_runs(arm, bad, good=len(runs['run']))
+        return logits[:len(runs['run'])], {k: np.asarray(v) for k, v in runs.items()}
 
-def _stat_of(path):
-    """[size, mtime_ns, inode] of a file, None if it is gone."""
+
+def _npy_header(shape):
+    """A .npy (version 1.0) header of exactly HEADER_BYTES for a C-ordered float16 array of `shape`."""
+    text = "{'descr': '<f2', 'fortran_order': False, 'shape': %r, }" % (tuple(shape),)
+    body = text.ljust(HEADER_BYTES - 11) + '\n'
+    return b'\x93NUMPY\x01\x00' + struct.pack('<H', len(body)) + body.encode('latin1')
+
+
+_READERS = {}  # inode -> this process's private link to a pack
+
+
+def _reader_link(path, st):
+    """A hard link to the pack data `path` (whose stat is `st`) that only this process uses and removes
+    at exit: a rebuild by another process replaces the pack's name, never the file this process maps.
+    Falls back to `path` itself on a file system without hard links; None if `path` changed."""
+    if st.st_ino in _READERS and os.path.exists(_READERS[st.st_ino]):
+        return _READERS[st.st_ino]
+    base = path.split('.tmp-')[0]
+    link = f'{base}.reader-{_tag()}'
     try:
-        st = os.stat(path)
-    except OSError:
+        os.link(path, link)
+    except FileNotFoundError:
         return None
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    except OSError:
+        return path
+    if os.stat(link).st_ino != st.st_ino:
+        _remove(link)
+        return None
+    if not _READERS:
+        atexit.register(lambda: [_remove(p) for p in _READERS.values()])
+    _READERS[st.st_ino] = link
+    return link

@@ -276,9 +276,36 @@ def test_worker_killed_while_taking_over_a_dead_claim_leaves_nothing_behind(tmp_
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize('where', ['open:packed/with.npy.tmp', 'replace:packed/with.npy', 'replace:packed/with.json'])
+def test_viz_killed_while_packing_leaves_nothing_behind_the_next_one(tmp_path, where):
+    s = fake_store(tmp_path, runs=3)
+    code, _, _ = finish([start('load', tmp_path, env={'KILL_AT': where})])[0]
+    assert code == -9
+    logits, runs = Store(tmp_path).load('with')
+    assert list(runs['run']) == [0, 1, 2]
+    assert all(np.array_equal(logits[i], s.read_run('with', i)['logits']) for i in range(3))
+    assert [p for p in leftovers(tmp_path) if '.reader-' not in p or str(os.getpid()) not in p] == []
+
+
 # ---------------------------------------------------------------------------------------------------
 # Two viz at once, two creators at once
 # ---------------------------------------------------------------------------------------------------
+
+def test_two_viz_at_once_while_runs_are_added_see_consistent_packs(tmp_path):
+    s = fake_store(tmp_path, runs=10)
+    go = tmp_path / 'go'
+    procs = [start('load', tmp_path, go, env={'LOAD_REPEAT': '25'}) for _ in range(2)]
+    while len(list(tmp_path.glob('go.ready-*'))) < 2:
+        assert all(p.poll() is None for p in procs), finish(procs)
+        time.sleep(0.02)
+    go.touch()
+    rng = np.random.default_rng(0)
+    for run in range(10, 40):
+        s.save_run('with', run, run, rng.normal(0, 1, (N, 10)).astype(np.float16), 1.0, 0.5)
+        time.sleep(0.01)
+    results = finish(procs)
+    assert [code for code, _, _ in results] == [0, 0], [e[-3000:] for _, _, e in results]
+
 
 def test_two_processes_creating_one_store_with_different_data_leave_a_consistent_store(tmp_path):
     pairs = [(tmp_path / f's{i}', 2 * i, 2 * i + 1) for i in range(5)]
@@ -373,6 +400,40 @@ def test_every_run_file_foreign_means_settings_changed_and_nothing_is_moved(tmp_
     with pytest.raises(StoreError, match=r'every run file of .*with \(3\) was made with other settings .*Nothing was moved'):
         Store(tmp_path / 'a').load('with')
     assert moved(tmp_path / 'a') == [] and len(os.listdir(tmp_path / 'a' / 'with')) == 3
+
+
+def test_run_file_replaced_after_packing_is_read_again(tmp_path):
+    s = toy_store(tmp_path, 3)
+    loaded(s)
+    new = np.full((40, 10), 3.0, np.float16)
+    s.save_run('with', 1, 1, new, 1.0, 0.5)  # a redone run: same name, new content
+    logits, _ = Store(tmp_path).load('with')
+    assert np.array_equal(logits[1], new)
+
+
+def test_zeros_written_into_the_pack_are_noticed_and_the_pack_rebuilt(tmp_path):
+    s = toy_store(tmp_path, 3)
+    before = np.array(s.load('with')[0])
+    with open(tmp_path / 'packed' / 'with.npy', 'r+b') as f:
+        f.seek(store_module.HEADER_BYTES)
+        f.write(bytes(3 * 40 * 20))
+    logits, _ = Store(tmp_path).load('with')
+    assert np.array_equal(logits, before) and np.abs(before).sum() > 0
+
+
+@pytest.mark.parametrize('index', ['{}', '[]', 'garbage', '{"run": [0, 1, 2], "seed": [0], "binding": 1}'])
+def test_a_damaged_pack_index_means_a_rebuild_not_a_traceback(tmp_path, index):
+    s = toy_store(tmp_path, 3)
+    loaded(s)
+    (tmp_path / 'packed' / 'with.json').write_text(index)
+    assert loaded(Store(tmp_path)) == [0, 1, 2]
+
+
+def test_pack_of_other_rows_than_its_index_says_is_rebuilt(tmp_path):
+    s = toy_store(tmp_path, 3)
+    loaded(s, 'with'), loaded(s, 'without')
+    shutil.copy(tmp_path / 'packed' / 'without.npy', tmp_path / 'packed' / 'with.npy')  # same shape, other data
+    assert loaded(Store(tmp_path)) == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -492,6 +553,40 @@ def test_a_run_file_that_cannot_be_read_is_an_error_not_corrupt(tmp_path, monkey
     assert moved(tmp_path) == [] and loaded(s) == [0, 1, 2]
 
 
+def test_packing_on_a_full_disk_stops_cleanly_and_analyses_from_the_run_files(tmp_path, monkeypatch, capsys):
+    s = toy_store(tmp_path, 3)
+    real_open = builtins.open
+
+    class Full:
+        """A file on a disk that fills up after the header."""
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > store_module.HEADER_BYTES:
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def full_open(path, mode='r', *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Full(f) if 'packed' in str(path) and 'x' in mode else f
+    monkeypatch.setattr(builtins, 'open', full_open)
+    monkeypatch.setattr(np, 'memmap', _no_writable_map(np.memmap))
+    assert loaded(s) == [0, 1, 2]
+    assert 'No space left on device' in capsys.readouterr().err
+    assert os.listdir(tmp_path / 'packed') == []  # no temporary file left
+
+
 def _no_writable_map(memmap):
     """np.memmap (or open_memmap) that refuses to map for writing: a page written through a mapping on a
     full disk is a SIGBUS."""
@@ -503,6 +598,26 @@ def _no_writable_map(memmap):
         assert mode == 'r', f'a writable mapping ({mode})'
         return memmap(filename, *args, **kwargs)
     return only_read
+
+
+def test_the_pack_is_never_written_through_a_mapping(tmp_path, monkeypatch):
+    s = toy_store(tmp_path, 3)
+    monkeypatch.setattr(np, 'memmap', _no_writable_map(np.memmap))
+    monkeypatch.setattr(np.lib.format, 'open_memmap', _no_writable_map(np.lib.format.open_memmap))
+    assert loaded(s) == [0, 1, 2]
+    s.save_run('with', 3, 3, np.zeros((40, 10), np.float16), 1.0, 0.5)
+    assert loaded(s) == [0, 1, 2, 3]
+
+
+def test_a_store_viz_cannot_write_to_is_analysed_from_its_run_files_with_a_note(tmp_path, monkeypatch, capsys):
+    s = toy_store(tmp_path, 3)
+    loaded(s)
+    s.save_run('with', 3, 3, np.zeros((40, 10), np.float16), 1.0, 0.5)  # the pack is stale now
+    patch(monkeypatch, refuse(str(tmp_path), errno.EROFS, ('open', 'link', 'replace', 'rename', 'remove', 'mkdir')))
+    logits, runs = Store(tmp_path).load('with')
+    assert list(runs['run']) == [0, 1, 2, 3] and not np.asarray(logits[3]).any()
+    err = capsys.readouterr().err
+    assert 'Read-only file system' in err and 'directly' in err and 'Free disk space' not in err
 
 
 def test_a_trainer_on_a_store_it_cannot_write_to_says_so(tmp_path, monkeypatch, capsys):
@@ -543,4 +658,3 @@ def test_the_store_module_imports_without_torch_and_viz_does_not_import_it():
     subprocess.run([sys.executable, '-c', without, ROOT], check=True)
     viz_only = "import sys; sys.path.insert(0, sys.argv[1]); import viz; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, '-c', viz_only, ROOT], check=True)
-
