@@ -1,8 +1,8 @@
 """experiment.py: the with/without experiment harness shared by the trainer scripts.
 
 What lives here: the held-out examples, the command line common to every trainer (checked in full
-before anything is written), and the worker loop that fills a run store (store.py; one process per
-GPU, any number of processes on any number of machines sharing one folder).
+before anything is written), the worker loop that fills a run store (store.py; one process per GPU,
+any number of processes on any number of machines sharing one folder), and what a run will cost.
 """
 import argparse
 import json
@@ -28,6 +28,10 @@ HELD_OUT = {
              45927, 40141, 47731, 46440, 49015, 49690, 46836, 43512, 43189, 49320],
 }
 MAX_SEED = 2 ** 62     # seeds go to numpy and torch generators: keep seed_base + run well inside 64 bits
+
+COST_STEPS = 3         # training steps timed before the first full-size run on a CPU
+COST_NOTE_S = 600.0    # say the cost when the runs to do would take longer than this on the CPU (seconds)
+LONG_RUN_S = 60.0      # a block of runs longer than this moves the progress bar step by step
 
 
 class UsageError(Exception):
@@ -253,7 +257,7 @@ def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, h
     the trainer trains that many models at once. runs: the default of --runs. check(**hyp): the
     trainer's own check of a full set of hyperparameters (e.g. a choice among names), raising
     ValueError or TypeError. steps(hyp, n_train): optimizer steps of one run (default_steps if None),
-    at least one.
+    for the cost of a full-size run on a CPU and the progress within long runs.
     """
     try:
         args = parse_args(trainer, doc, argv, runs)
@@ -290,19 +294,19 @@ def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, h
                         arms=arms, versions=_versions())
         store = Store.create(out, settings, labels.numpy())
         work(store, args.runs, train, infer, hyp, (images, labels), (test_images, test_labels), device,
-             block=block, progress=not args.worker)
+             block=block, progress=not args.worker, steps=n_steps, say_cost=not args.smoke)
     except (airbench.DataError, StoreError, UsageError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0
 
 
-def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=True):
-    """Train every (arm, run) with run < `runs` that no one has stored, failed or claimed, `block` at a time."""
-    import torch
+def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=True, steps=None, say_cost=False):
+    """Train every (arm, run) with run < `runs` that no one has stored, failed or claimed, `block` at a time.
+    steps: optimizer steps per run (None: unknown); say_cost: time a few steps first and, on a CPU,
+    say what the runs will cost if that is long."""
     from tqdm import tqdm
     images, labels = (t.to(device) for t in data)  # on the device once, not copied again every run
-    n_train, held_out, seed_base = len(labels), store.settings['held_out'], store.settings['seed_base']
     todo = [(arm, run) for run in range(runs) for arm in store.arms]  # arms interleaved: both grow together
     store.clean_leftovers()
     mine = set()
@@ -322,51 +326,30 @@ def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=T
                 continue
             yield arm, run
 
+    block_s = None  # seconds per block of runs, once known
+    if say_cost and device.type == 'cpu' and steps and finished() < len(todo):
+        block_s = cost_of_runs(train, images, labels, hyp, device, block, steps,
+                               len(images) + len(test[0]), len(todo) - finished())
     bar = tqdm(total=len(todo), initial=finished(), unit='run', disable=not progress, dynamic_ncols=True)
     log = bar.write if progress else lambda line: print(line, flush=True)
-    seconds = []
+    seconds = []  # per finished run, this worker
     claims = unclaimed()
     try:  # the bar ends its line before any error message
-        while True:
-            jobs = [job for _, job in zip(range(block), claims)]
-            if not jobs:
-                break
+        while jobs := [job for _, job in zip(range(block), claims)]:
             mine.update(jobs)
+            long = progress and steps and block_s and block_s > LONG_RUN_S
+            within = _move_bar_per_step(bar, len(jobs), steps) if long else None
+            start = time.perf_counter()
             try:
-                seeds = [seed_for(run, seed_base) for _, run in jobs]
-                keeps = [keep_for(arm, seed, n_train, held_out) for (arm, _), seed in zip(jobs, seeds)]
-                start = time.perf_counter()
-                try:
-                    if block == 1:
-                        net = train(images, labels, keep=keeps[0], seed=seeds[0], device=device, **hyp)
-                        logits, test_logits = infer(net, images)[None], infer(net, test[0])[None]
-                    else:
-                        net = train(images, labels, keep=keeps, seed=seeds, device=device, **hyp)
-                        logits, test_logits = infer(net, images), infer(net, test[0])
-                except _diverged() as e:
-                    for (arm, run), seed in zip(jobs, seeds):
-                        store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname())
-                        log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: {e} (recorded in failed/)')
-                    continue
-                logits = logits.half()  # (K, n_train, 10): stored as float16
-                finite = torch.isfinite(logits).flatten(1).all(1).tolist()
-                test_acc = (test_logits.argmax(-1).cpu() == test[1].cpu()).float().mean(-1).tolist()
-                logits = logits.cpu().numpy()
-                took = (time.perf_counter() - start) / len(jobs)
-                for k, ((arm, run), seed) in enumerate(zip(jobs, seeds)):
-                    if not finite[k]:
-                        store.save_failure(arm, run, seed, 'non-finite logits on the training set',
-                                           device=str(device), host=socket.gethostname())
-                        log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: non-finite logits (recorded in failed/)')
-                        continue
-                    store.save_run(arm, run, seed, logits[k], took, test_acc[k], device=_device_name(device),
-                                   host=socket.gethostname(), torch=torch.__version__)
-                    seconds.append(took)
-                    log(f'{arm:<7} run {run:>5}  seed {seed:>6}  {took:7.2f} s  test_acc {test_acc[k]:.4f}')
+                seconds += train_block(store, jobs, train, infer, hyp, (images, labels), test, device, log,
+                                       blocked=block > 1)
             finally:
-                for arm, run in jobs:
-                    store.release(arm, run)
-                    mine.discard((arm, run))
+                if within is not None:
+                    within.remove()
+                for job in jobs:
+                    store.release(*job)
+                    mine.discard(job)
+            block_s = time.perf_counter() - start
             bar.update(finished() - bar.n)
     finally:
         bar.close()
@@ -379,6 +362,125 @@ def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=T
     if seconds:
         summary += f'; this worker: {len(seconds)} runs, {np.mean(seconds):.2f} s/run'
     print(summary, flush=True)
+
+
+def train_block(store, jobs, train, infer, hyp, data, test, device, log, blocked):
+    """Train the runs `jobs` [(arm, run)] together, store each (or record that it failed) and log one
+    line per run. blocked: train takes lists of keeps and seeds (else one run). -> seconds per stored run."""
+    import torch
+    images, labels = data
+    seeds = [seed_for(run, store.settings['seed_base']) for _, run in jobs]
+    keeps = [keep_for(arm, seed, len(labels), store.settings['held_out']) for (arm, _), seed in zip(jobs, seeds)]
+    start = time.perf_counter()
+    try:
+        if blocked:
+            net = train(images, labels, keep=keeps, seed=seeds, device=device, **hyp)
+            logits, test_logits = infer(net, images), infer(net, test[0])
+        else:
+            net = train(images, labels, keep=keeps[0], seed=seeds[0], device=device, **hyp)
+            logits, test_logits = infer(net, images)[None], infer(net, test[0])[None]
+    except _diverged() as e:
+        for (arm, run), seed in zip(jobs, seeds):
+            store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname())
+            log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: {e} (recorded in failed/)')
+        return []
+    logits = logits.half()  # (K, n_train, 10): stored as float16
+    finite = torch.isfinite(logits).flatten(1).all(1).tolist()
+    test_acc = (test_logits.argmax(-1).cpu() == test[1].cpu()).float().mean(-1).tolist()
+    logits = logits.cpu().numpy()
+    took = (time.perf_counter() - start) / len(jobs)
+    seconds = []
+    for k, ((arm, run), seed) in enumerate(zip(jobs, seeds)):
+        if not finite[k]:
+            store.save_failure(arm, run, seed, 'non-finite logits on the training set',
+                               device=str(device), host=socket.gethostname())
+            log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: non-finite logits (recorded in failed/)')
+            continue
+        store.save_run(arm, run, seed, logits[k], took, test_acc[k], device=_device_name(device),
+                       host=socket.gethostname(), torch=torch.__version__)
+        seconds.append(took)
+        log(f'{arm:<7} run {run:>5}  seed {seed:>6}  {took:7.2f} s  test_acc {test_acc[k]:.4f}')
+    return seconds
+
+
+############################################
+#      What a run costs, and progress      #
+############################################
+
+class _StepBudget(Exception):
+    """Raised from an optimizer-step hook to cut a training short."""
+
+
+def _on_every_step(hook):
+    """Call hook() after every optimizer step of any trainer (torch's global step hook): the trainers
+    need no code for being timed or for moving the progress bar. Returns a handle with .remove()."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    return register_optimizer_step_post_hook(lambda optimizer, args, kwargs: hook())
+
+
+def time_steps(train, images, labels, hyp, device, block=1, n=COST_STEPS):
+    """(seconds before the first step, seconds per step) of one training (a block of `block` models)
+    cut after n optimizer steps."""
+    stamps = []
+
+    def stamp():
+        stamps.append(time.perf_counter())
+        if len(stamps) >= n:
+            raise _StepBudget
+    handle = _on_every_step(stamp)
+    start = time.perf_counter()
+    keep, seed = (None, seed_for(0)) if block == 1 else ([None] * block, [seed_for(k) for k in range(block)])
+    try:
+        train(images, labels, keep=keep, seed=seed, device=device, **hyp)
+    except _StepBudget:
+        pass
+    finally:
+        handle.remove()
+    if not stamps:
+        return time.perf_counter() - start, 0.0
+    per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else stamps[0] - start
+    return max(stamps[0] - start - per_step, 0.0), per_step
+
+
+def cost_of_runs(train, images, labels, hyp, device, block, steps, n_infer, left):
+    """Time COST_STEPS training steps, extrapolate to a run and to the `left` runs to do, and say it on
+    stderr when that is long (COST_NOTE_S). Inference on n_infer images is counted as forward passes,
+    a third of a training step per batch (forward + backward is about three forwards).
+    Returns the estimated seconds per block of `block` runs."""
+    setup, per_step = time_steps(train, images, labels, hyp, device, block)
+    per_block = setup + steps * per_step + per_step / 3 * n_infer / hyp.get('batch_size', 512)
+    per_run = per_block / block
+    if per_run * left > COST_NOTE_S:
+        print(f'note: on this CPU a full-size run takes about {_minutes(per_run)} min ({steps} steps at '
+              f'{per_step:.2f} s, timed over {COST_STEPS} steps, then logits on {n_infer:,} images), so the '
+              f'{left} runs to do take about {_duration(per_run * left)}. --smoke checks the plumbing in seconds; '
+              'python trainer_digits.py gets a real result in minutes on a CPU. Going on.',
+              file=sys.stderr, flush=True)
+    return per_block
+
+
+def _minutes(seconds):
+    m = seconds / 60
+    return f'{m:.0f}' if m >= 10 else f'{m:.1f}' if m >= 0.1 else f'{m:.2f}'
+
+
+def _duration(seconds):
+    hours = seconds / 3600
+    if hours < 2:
+        return f'{seconds / 60:.0f} min'
+    return f'{hours:,.0f} h' + (f' ({hours / 24:,.0f} days)' if hours >= 48 else '')
+
+
+def _move_bar_per_step(bar, share, steps):
+    """Move the bar by `share` runs over `steps` optimizer steps, stopping short of the end (the block
+    counts as done when its runs are stored). Returns the hook's handle."""
+    start, done = bar.n, [0]
+    bar.bar_format = '{l_bar}{bar}| {n:.2f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]'
+
+    def step():
+        done[0] += 1
+        bar.update(start + share * min(done[0] / steps, 0.99) - bar.n)
+    return _on_every_step(step)
 
 
 def launch(gpus, out, runs):
