@@ -22,7 +22,8 @@ Layout (one folder per trainer and design, e.g. runs/airbench/):
 
 Guarantees, and how each is kept:
 - A file appears complete or not at all: it is written to a temporary name beside it, synced, then
-  renamed into place (or hard-linked, where it must not replace anything), and the folder is synced.
+  renamed into place (or hard-linked, where it must not replace anything), and the folder is synced
+  (claims are not synced: after a crash of their machine they are stale anyway).
 - A run is trained once: a claim appears with its content (a hard link cannot overwrite), a dead
   worker's claim is taken over through a marker that only one worker can create, and a worker
   releases only its own claim. Liveness: on the same machine and pid namespace, the pid must still
@@ -410,9 +411,11 @@ class Store:
                 raise Unreadable(f'cannot read {path} ({_why(e)}). Fix its permissions or the disk.') from e
             raise StoreError(f'{path} is truncated or corrupt ({e}). Restore it from a copy.') from e
         except Exception as e:  # a truncated or garbage .npy fails in several ways
-            raise StoreError(f'{path} is truncated or corrupt ({type(e).__name__}: {e}). Restore it from a copy.') from e
+            raise StoreError(f'{path} is truncated or corrupt ({type(e).__name__}: {e}). '
+                             'Restore it from a copy.') from e
         n = self.settings['n_train']
-        if labels.shape != (n,) or labels.dtype.kind not in 'iu' or labels_digest(labels) != self.settings['labels_sha256']:
+        if labels.shape != (n,) or labels.dtype.kind not in 'iu' or \
+                labels_digest(labels) != self.settings['labels_sha256']:
             raise StoreError(f'{path} does not hold the labels the store was created with ({labels.dtype} '
                              f'{labels.shape}, checksum differs from settings.json; expected ({n},) integers): '
                              'replaced or edited? Restore it from a copy.')

@@ -67,7 +67,8 @@ BAD = [
 
 
 @pytest.mark.parametrize('args, message', BAD, ids=[' '.join(a) for a, _ in BAD])
-def test_bad_command_line_is_refused_in_one_line_and_writes_nothing(args, message, inputs, tmp_path, monkeypatch, capsys):
+def test_bad_command_line_is_refused_in_one_line_and_writes_nothing(args, message, inputs, tmp_path, monkeypatch,
+                                                                    capsys):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # the same answer on a GPU machine
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
     monkeypatch.chdir(tmp_path)

@@ -19,13 +19,15 @@ from store import Store
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_full_size_run_on_a_cpu_says_its_cost_and_the_two_pointers_then_goes_on(cifar_dir, tmp_path, monkeypatch, capsys):
+def test_full_size_run_on_a_cpu_says_its_cost_and_the_two_pointers_then_goes_on(cifar_dir, tmp_path, monkeypatch,
+                                                                                capsys):
     monkeypatch.setattr(experiment, 'COST_STEPS', 2)  # a tiny step budget: two full-width steps timed
     monkeypatch.setattr(Store, 'claim', lambda self, arm, run: False)  # then "go on" without training 2000 runs
     code = experiment.main('airbench', trainer_airbench.hyp, trainer_airbench.SMOKE, trainer_airbench.train,
                            trainer_airbench.infer, '', ['--runs', '1000', '--out', str(tmp_path), '--data-dir',
                                                         cifar_dir, '--device', 'cpu'],
-                           held_out={'random': list(range(20)), 'easy': list(range(900, 920))}, check=trainer_airbench.check)
+                           held_out={'random': list(range(20)), 'easy': list(range(900, 920))},
+                           check=trainer_airbench.check)
     out, err = capsys.readouterr()
     notes = [line for line in err.splitlines() if line.startswith('note: on this CPU')]
     assert code == 0 and len(notes) == 1, err
@@ -86,11 +88,13 @@ def test_a_long_run_moves_the_bar_within_the_run(tmp_path, monkeypatch):
         return type('Handles', (), {'remove': lambda self: [h.remove() for h in handles]})()
     monkeypatch.setattr(experiment, '_move_bar_per_step', watched)
     code = experiment.main('digits', trainer_digits.hyp, trainer_digits.SMOKE, trainer_digits.train,
-                           trainer_digits.infer, '', ['--smoke', '--runs', '2', '--out', str(tmp_path), '--device', 'cpu'],
+                           trainer_digits.infer, '', ['--smoke', '--runs', '2', '--out', str(tmp_path),
+                                                      '--device', 'cpu'],
                            load=trainer_digits.load, held_out=trainer_digits.HELD_OUT, block=2)
     assert code == 0
     steps = trainer_digits.SMOKE['epochs'] * (1437 // trainer_digits.hyp['batch_size'])
-    assert len(seen) == steps and all(2 < n < 4 for n in seen) and seen == sorted(seen)  # the second block, step by step
+    # the second block, step by step (the first had no time to go by)
+    assert len(seen) == steps and all(2 < n < 4 for n in seen) and seen == sorted(seen)
 
 
 def test_slurm_script_starts_on_a_fresh_clone(tmp_path):
