@@ -1,13 +1,15 @@
 """experiment.py: the with/without experiment harness shared by the trainer scripts.
 
-What lives here: the held-out examples, the worker loop that fills a run store (store.py; one process
-per GPU, any number of processes on any number of machines sharing one folder), and the command line
-common to every trainer.
+What lives here: the held-out examples, the command line common to every trainer (checked in full
+before anything is written), the worker loop that fills a run store (store.py; one process per GPU,
+any number of processes on any number of machines sharing one folder), and what a run will cost.
 """
 import argparse
 import json
+import math
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +18,8 @@ import time
 
 import numpy as np
 
-from store import ARMS, CLAIM_REFRESH, FACTORIAL_ARMS, SCAN_SEED_BASE, Store, StoreError, keep_for, seed_for
+from store import (ARMS, CLAIM_REFRESH, FACTORIAL_ARMS, MAX_RUNS, SCAN_SEED_BASE, Store, StoreError, keep_for,
+                   seed_for)
 
 # Held-out examples, indices in torchvision's CIFAR-10 training order (data_batch_1 .. data_batch_5).
 HELD_OUT = {
@@ -24,13 +27,28 @@ HELD_OUT = {
     'easy': [45114, 47798, 43746, 49106, 47082, 44095, 49524, 41014, 49159, 44279,
              45927, 40141, 47731, 46440, 49015, 49690, 46836, 43512, 43189, 49320],
 }
+MAX_SEED = 2 ** 62     # seeds go to numpy and torch generators: keep seed_base + run well inside 64 bits
+
+COST_STEPS = 3         # training steps timed before the first full-size run on a CPU
+COST_NOTE_S = 600.0    # say the cost when the runs to do would take longer than this on the CPU (seconds)
+LONG_RUN_S = 60.0      # a block of runs longer than this moves the progress bar step by step
+
+
+class UsageError(Exception):
+    """A command line that cannot be run; the message names the bad value and what is expected."""
+
 
 ############################################
-#        Workers and the command line      #
+#             The command line             #
 ############################################
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
 
 def parse_args(trainer, doc, argv=None, runs=1000):
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--runs', type=int, default=runs, help=f'runs per arm (default {runs}); rerun with more to extend')
     p.add_argument('--out', help=f'store folder (default runs/{trainer}, runs/{trainer}-scan with --scan, runs/{trainer}-factorial '
                                  'with --design factorial, '
@@ -38,7 +56,7 @@ def parse_args(trainer, doc, argv=None, runs=1000):
     p.add_argument('--data-dir', default='data', help='folder with CIFAR-10 (downloaded there if absent)')
     p.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda if present)')
     p.add_argument('--gpus', help='comma-separated GPU ids, one worker each (default: every visible GPU)')
-    p.add_argument('--smoke', action='store_true', help='tiny net, a fraction of an epoch: seconds per run')
+    p.add_argument('--smoke', action='store_true', help='a tiny net and a short training: seconds per run')
     p.add_argument('--scan', action='store_true',
                    help='instead of the with/without arms: runs on a random half of the training set each '
                         '(arm "scan"), to estimate the self-influence of every example (python viz.py --scan)')
@@ -50,11 +68,178 @@ def parse_args(trainer, doc, argv=None, runs=1000):
                                                  f'{SCAN_SEED_BASE} with --scan, so the ranges are disjoint)')
     p.add_argument('--held-out', help='JSON file {"random": [...], "easy": [...]} replacing the default indices')
     p.add_argument('--hyp', action='append', default=[], metavar='KEY=VALUE',
-                   help='override a hyperparameter, e.g. --hyp norm=layer (repeatable; VALUE read as JSON '
-                        'if it parses, else as a string); the default --out then names the overrides')
+                   help='override a hyperparameter of the trainer\'s hyp dict (repeatable); VALUE must have '
+                        'the type and sign of the default; the default --out then names the overrides')
     p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)  # a child of a multi-GPU launch
     return p.parse_args(argv)
 
+
+def check_command(args, hyp, smoke=None, check=None):
+    """Every check that needs no dataset, before anything is written. -> dict: the overrides of `hyp`,
+    held_out (None: the trainer's), gpus. Raises UsageError."""
+    if args.scan and args.design != 'with-without':
+        raise UsageError('--scan and --design factorial are two designs; choose one')
+    if not 1 <= args.runs <= MAX_RUNS:
+        raise UsageError(f'--runs {args.runs}: expected a number of runs per arm from 1 to {MAX_RUNS:,}')
+    if args.seed_base is not None and not 0 <= args.seed_base <= MAX_SEED - MAX_RUNS:
+        raise UsageError(f'--seed-base {args.seed_base}: expected an integer from 0 to {MAX_SEED - MAX_RUNS}')
+    overrides = parse_hyp(args.hyp, hyp, smoke)
+    if check is not None:
+        try:
+            check(**{**hyp, **(smoke if args.smoke else {}), **overrides})
+        except (ValueError, TypeError) as e:
+            raise UsageError(f'--hyp {" ".join(args.hyp)}: {e}') from None
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f'--out {args.out}: that is a file; expected a store folder (new, empty or a store)')
+    held_out = read_held_out(args.held_out) if args.held_out is not None else None
+    device = check_device(args.device)
+    return dict(overrides=overrides, held_out=held_out, gpus=check_gpus(args.gpus, device, args.worker))
+
+
+def parse_hyp(texts, hyp, smoke=None):
+    """['KEY=VALUE', ...] -> {key: value}, each value read and checked against the type and range of
+    the default (or of the --smoke value): numbers keep their kind and may not turn negative, integers
+    in a list or tuple (sizes) stay >= 1, booleans are true or false, a tuple keeps its length, a list
+    holds items like the default's first. batch_size, which every trainer's step count divides by, is >= 1."""
+    out = {}
+    for text in texts:
+        key, sep, value = text.partition('=')
+        if not sep or key not in hyp:
+            raise UsageError(f'--hyp {text}: expected KEY=VALUE with KEY one of {", ".join(sorted(hyp))}')
+        if key in out:
+            raise UsageError(f'--hyp {key}= given twice; give each hyperparameter once')
+        likes = [hyp[key]] + ([smoke[key]] if smoke and key in smoke else [])
+        if isinstance(hyp[key], str):
+            parsed = value  # names are taken as written
+        else:
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                raise UsageError(f'--hyp {text}: {value!r} is not {_unlike(None, hyp[key])}') from None
+        problems = [_unlike(parsed, like) for like in likes]
+        if key == 'batch_size' and _is_number(parsed) and parsed < 1:
+            problems = ['an integer >= 1']
+        if all(problems):
+            raise UsageError(f'--hyp {text}: expected {problems[0]} (the default is {json.dumps(hyp[key])})')
+        out[key] = tuple(parsed) if isinstance(hyp[key], tuple) else parsed
+    return out
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _unlike(value, like, size=False):
+    """What `value` should have been to match `like` in type and range (None if it does).
+    size: an integer inside a list or tuple, such as a layer width: >= 1."""
+    if isinstance(like, bool):
+        return None if isinstance(value, bool) else 'true or false'
+    if isinstance(like, int):
+        low = 1 if size and like >= 1 else 0 if like >= 0 else None
+        ok = _is_number(value) and value == int(value) and (low is None or value >= low)
+        return None if ok and isinstance(value, int) else 'an integer' + ('' if low is None else f' >= {low}')
+    if isinstance(like, float):
+        ok = _is_number(value) and math.isfinite(value) and (like < 0 or value >= 0)
+        return None if ok else 'a finite number' + ('' if like < 0 else ' >= 0')
+    if isinstance(like, str):
+        return None if isinstance(value, str) and value else 'a name'
+    if isinstance(like, (tuple, list)):
+        fixed = isinstance(like, tuple)
+        if not isinstance(value, list) or not value or (fixed and len(value) != len(like)):
+            return f'a JSON list of {len(like)} values' if fixed else 'a non-empty JSON list'
+        items = zip(value, like) if fixed else ((v, like[0]) for v in value) if like else ()
+        problem = next((p for p in (_unlike(v, d, size=True) for v, d in items) if p), None)
+        return None if problem is None else f'a JSON list of {"%d " % len(like) if fixed else ""}items, each {problem}'
+    if isinstance(like, dict):
+        return None if isinstance(value, dict) else 'a JSON object'
+    return None
+
+
+def read_held_out(path):
+    """--held-out FILE -> {group: [indices]}, checked but for the range (that needs the dataset)."""
+    example = '{"random": [0, 1], "easy": [45114]}'
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise UsageError(f'--held-out {path}: {e.strerror or e}; expected a JSON file like {example}') from None
+    try:
+        groups = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f'--held-out {path}: not valid JSON ({e}); expected an object like {example}') from None
+    return check_held_out(groups, f'--held-out {path}')
+
+
+def check_held_out(groups, where):
+    example = '{"random": [0, 1], "easy": [45114]}'
+    if not isinstance(groups, dict) or not groups:
+        raise UsageError(f'{where}: expected a JSON object of groups of example indices, like {example}')
+    for name, group in groups.items():
+        if not isinstance(group, list) or not group:
+            raise UsageError(f'{where}: group {name!r} is {json.dumps(group)}, expected a non-empty list of indices')
+        wrong = [i for i in group if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+        if wrong:
+            raise UsageError(f'{where}: group {name!r} holds {json.dumps(wrong)}, expected example indices '
+                             '(integers >= 0)')
+    every = [i for g in groups.values() for i in g]
+    twice = sorted({i for i in every if every.count(i) > 1})
+    if twice:
+        raise UsageError(f'{where}: {twice} listed more than once; list each example once (each is one test, '
+                         'and Holm / BH count the tests)')
+    return groups
+
+
+def check_device(text):
+    """--device -> the device name, or None for the default; refuses a device this machine lacks."""
+    if text is None:
+        return None
+    if not re.fullmatch(r'cpu|mps|cuda(:\d+)?', text):
+        raise UsageError(f'--device {text}: expected cpu, cuda or cuda:N (N a GPU index)')
+    import torch
+    if text.startswith('cuda'):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f'--device {text}: no CUDA device is visible here; use --device cpu')
+        if ':' in text and int(text[5:]) >= count:
+            raise UsageError(f'--device {text}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}')
+    if text == 'mps' and not torch.backends.mps.is_available():
+        raise UsageError('--device mps: the MPS backend is not available here; use --device cpu')
+    return text
+
+
+def check_gpus(text, device, worker):
+    """--gpus -> the GPU indices to start one worker each on ([] or one: this process works alone)."""
+    if worker:
+        return []
+    import torch
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if text is None:
+        return list(range(count)) if device in (None, 'cuda') else []
+    try:
+        ids = [int(g) for g in text.split(',')]
+    except ValueError:
+        raise UsageError(f'--gpus {text}: expected comma-separated GPU indices, e.g. 0,2') from None
+    if any(g < 0 for g in ids) or len(set(ids)) < len(ids):
+        raise UsageError(f'--gpus {text}: expected distinct GPU indices >= 0, e.g. 0,2')
+    if device in ('cpu', 'mps'):
+        raise UsageError(f'--gpus {text} with --device {device}: choose GPUs or the {device}')
+    if count == 0:
+        raise UsageError(f'--gpus {text}: no CUDA device is visible here; leave out --gpus and use --device cpu')
+    if max(ids) >= count:
+        raise UsageError(f'--gpus {text}: this machine has {count} CUDA device(s), 0 to {count - 1}')
+    return ids
+
+
+def default_steps(hyp, n_train):
+    """Optimizer steps of one run: ceil(epochs x full batches per epoch), the rule of every trainer here."""
+    if 'epochs' not in hyp or 'batch_size' not in hyp:
+        return None
+    return math.ceil(hyp['epochs'] * (n_train // hyp['batch_size']))
+
+
+############################################
+#                  Workers                 #
+############################################
 
 def load_cifar10(data_dir):
     """(train images, train labels, test images, test labels): the trainers' default dataset."""
@@ -63,53 +248,65 @@ def load_cifar10(data_dir):
 
 
 def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, held_out=HELD_OUT, block=1,
-         runs=1000):
-    """Run the with/without experiment (or a scan) for one trainer; returns the process exit code.
+         runs=1000, check=None, steps=None):
+    """Run the with/without experiment (or a scan, or the factorial design) for one trainer; returns the
+    process exit code. Every argument is checked before anything is written.
 
     train(images, labels, keep=, seed=, device=, **hyp) -> net and infer(net, images) -> (N, 10) logits;
     with block > 1, train takes lists of `block` keeps and seeds and infer returns (block, N, 10):
-    the trainer trains that many models at once. runs: the default of --runs.
+    the trainer trains that many models at once. runs: the default of --runs. check(**hyp): the
+    trainer's own check of a full set of hyperparameters (e.g. a choice among names), raising
+    ValueError or TypeError. steps(hyp, n_train): optimizer steps of one run (default_steps if None),
+    for the cost of a full-size run on a CPU and the progress within long runs.
     """
-    args = parse_args(trainer, doc, argv, runs)
-    overrides = dict(_parse_override(o, hyp) for o in args.hyp)
-    hyp = {**hyp, **(smoke if args.smoke else {}), **overrides}
-    if args.scan and args.design != 'with-without':
-        raise SystemExit('error: --scan and --design factorial are two designs; choose one')
+    try:
+        args = parse_args(trainer, doc, argv, runs)
+        plan = check_command(args, hyp, smoke, check)
+    except UsageError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    hyp = {**hyp, **(smoke if args.smoke else {}), **plan['overrides']}
     design = 'scan' if args.scan else args.design
     arms = {'scan': ['scan'], 'factorial': list(FACTORIAL_ARMS), 'with-without': list(ARMS)}[design]
     name = trainer + ('' if design == 'with-without' else f'-{design}') + ('-smoke' if args.smoke else '')
     out = args.out or os.path.join('runs', '-'.join([name, *args.hyp]))
     seed_base = args.seed_base if args.seed_base is not None else SCAN_SEED_BASE if args.scan else 0
-    gpus = _gpus(args)
-    if len(gpus) > 1 and not args.worker:
-        return launch(gpus, out, args.runs)
+    if len(plan['gpus']) > 1:
+        return launch(plan['gpus'], out, args.runs)
     import airbench
     try:
         import torch
         device = torch.device(args.device or airbench.default_device())
         images, labels, test_images, test_labels = load(args.data_dir)
-        held_out = held_out if args.held_out is None else _read_held_out(args.held_out)
-        bad = [i for g in held_out.values() for i in g if not 0 <= i < len(labels)]
+        where = f'--held-out {args.held_out}' if args.held_out else 'the held-out set'
+        held_out = plan['held_out'] or check_held_out(held_out, where)
+        bad = [i for g in held_out.values() for i in g if i >= len(labels)]
         if bad:
-            raise StoreError(f'held-out indices {bad} are outside the {len(labels)} training examples.')
+            raise UsageError(f'{where}: indices {bad} are outside the {len(labels)} training examples (0 to '
+                             f'{len(labels) - 1})')
+        n_steps = (steps or default_steps)(hyp, len(labels))
+        if n_steps is not None and n_steps < 1:
+            raise UsageError(f'--hyp {" ".join(args.hyp) or "(defaults)"}: a run would take {n_steps} optimizer '
+                             f'steps ({len(labels)} examples, batch_size {hyp["batch_size"]}, epochs {hyp["epochs"]}); '
+                             'expected at least 1: raise epochs or lower batch_size')
         settings = dict(trainer=trainer, hyp=hyp, held_out=held_out, n_train=len(labels),
                         data_fingerprint=airbench.fingerprint(images, labels), seed_base=seed_base,
                         arms=arms, versions=_versions())
         store = Store.create(out, settings, labels.numpy())
         work(store, args.runs, train, infer, hyp, (images, labels), (test_images, test_labels), device,
-             block=block, progress=not args.worker)
-    except (airbench.DataError, StoreError) as e:
+             block=block, progress=not args.worker, steps=n_steps, say_cost=not args.smoke)
+    except (airbench.DataError, StoreError, UsageError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0
 
 
-def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=True):
-    """Train every (arm, run) with run < `runs` that no one has stored, failed or claimed, `block` at a time."""
-    import torch
+def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=True, steps=None, say_cost=False):
+    """Train every (arm, run) with run < `runs` that no one has stored, failed or claimed, `block` at a time.
+    steps: optimizer steps per run (None: unknown); say_cost: time a few steps first and, on a CPU,
+    say what the runs will cost if that is long."""
     from tqdm import tqdm
     images, labels = (t.to(device) for t in data)  # on the device once, not copied again every run
-    n_train, held_out, seed_base = len(labels), store.settings['held_out'], store.settings['seed_base']
     todo = [(arm, run) for run in range(runs) for arm in store.arms]  # arms interleaved: both grow together
     store.clean_leftovers()
     mine = set()
@@ -121,58 +318,42 @@ def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=T
     def unclaimed():
         failed = store.failed()
         for arm, run in todo:
-            if not os.path.exists(store.run_file(arm, run)) and (arm, run) not in failed and store.claim(arm, run):
-                if os.path.exists(store.run_file(arm, run)):  # finished by another worker since we looked
-                    store.release(arm, run)
-                    continue
-                yield arm, run
+            if os.path.exists(store.run_file(arm, run)) or (arm, run) in failed or not store.claim(arm, run):
+                continue
+            # finished by another worker between the look and the claim: nothing to do
+            if os.path.exists(store.run_file(arm, run)) or os.path.exists(store.failure_file(arm, run)):
+                store.release(arm, run)
+                continue
+            yield arm, run
 
+    block_s = None  # seconds per block of runs, once known
+    if say_cost and device.type == 'cpu' and steps and finished() < len(todo):
+        block_s = cost_of_runs(train, images, labels, hyp, device, block, steps,
+                               len(images) + len(test[0]), len(todo) - finished())
     bar = tqdm(total=len(todo), initial=finished(), unit='run', disable=not progress, dynamic_ncols=True)
     log = bar.write if progress else lambda line: print(line, flush=True)
-    seconds = []
+    seconds = []  # per finished run, this worker
     claims = unclaimed()
-    while True:
-        jobs = [job for _, job in zip(range(block), claims)]
-        if not jobs:
-            break
-        mine.update(jobs)
-        try:
-            seeds = [seed_for(run, seed_base) for _, run in jobs]
-            keeps = [keep_for(arm, seed, n_train, held_out) for (arm, _), seed in zip(jobs, seeds)]
+    try:  # the bar ends its line before any error message
+        while jobs := [job for _, job in zip(range(block), claims)]:
+            mine.update(jobs)
+            long = progress and steps and block_s and block_s > LONG_RUN_S
+            within = _move_bar_per_step(bar, len(jobs), steps) if long else None
             start = time.perf_counter()
             try:
-                if block == 1:
-                    net = train(images, labels, keep=keeps[0], seed=seeds[0], device=device, **hyp)
-                    logits, test_logits = infer(net, images)[None], infer(net, test[0])[None]
-                else:
-                    net = train(images, labels, keep=keeps, seed=seeds, device=device, **hyp)
-                    logits, test_logits = infer(net, images), infer(net, test[0])
-            except _diverged() as e:
-                for (arm, run), seed in zip(jobs, seeds):
-                    store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname())
-                    log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: {e} (recorded in failed/)')
-                continue
-            logits = logits.half()  # (K, n_train, 10): stored as float16
-            finite = torch.isfinite(logits).flatten(1).all(1).tolist()
-            test_acc = (test_logits.argmax(-1).cpu() == test[1].cpu()).float().mean(-1).tolist()
-            logits = logits.cpu().numpy()
-            took = (time.perf_counter() - start) / len(jobs)
-            for k, ((arm, run), seed) in enumerate(zip(jobs, seeds)):
-                if not finite[k]:
-                    store.save_failure(arm, run, seed, 'non-finite logits on the training set',
-                                       device=str(device), host=socket.gethostname())
-                    log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: non-finite logits (recorded in failed/)')
-                    continue
-                store.save_run(arm, run, seed, logits[k], took, test_acc[k], device=_device_name(device),
-                               host=socket.gethostname(), torch=torch.__version__)
-                seconds.append(took)
-                log(f'{arm:<7} run {run:>5}  seed {seed:>6}  {took:7.2f} s  test_acc {test_acc[k]:.4f}')
-        finally:
-            for arm, run in jobs:
-                store.release(arm, run)
-                mine.discard((arm, run))
-        bar.update(finished() - bar.n)
-    bar.close()
+                seconds += train_block(store, jobs, train, infer, hyp, (images, labels), test, device, log,
+                                       blocked=block > 1)
+            finally:
+                if within is not None:
+                    within.remove()
+                for job in jobs:
+                    store.release(*job)
+                    mine.discard(job)
+            block_s = time.perf_counter() - start
+            bar.update(finished() - bar.n)
+    finally:
+        bar.close()
+    store.clean_leftovers()  # claims of workers that died after finishing their runs
     counts = store.counts(runs)
     failed = sum(r < runs for _, r in store.failed())
     summary = f'{store.path}: ' + ', '.join(f'{counts[a]}/{runs} runs {a}' for a in store.arms)
@@ -183,6 +364,125 @@ def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=T
     print(summary, flush=True)
 
 
+def train_block(store, jobs, train, infer, hyp, data, test, device, log, blocked):
+    """Train the runs `jobs` [(arm, run)] together, store each (or record that it failed) and log one
+    line per run. blocked: train takes lists of keeps and seeds (else one run). -> seconds per stored run."""
+    import torch
+    images, labels = data
+    seeds = [seed_for(run, store.settings['seed_base']) for _, run in jobs]
+    keeps = [keep_for(arm, seed, len(labels), store.settings['held_out']) for (arm, _), seed in zip(jobs, seeds)]
+    start = time.perf_counter()
+    try:
+        if blocked:
+            net = train(images, labels, keep=keeps, seed=seeds, device=device, **hyp)
+            logits, test_logits = infer(net, images), infer(net, test[0])
+        else:
+            net = train(images, labels, keep=keeps[0], seed=seeds[0], device=device, **hyp)
+            logits, test_logits = infer(net, images)[None], infer(net, test[0])[None]
+    except _diverged() as e:
+        for (arm, run), seed in zip(jobs, seeds):
+            store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname())
+            log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: {e} (recorded in failed/)')
+        return []
+    logits = logits.half()  # (K, n_train, 10): stored as float16
+    finite = torch.isfinite(logits).flatten(1).all(1).tolist()
+    test_acc = (test_logits.argmax(-1).cpu() == test[1].cpu()).float().mean(-1).tolist()
+    logits = logits.cpu().numpy()
+    took = (time.perf_counter() - start) / len(jobs)
+    seconds = []
+    for k, ((arm, run), seed) in enumerate(zip(jobs, seeds)):
+        if not finite[k]:
+            store.save_failure(arm, run, seed, 'non-finite logits on the training set',
+                               device=str(device), host=socket.gethostname())
+            log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: non-finite logits (recorded in failed/)')
+            continue
+        store.save_run(arm, run, seed, logits[k], took, test_acc[k], device=_device_name(device),
+                       host=socket.gethostname(), torch=torch.__version__)
+        seconds.append(took)
+        log(f'{arm:<7} run {run:>5}  seed {seed:>6}  {took:7.2f} s  test_acc {test_acc[k]:.4f}')
+    return seconds
+
+
+############################################
+#      What a run costs, and progress      #
+############################################
+
+class _StepBudget(Exception):
+    """Raised from an optimizer-step hook to cut a training short."""
+
+
+def _on_every_step(hook):
+    """Call hook() after every optimizer step of any trainer (torch's global step hook): the trainers
+    need no code for being timed or for moving the progress bar. Returns a handle with .remove()."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    return register_optimizer_step_post_hook(lambda optimizer, args, kwargs: hook())
+
+
+def time_steps(train, images, labels, hyp, device, block=1, n=COST_STEPS):
+    """(seconds before the first step, seconds per step) of one training (a block of `block` models)
+    cut after n optimizer steps."""
+    stamps = []
+
+    def stamp():
+        stamps.append(time.perf_counter())
+        if len(stamps) >= n:
+            raise _StepBudget
+    handle = _on_every_step(stamp)
+    start = time.perf_counter()
+    keep, seed = (None, seed_for(0)) if block == 1 else ([None] * block, [seed_for(k) for k in range(block)])
+    try:
+        train(images, labels, keep=keep, seed=seed, device=device, **hyp)
+    except _StepBudget:
+        pass
+    finally:
+        handle.remove()
+    if not stamps:
+        return time.perf_counter() - start, 0.0
+    per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else stamps[0] - start
+    return max(stamps[0] - start - per_step, 0.0), per_step
+
+
+def cost_of_runs(train, images, labels, hyp, device, block, steps, n_infer, left):
+    """Time COST_STEPS training steps, extrapolate to a run and to the `left` runs to do, and say it on
+    stderr when that is long (COST_NOTE_S). Inference on n_infer images is counted as forward passes,
+    a third of a training step per batch (forward + backward is about three forwards).
+    Returns the estimated seconds per block of `block` runs."""
+    setup, per_step = time_steps(train, images, labels, hyp, device, block)
+    per_block = setup + steps * per_step + per_step / 3 * n_infer / hyp.get('batch_size', 512)
+    per_run = per_block / block
+    if per_run * left > COST_NOTE_S:
+        print(f'note: on this CPU a full-size run takes about {_minutes(per_run)} min ({steps} steps at '
+              f'{per_step:.2f} s, timed over {COST_STEPS} steps, then logits on {n_infer:,} images), so the '
+              f'{left} runs to do take about {_duration(per_run * left)}. --smoke checks the plumbing in seconds; '
+              'python trainer_digits.py gets a real result in minutes on a CPU. Going on.',
+              file=sys.stderr, flush=True)
+    return per_block
+
+
+def _minutes(seconds):
+    m = seconds / 60
+    return f'{m:.0f}' if m >= 10 else f'{m:.1f}' if m >= 0.1 else f'{m:.2f}'
+
+
+def _duration(seconds):
+    hours = seconds / 3600
+    if hours < 2:
+        return f'{seconds / 60:.0f} min'
+    return f'{hours:,.0f} h' + (f' ({hours / 24:,.0f} days)' if hours >= 48 else '')
+
+
+def _move_bar_per_step(bar, share, steps):
+    """Move the bar by `share` runs over `steps` optimizer steps, stopping short of the end (the block
+    counts as done when its runs are stored). Returns the hook's handle."""
+    start, done = bar.n, [0]
+    bar.bar_format = '{l_bar}{bar}| {n:.2f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]'
+
+    def step():
+        done[0] += 1
+        bar.update(start + share * min(done[0] / steps, 0.99) - bar.n)
+    return _on_every_step(step)
+
+
 def launch(gpus, out, runs):
     """One worker process per GPU on the same store; the parent shows the overall progress."""
     from tqdm import tqdm
@@ -191,22 +491,15 @@ def launch(gpus, out, runs):
     bar = tqdm(unit='run', dynamic_ncols=True)
     while any(p.poll() is None for p in procs):
         time.sleep(5)
-        if os.path.exists(os.path.join(out, 'settings.json')):
+        try:
             store = Store(out)
-            bar.total = runs * len(store.arms)
-            bar.update(sum(store.counts(runs).values()) - bar.n)
+        except StoreError:
+            continue  # not made yet
+        bar.total = runs * len(store.arms)
+        bar.update(sum(store.counts(runs).values()) - bar.n)
     bar.close()
     codes = [p.wait() for p in procs]
     return max(codes)
-
-
-def _gpus(args):
-    if args.gpus:
-        return [int(g) for g in args.gpus.split(',')]
-    if args.device and args.device != 'cuda':
-        return []
-    import torch
-    return list(range(torch.cuda.device_count()))
 
 
 def _heartbeat(store, mine):
@@ -218,27 +511,6 @@ def _heartbeat(store, mine):
 def _diverged():
     import airbench
     return airbench.Diverged
-
-
-def _parse_override(text, hyp):
-    key, sep, value = text.partition('=')
-    if not sep or key not in hyp:
-        raise SystemExit(f'error: --hyp {text!r}: expected KEY=VALUE with KEY one of {sorted(hyp)}')
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
-
-
-def _read_held_out(path):
-    try:
-        with open(path) as f:
-            groups = json.load(f)
-        assert isinstance(groups, dict) and all(isinstance(i, int) for g in groups.values() for i in g)
-    except (OSError, ValueError, AssertionError, TypeError) as e:
-        raise StoreError(f'--held-out {path}: expected a JSON object of groups of indices, '
-                         'e.g. {"random": [0, 1], "easy": [45114]}') from e
-    return groups
 
 
 def _versions():

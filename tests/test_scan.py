@@ -236,8 +236,8 @@ def test_trainer_option_reads_its_scan_folder(tmp_path, capsys, monkeypatch):
 # ---- refusals and left-out examples ----
 
 def test_experiment_store_is_not_a_scan_and_says_how_to_make_one(tmp_path):
-    settings = {**scan_settings(20, arms=('with', 'without')), 'seed_base': 0}
-    Store.create(tmp_path / 's', settings, np.zeros(20, np.int64))
+    settings = {**scan_settings(200, arms=('with', 'without')), 'seed_base': 0}
+    Store.create(tmp_path / 's', settings, np.zeros(200, np.int64))
     with pytest.raises(SystemExit) as e:
         viz.main(['--scan', str(tmp_path / 's')])
     assert "no 'scan' arm" in str(e.value) and 'python trainer_toy.py --scan' in str(e.value)

@@ -1,0 +1,97 @@
+"""Bad command lines are refused before anything is written: exit code 2, one line on stderr naming the
+bad value and what is expected, and nothing created on disk (no store, no runs/ folder)."""
+import json
+import os
+
+import pytest
+import torch
+
+import experiment
+import trainer_digits
+
+
+@pytest.fixture(scope='module')
+def inputs(tmp_path_factory):
+    """Files the command lines point to, in a folder of their own."""
+    folder = tmp_path_factory.mktemp('inputs')
+    files = {'duplicates': {'random': [1, 2, 2], 'easy': [5]}, 'across': {'random': [1, 2], 'easy': [2]},
+             'booleans': {'random': [True, 1]}, 'empty group': {'random': [0], 'easy': []},
+             'negative': {'random': [-3]}, 'outside': {'random': [0], 'easy': [45114]}, 'a list': [1, 2]}
+    for name, content in files.items():
+        (folder / f'{name}.json').write_text(json.dumps(content))
+    (folder / 'not json.json').write_text('{"random": [0,')
+    (folder / 'a file').write_text('not a folder')
+    return folder
+
+
+BAD = [
+    (['--runs', '0'], '--runs 0: expected a number of runs per arm from 1'),
+    (['--runs', '-1'], '--runs -1: expected'),
+    (['--runs', 'abc'], "invalid int value: 'abc'"),
+    (['--runs', '1000001'], '--runs 1000001'),
+    (['--hyp', 'norm=foo'], "norm='foo', expected 'batch'"),
+    (['--hyp', 'lr=abc'], "--hyp lr=abc: 'abc' is not a finite number >= 0"),
+    (['--hyp', 'lr=-0.1'], '--hyp lr=-0.1: expected a finite number >= 0'),
+    (['--hyp', 'lr=NaN'], '--hyp lr=NaN: expected a finite number >= 0'),
+    (['--hyp', 'batch_size=0'], '--hyp batch_size=0: expected an integer >= 1'),
+    (['--hyp', 'batch_size=12.5'], '--hyp batch_size=12.5: expected an integer'),
+    (['--hyp', 'batch_size=5000'], 'a run would take 0 optimizer steps'),
+    (['--hyp', 'widths=7'], '--hyp widths=7: expected a non-empty JSON list'),
+    (['--hyp', 'widths=[64, 0]'], '--hyp widths=[64, 0]: expected a JSON list of items, each an integer >= 1'),
+    (['--hyp', 'epochs=-1'], '--hyp epochs=-1: expected an integer >= 0'),
+    (['--hyp', 'epochs=0'], 'a run would take 0 optimizer steps'),
+    (['--hyp', 'nesterov=1'], '--hyp nesterov=1: expected true or false'),
+    (['--hyp', 'learning_rate=3'], '--hyp learning_rate=3: expected KEY=VALUE with KEY one of'),
+    (['--hyp', 'lr'], '--hyp lr: expected KEY=VALUE'),
+    (['--hyp', 'lr=1', '--hyp', 'lr=2'], '--hyp lr= given twice'),
+    (['--seed-base', '-5'], '--seed-base -5: expected an integer from 0'),
+    (['--gpus', 'abc'], '--gpus abc: expected comma-separated GPU indices'),
+    (['--gpus', '0,0'], '--gpus 0,0: expected distinct GPU indices'),
+    (['--gpus', '0,1'], '--gpus 0,1: no CUDA device is visible here'),
+    (['--device', 'foo'], '--device foo: expected cpu, cuda or cuda:N'),
+    (['--device', 'cuda'], '--device cuda: no CUDA device is visible here'),
+    (['--device', 'cpu', '--gpus', '0'], '--gpus 0 with --device cpu'),
+    (['--out', '{inputs}/a file'], 'a file: that is a file; expected a store folder'),
+    (['--held-out', '{inputs}/duplicates.json'], '[2] listed more than once'),
+    (['--held-out', '{inputs}/across.json'], '[2] listed more than once'),
+    (['--held-out', '{inputs}/booleans.json'], "group 'random' holds [true], expected example indices"),
+    (['--held-out', '{inputs}/negative.json'], "group 'random' holds [-3], expected example indices"),
+    (['--held-out', '{inputs}/empty group.json'], "group 'easy' is [], expected a non-empty list"),
+    (['--held-out', '{inputs}/a list.json'], 'expected a JSON object of groups'),
+    (['--held-out', '{inputs}/not json.json'], 'not valid JSON'),
+    (['--held-out', '{inputs}/missing.json'], 'missing.json: No such file or directory'),
+    (['--held-out', '{inputs}/outside.json'], 'indices [45114] are outside the 1437 training examples'),
+    (['--scan', '--design', 'factorial'], '--scan and --design factorial are two designs'),
+    (['--design', 'mixed'], "invalid choice: 'mixed'"),
+]
+
+
+@pytest.mark.parametrize('args, message', BAD, ids=[' '.join(a) for a, _ in BAD])
+def test_bad_command_line_is_refused_in_one_line_and_writes_nothing(args, message, inputs, tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # the same answer on a GPU machine
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(inputs=inputs) for a in args]
+    before = sorted(os.listdir(inputs))
+    code = experiment.main('digits', trainer_digits.hyp, trainer_digits.SMOKE, trainer_digits.train,
+                           trainer_digits.infer, '', ['--smoke', '--runs', '2', *args] if '--runs' not in args else
+                           ['--smoke', *args], load=trainer_digits.load, held_out=trainer_digits.HELD_OUT,
+                           block=trainer_digits.BLOCK, check=trainer_digits.settings)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], err
+    assert out == '' and os.listdir(tmp_path) == [] and sorted(os.listdir(inputs)) == before
+
+
+def test_hyp_values_keep_the_type_of_the_default():
+    hyp = {'lr': 0.2, 'epochs': 15, 'widths': [256, 256], 'sizes': (1, 2, 3), 'norm': 'batch', 'flag': True,
+           'schedule': [[0.0, 0.1], [1.0, 0.0]], 'shift': -1.0}
+    got = experiment.parse_hyp(['lr=1', 'epochs=3', 'widths=[8]', 'sizes=[4, 5, 6]', 'norm=layer', 'flag=false',
+                                'schedule=[[0, 1], [0.5, 0.2]]', 'shift=-3'], hyp)
+    assert got == {'lr': 1, 'epochs': 3, 'widths': [8], 'sizes': (4, 5, 6), 'norm': 'layer', 'flag': False,
+                   'schedule': [[0, 1], [0.5, 0.2]], 'shift': -3}
+    assert experiment.parse_hyp(['epochs=0.5'], hyp, smoke={'epochs': 0.1}) == {'epochs': 0.5}  # fractional in --smoke
+    for bad in ('sizes=[1, 2]', 'schedule=[1, 2]', 'flag=yes', 'epochs=true'):
+        with pytest.raises(experiment.UsageError, match=bad.split('=')[0]):
+            experiment.parse_hyp([bad], hyp)
