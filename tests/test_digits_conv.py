@@ -136,7 +136,9 @@ def test_masked_block_equals_plain_pytorch_on_the_kept_examples_alone(digits, fl
     logits = conv.infer(nets, test_images)
     for k, (keep, seed) in enumerate([(removed(4), 4), (half, 8)]):
         expected = reference_train(images, labels, keep, seed, h)(test_images)
-        torch.testing.assert_close(logits[k], expected, rtol=1e-4, atol=1e-4)
+        # float32 rounding differs between grouped and plain convolutions and grows over the steps (1.3e-4
+        # seen); one removed example leaking into a batch moves logits by orders of magnitude more
+        torch.testing.assert_close(logits[k], expected, rtol=1e-3, atol=5e-4)
 
 
 def test_augmentation_moves_and_mirrors_the_whole_digit(digits):
