@@ -461,7 +461,7 @@ class Lookahead:
             t.copy_(e)
 
 
-def settings(**overrides):
+def make_hyp(**overrides):
     """The library defaults with `overrides` applied; unknown names are an error."""
     unknown = set(overrides) - set(hyp)
     if unknown:
@@ -475,7 +475,7 @@ def train94(images, labels, *, keep=None, seed=0, device=None, compile=False, **
     images: uint8 (N, 32, 32, 3); labels (N,); keep: indices of the examples to train on (default all);
     seed fixes init, data order and augmentation; hyperparameters: any key of `hyp`.
     """
-    h = settings(**hyperparameters)
+    h = make_hyp(**hyperparameters)
     device = torch.device(device or default_device())
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # autotune convs once per input shape

@@ -17,7 +17,7 @@ average +0.467; 13 of 20 easy examples significant, all negative, average -0.269
 import airbench
 import experiment
 
-hyp = airbench.settings(
+hyp = airbench.make_hyp(
     lr=5.0,              # per 1024 examples (library default 11.5)
     label_smoothing=0.0,  # library default 0.2
     batch_size=512,       # library default 1024

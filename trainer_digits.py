@@ -141,7 +141,7 @@ def load(data_dir=None):
 #       K models at once: parameters       #
 ############################################
 
-def settings(**overrides):
+def make_hyp(**overrides):
     """`hyp` with `overrides` applied; unknown names and norms are an error."""
     unknown = set(overrides) - set(hyp)
     if unknown:
@@ -256,7 +256,7 @@ def train(images, labels, *, keep, seed, device=None, **overrides):
     gradients or the BatchNorm statistics. Every model takes the
     same number of steps. A model that diverges ends with non-finite logits; the others are unaffected.
     """
-    h = settings(**overrides)
+    h = make_hyp(**overrides)
     if not isinstance(seed, (list, tuple)) or not isinstance(keep, (list, tuple)):
         raise TypeError('train takes lists: keep=[...] and seed=[...], one entry per model of the block')
     if len(keep) != len(seed):
@@ -317,4 +317,4 @@ def infer(nets, images):
 
 if __name__ == '__main__':
     raise SystemExit(experiment.main('digits', hyp, SMOKE, train, infer, __doc__, load=load, held_out=HELD_OUT,
-                                     block=BLOCK, runs=RUNS, check=settings))
+                                     block=BLOCK, runs=RUNS, check=make_hyp))

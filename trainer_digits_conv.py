@@ -68,7 +68,7 @@ RUNS = 300                     # runs per arm by default
 HELD_OUT = trainer_digits.HELD_OUT
 
 
-def settings(**overrides):
+def make_hyp(**overrides):
     """`hyp` with `overrides` applied; unknown names are an error."""
     unknown = set(overrides) - set(hyp)
     if unknown:
@@ -206,7 +206,7 @@ def train(images, labels, *, keep, seed, device=None, **overrides):
     takes the same steps; a removed example is masked out of the batch it falls in. A model that
     diverges ends with non-finite logits; the others of its block are unaffected.
     """
-    h = settings(**overrides)
+    h = make_hyp(**overrides)
     if not isinstance(seed, (list, tuple)) or not isinstance(keep, (list, tuple)):
         raise TypeError('train takes lists: keep=[...] and seed=[...], one entry per model of the block')
     if len(keep) != len(seed):

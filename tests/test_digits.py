@@ -129,7 +129,7 @@ def reference_train(images, labels, keep, seed, h):
 @pytest.mark.parametrize('loss_norm', trainer_digits.LOSS_NORMS)
 def test_masking_equals_training_on_the_kept_examples_alone(digits, loss_norm):
     images, labels, test_images, _ = digits
-    h = trainer_digits.settings(**TINY, loss_norm=loss_norm)
+    h = trainer_digits.make_hyp(**TINY, loss_norm=loss_norm)
     half = experiment.keep_for('scan', 8, len(labels), trainer_digits.HELD_OUT)  # batches of about 64
     nets = trainer_digits.train(images, labels, keep=[excluded(), half], seed=[4, 8], **TINY, loss_norm=loss_norm)
     logits = trainer_digits.infer(nets, test_images)

@@ -130,7 +130,7 @@ def reference_train(images, labels, keep, seed, h):
 @pytest.mark.parametrize('flip', [False, True])
 def test_masked_block_equals_plain_pytorch_on_the_kept_examples_alone(digits, flip):
     images, labels, test_images, _ = digits
-    h = conv.settings(**TINY, flip=flip)
+    h = conv.make_hyp(**TINY, flip=flip)
     half = store.keep_for('scan', 8, len(labels), conv.HELD_OUT)  # batches of about 64 kept rows
     nets = conv.train(images, labels, keep=[removed(4), half], seed=[4, 8], **TINY, flip=flip)
     logits = conv.infer(nets, test_images)
