@@ -240,8 +240,8 @@ def test_the_script_fills_a_store_through_the_harness(tmp_path):
     assert code == 0
     store = experiment.Store(tmp_path / 'store')
     for arm in ('with', 'without'):
-        logits, runs = store.load(arm)
+        logits, run_info = store.load(arm)
         assert logits.shape == (3, 1437, 10)
-        assert runs['seed'].tolist() == [0, 1, 2]
-        assert (runs['test_acc'] > 0.5).all()
+        assert run_info['seed'].tolist() == [0, 1, 2]
+        assert (run_info['test_acc'] > 0.5).all()
     assert store.settings['held_out'] == trainer_digits.HELD_OUT

@@ -187,11 +187,11 @@ def test_the_script_fills_a_factorial_store_through_the_harness(tmp_path):
     code = experiment.main('digitsconv', conv.hyp, conv.SMOKE, conv.train, conv.infer, conv.__doc__, argv=argv,
                            load=trainer_digits.load, held_out=conv.HELD_OUT, block=conv.BLOCK)
     assert code == 0
-    runs = store.Store(tmp_path / 'store')
-    assert runs.arms == ('a', 'b')
-    for arm in runs.arms:
-        logits, meta = runs.load(arm)
+    made = store.Store(tmp_path / 'store')
+    assert made.arms == ('a', 'b')
+    for arm in made.arms:
+        logits, run_info = made.load(arm)
         assert logits.shape == (2, 1437, 10) and np.isfinite(logits).all()
-        assert meta['seed'].tolist() == [0, 1]
-        assert ((meta['test_acc'] >= 0) & (meta['test_acc'] <= 1)).all()
-    assert runs.settings['hyp']['widths'] == conv.SMOKE['widths']
+        assert run_info['seed'].tolist() == [0, 1]
+        assert ((run_info['test_acc'] >= 0) & (run_info['test_acc'] <= 1)).all()
+    assert made.settings['hyp']['widths'] == conv.SMOKE['widths']
