@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from store import kept_mask
+
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
@@ -267,10 +269,7 @@ class Loader:
         self.images = normalise(images, self.device, self.dtype)  # (N, 3, 32, 32)
         if translate:
             self.padded = F.pad(self.images, (translate,) * 4, mode='reflect')
-        self.kept = torch.ones(self.n, dtype=torch.bool)
-        if keep is not None:
-            self.kept[:] = False
-            self.kept[torch.as_tensor(keep, dtype=torch.long)] = True
+        self.kept = torch.from_numpy(kept_mask(keep, self.n))  # (N,) bool, on the CPU
         self.kept_device = self.kept.to(self.device)
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0

@@ -132,10 +132,20 @@ def keep_for(arm, seed, n_train, held_out):
     raise ValueError(f'arm {arm!r}, expected with, without, a, b or scan')
 
 
+def kept_mask(keep, n_train):
+    """keep (None: every example, or the indices of the examples a run may see) -> (n_train,) bool,
+    True where the run may see the example. numpy; torch users take torch.from_numpy of it."""
+    if keep is None:
+        return np.ones(n_train, dtype=bool)
+    mask = np.zeros(n_train, dtype=bool)
+    mask[np.asarray(keep, dtype=np.int64)] = True
+    return mask
+
+
 def kept_bits(arm, seed, n_train, held_out):
     """keep_for as packed bits, one per training example (None when a run sees all of them)."""
     keep = keep_for(arm, seed, n_train, held_out)
-    return None if keep is None else np.packbits(np.isin(np.arange(n_train), keep))
+    return None if keep is None else np.packbits(kept_mask(keep, n_train))
 
 
 ############################################

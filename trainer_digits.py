@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 import airbench
 import experiment
+from store import kept_mask
 
 hyp = {
     'widths': [256, 256],      # hidden units per layer; 64 pixels in, 10 logits out
@@ -266,12 +267,7 @@ def train(images, labels, *, keep, seed, device=None, **overrides):
     n_batches = n_train // h['batch_size']
     if n_batches == 0:
         raise ValueError(f'{n_train} examples make no full batch of {h["batch_size"]}; lower batch_size.')
-    kept = torch.ones(k, n_train, dtype=torch.bool)  # (K, N): which examples each model may see
-    for row, keep_k in zip(kept, keep):
-        if keep_k is not None:
-            row[:] = False
-            row[torch.as_tensor(keep_k, dtype=torch.long)] = True
-    kept = kept.to(device)
+    kept = torch.from_numpy(np.stack([kept_mask(keep_k, n_train) for keep_k in keep])).to(device)  # (K, N) bool
     rngs = [np.random.default_rng(s) for s in seed]
 
     nets = make_nets(seed, h['widths'], h['norm'], device)

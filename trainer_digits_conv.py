@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import airbench
 import experiment
 import trainer_digits
+from store import kept_mask
 
 hyp = {
     'widths': [16, 32],        # channels of the conv groups; each group halves the resolution
@@ -216,12 +217,7 @@ def train(images, labels, *, keep, seed, device=None, **overrides):
     n_batches = n_train // batch_size
     if n_batches == 0:
         raise ValueError(f'{n_train} examples make no full batch of {batch_size}; lower batch_size.')
-    kept = torch.ones(k, n_train, dtype=torch.bool)  # (K, N): which examples each model may see
-    for row, keep_k in zip(kept, keep):
-        if keep_k is not None:
-            row[:] = False
-            row[torch.as_tensor(keep_k, dtype=torch.long)] = True
-    kept = kept.to(device)
+    kept = torch.from_numpy(np.stack([kept_mask(keep_k, n_train) for keep_k in keep])).to(device)  # (K, N) bool
     padded = canvas(images.to(device), h['pad'], h['translate'])
     size = 8 + 2 * h['pad']
     rngs = [np.random.default_rng(s) for s in seed]

@@ -24,7 +24,7 @@ import textwrap
 import numpy as np
 
 import stats
-from store import Store, StoreError, keep_for
+from store import Store, StoreError, keep_for, kept_mask
 from viz_io import (LEVEL, column_chunks, group_title, listed, note, note_progress, ptext, rows_of, save_csv,
                     save_json)
 
@@ -49,7 +49,7 @@ def scan_masks(store, seeds):
     n_train, held_out = store.settings['n_train'], store.settings['held_out']
     included = np.zeros((len(seeds), n_train), dtype=bool)
     for row, seed in zip(included, seeds):
-        row[keep_for('scan', int(seed), n_train, held_out)] = True
+        row[:] = kept_mask(keep_for('scan', int(seed), n_train, held_out), n_train)
     return included
 
 
