@@ -45,8 +45,8 @@ from store import kept_mask
 hyp = {
     'widths': [256, 256],      # hidden units per layer; 64 pixels in, 10 logits out
     'norm': 'batch',           # after each hidden linear layer: 'batch' (BatchNorm), 'layer' (LayerNorm) or 'none'
-    'bn_momentum': 0.1,        # weight of the NEW batch in BatchNorm's running statistics (PyTorch's convention;
-                               # airbench's batchnorm_momentum is the weight of the old statistic, 1 - this)
+    'bn_momentum': 0.1,        # weight of the NEW batch in BatchNorm's running statistics
+                               # (PyTorch's convention, as in every trainer here)
     'epochs': 15,              # passes over the training set
     'batch_size': 128,         # nominal examples per batch, before held-out ones are removed; last partial batch dropped
     'loss_norm': 'nominal',    # the batch loss = summed cross-entropy of the kept rows / batch_size ('nominal'),
