@@ -55,6 +55,8 @@ hyp = {
     'scaling_factor': 1 / 9,   # fixed multiplier of the output logits
     'batching': 'paired',      # with keep=: 'paired' (the others leave their batches) or 'rebatch' (full batches)
 }
+FLIPS = ('random', 'alternate', 'none')
+BATCHINGS = ('paired', 'rebatch')
 
 
 def default_device():
@@ -256,9 +258,9 @@ class Loader:
 
     def __init__(self, images, labels, batch_size, *, keep=None, flip='random', translate=0, cutout=0,
                  seed=0, device=None, dtype=None, drop_last=True, batching='paired'):
-        if flip not in ('random', 'alternate', 'none'):
+        if flip not in FLIPS:
             raise ValueError(f"flip={flip!r}, expected 'random', 'alternate' or 'none'")
-        if batching not in ('paired', 'rebatch'):
+        if batching not in BATCHINGS:
             raise ValueError(f"batching={batching!r}, expected 'paired' or 'rebatch'")
         self.device = torch.device(device or default_device())
         self.dtype = dtype or dtype_for(self.device)
@@ -461,11 +463,17 @@ class Lookahead:
 
 
 def make_hyp(**overrides):
-    """The library defaults with `overrides` applied; unknown names are an error."""
+    """The library defaults with `overrides` applied; unknown names and choices are an error (before
+    anything is trained: the harness calls it on the command line's --hyp)."""
     unknown = set(overrides) - set(hyp)
     if unknown:
         raise TypeError(f'unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(hyp)}')
-    return {**hyp, **overrides}
+    h = {**hyp, **overrides}
+    if h['flip'] not in FLIPS:
+        raise ValueError(f"flip={h['flip']!r}, expected 'random', 'alternate' or 'none'")
+    if h['batching'] not in BATCHINGS:
+        raise ValueError(f"batching={h['batching']!r}, expected 'paired' or 'rebatch'")
+    return h
 
 
 def train94(images, labels, *, keep=None, seed=0, device=None, compile=False, **hyperparameters):

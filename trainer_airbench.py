@@ -34,11 +34,5 @@ def infer(net, images):
     return airbench.infer(net, images, tta_level=0)
 
 
-def check(**h):
-    """Refuse, before anything is written, a setting train94 would refuse only once training starts."""
-    if h['flip'] not in ('random', 'alternate', 'none'):
-        raise ValueError(f"flip={h['flip']!r}, expected 'random', 'alternate' or 'none'")
-
-
 if __name__ == '__main__':
-    raise SystemExit(experiment.main('airbench', hyp, SMOKE, train, infer, __doc__, check=check))
+    raise SystemExit(experiment.main('airbench', hyp, SMOKE, train, infer, __doc__, check=airbench.make_hyp))

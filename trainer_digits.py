@@ -313,4 +313,4 @@ def infer(nets, images):
 
 if __name__ == '__main__':
     raise SystemExit(experiment.main('digits', hyp, SMOKE, train, infer, __doc__, load=load, held_out=HELD_OUT,
-                                     block=BLOCK, runs=RUNS, check=make_hyp))
+                                     block=BLOCK, runs=RUNS, check=make_hyp, data_dir=False))

@@ -5,8 +5,8 @@ airbench recipe than trainer_digits.py's MLP? Same data and harness as trainer_d
 digits, 1437 training and 360 test images, `experiment.main`), but the net and its training follow
 airbench94: conv groups (3x3 conv -> 2x2 max-pool -> BatchNorm -> GELU -> 3x3 conv -> BatchNorm -> GELU)
 with BatchNorm scale frozen at 1, a global max-pool and a bias-free linear layer times a fixed factor;
-random translation (and, with flip=random, flips) per model, per example, per epoch; cross-entropy summed over the kept rows
-of a batch with hyperparameters per 1024 examples (so a removed example up-weights nothing); Nesterov
+random translation (and, with flip=random, flips) per model, per example, per epoch; cross-entropy
+summed over the kept rows of a batch with hyperparameters per 1024 examples (so a removed example up-weights nothing); Nesterov
 SGD; a triangular lr; lookahead. BLOCK models train at once: grouped convolutions (groups = models) and
 masked BatchNorm over each model's kept rows (trainer_digits.batch_norm).
 
@@ -299,4 +299,4 @@ def infer(nets, images, chunk=512):
 
 if __name__ == '__main__':
     raise SystemExit(experiment.main('digitsconv', hyp, SMOKE, train, infer, __doc__, load=trainer_digits.load,
-                                     held_out=HELD_OUT, block=BLOCK, runs=RUNS))
+                                     held_out=HELD_OUT, block=BLOCK, runs=RUNS, check=make_hyp, data_dir=False))

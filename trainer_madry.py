@@ -174,4 +174,5 @@ def infer(net, images):
 
 
 if __name__ == '__main__':
-    raise SystemExit(experiment.main(trainer='madry', hyp=hyp, smoke=SMOKE, train=train, infer=infer, doc=__doc__))
+    raise SystemExit(experiment.main(trainer='madry', hyp=hyp, smoke=SMOKE, train=train, infer=infer, doc=__doc__,
+                                     check=make_hyp))
