@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from store import kept_mask
+
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
@@ -53,6 +55,8 @@ hyp = {
     'scaling_factor': 1 / 9,   # fixed multiplier of the output logits
     'batching': 'paired',      # with keep=: 'paired' (the others leave their batches) or 'rebatch' (full batches)
 }
+FLIPS = ('random', 'alternate', 'none')
+BATCHINGS = ('paired', 'rebatch')
 
 
 def default_device():
@@ -254,9 +258,9 @@ class Loader:
 
     def __init__(self, images, labels, batch_size, *, keep=None, flip='random', translate=0, cutout=0,
                  seed=0, device=None, dtype=None, drop_last=True, batching='paired'):
-        if flip not in ('random', 'alternate', 'none'):
+        if flip not in FLIPS:
             raise ValueError(f"flip={flip!r}, expected 'random', 'alternate' or 'none'")
-        if batching not in ('paired', 'rebatch'):
+        if batching not in BATCHINGS:
             raise ValueError(f"batching={batching!r}, expected 'paired' or 'rebatch'")
         self.device = torch.device(device or default_device())
         self.dtype = dtype or dtype_for(self.device)
@@ -267,10 +271,7 @@ class Loader:
         self.images = normalise(images, self.device, self.dtype)  # (N, 3, 32, 32)
         if translate:
             self.padded = F.pad(self.images, (translate,) * 4, mode='reflect')
-        self.kept = torch.ones(self.n, dtype=torch.bool)
-        if keep is not None:
-            self.kept[:] = False
-            self.kept[torch.as_tensor(keep, dtype=torch.long)] = True
+        self.kept = torch.from_numpy(kept_mask(keep, self.n))  # (N,) bool, on the CPU
         self.kept_device = self.kept.to(self.device)
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
@@ -461,12 +462,18 @@ class Lookahead:
             t.copy_(e)
 
 
-def settings(**overrides):
-    """The library defaults with `overrides` applied; unknown names are an error."""
+def make_hyp(**overrides):
+    """The library defaults with `overrides` applied; unknown names and choices are an error (before
+    anything is trained: the harness calls it on the command line's --hyp)."""
     unknown = set(overrides) - set(hyp)
     if unknown:
         raise TypeError(f'unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(hyp)}')
-    return {**hyp, **overrides}
+    h = {**hyp, **overrides}
+    if h['flip'] not in FLIPS:
+        raise ValueError(f"flip={h['flip']!r}, expected 'random', 'alternate' or 'none'")
+    if h['batching'] not in BATCHINGS:
+        raise ValueError(f"batching={h['batching']!r}, expected 'paired' or 'rebatch'")
+    return h
 
 
 def train94(images, labels, *, keep=None, seed=0, device=None, compile=False, **hyperparameters):
@@ -475,7 +482,7 @@ def train94(images, labels, *, keep=None, seed=0, device=None, compile=False, **
     images: uint8 (N, 32, 32, 3); labels (N,); keep: indices of the examples to train on (default all);
     seed fixes init, data order and augmentation; hyperparameters: any key of `hyp`.
     """
-    h = settings(**hyperparameters)
+    h = make_hyp(**hyperparameters)
     device = torch.device(device or default_device())
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # autotune convs once per input shape

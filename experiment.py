@@ -47,16 +47,22 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def parse_args(trainer, doc, argv=None, runs=1000):
+def parse_args(trainer, doc, argv=None, runs=1000, hyp=None, smoke=None, data_dir=True):
+    """The trainer's command line; the help of --smoke and --hyp is taken from its `smoke` and `hyp`
+    dicts, and --data-dir is offered only when the trainer reads a data folder (`data_dir`)."""
+    hyp, smoke = hyp or {}, smoke or {}
     p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--runs', type=int, default=runs, help=f'runs per arm (default {runs}); rerun with more to extend')
     p.add_argument('--out', help=f'store folder (default runs/{trainer}, runs/{trainer}-scan with --scan, runs/{trainer}-factorial '
                                  'with --design factorial, '
                                  '-smoke appended with --smoke)')
-    p.add_argument('--data-dir', default='data', help='folder with CIFAR-10 (downloaded there if absent)')
+    if data_dir:
+        p.add_argument('--data-dir', default='data', help='folder with CIFAR-10 (downloaded there if absent)')
+    else:
+        p.set_defaults(data_dir=None)  # the data ship with a package
     p.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda if present)')
     p.add_argument('--gpus', help='comma-separated GPU ids, one worker each (default: every visible GPU)')
-    p.add_argument('--smoke', action='store_true', help='a tiny net and a short training: seconds per run')
+    p.add_argument('--smoke', action='store_true', help=smoke_help(hyp, smoke))
     p.add_argument('--scan', action='store_true',
                    help='instead of the with/without arms: runs on a random half of the training set each '
                         '(arm "scan"), to estimate the self-influence of every example (python viz.py --scan)')
@@ -68,10 +74,32 @@ def parse_args(trainer, doc, argv=None, runs=1000):
                                                  f'{SCAN_SEED_BASE} with --scan, so the ranges are disjoint)')
     p.add_argument('--held-out', help='JSON file {"random": [...], "easy": [...]} replacing the default indices')
     p.add_argument('--hyp', action='append', default=[], metavar='KEY=VALUE',
-                   help='override a hyperparameter of the trainer\'s hyp dict (repeatable); VALUE must have '
-                        'the type and sign of the default; the default --out then names the overrides')
+                   help='override a hyperparameter of the trainer\'s hyp dict (repeatable)' + hyp_example(hyp) +
+                        '; VALUE must have the type and sign of the default; the default --out then names '
+                        'the overrides' + (f'. KEY one of: {", ".join(hyp)}' if hyp else ''))
     p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)  # a child of a multi-GPU launch
     return p.parse_args(argv)
+
+
+def smoke_help(hyp, smoke):
+    """What --smoke changes, from the trainer's SMOKE dict: 'widths=[32, 32] (default [256, 256]), ...'."""
+    if not smoke:
+        return 'a short training to check the plumbing'
+    changes = ', '.join(f'{k}={json.dumps(v)}' + (f' (default {json.dumps(hyp[k])})' if k in hyp else '')
+                        for k, v in smoke.items())
+    return f'check the plumbing in seconds per run: {changes}'
+
+
+def hyp_example(hyp):
+    """', e.g. --hyp epochs=30' with twice the trainer's epochs (any trainer accepts more epochs), else
+    its first key at its default."""
+    if 'epochs' in hyp:
+        return f', e.g. --hyp epochs={json.dumps(hyp["epochs"] * 2)}'
+    if hyp:
+        key = next(iter(hyp))
+        value = hyp[key] if isinstance(hyp[key], str) else json.dumps(hyp[key])
+        return f', e.g. --hyp {key}={value}'
+    return ''
 
 
 def check_command(args, hyp, smoke=None, check=None):
@@ -248,7 +276,7 @@ def load_cifar10(data_dir):
 
 
 def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, held_out=HELD_OUT, block=1,
-         runs=1000, check=None, steps=None):
+         runs=1000, check=None, steps=None, data_dir=True):
     """Run the with/without experiment (or a scan, or the factorial design) for one trainer; returns the
     process exit code. Every argument is checked before anything is written.
 
@@ -257,10 +285,12 @@ def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, h
     the trainer trains that many models at once. runs: the default of --runs. check(**hyp): the
     trainer's own check of a full set of hyperparameters (e.g. a choice among names), raising
     ValueError or TypeError. steps(hyp, n_train): optimizer steps of one run (default_steps if None),
-    for the cost of a full-size run on a CPU and the progress within long runs.
+    for the cost of a full-size run on a CPU and the progress within long runs. data_dir: whether `load`
+    reads the folder of --data-dir (False: the data ship with a package; load gets None, --data-dir is
+    not offered).
     """
     try:
-        args = parse_args(trainer, doc, argv, runs)
+        args = parse_args(trainer, doc, argv, runs, hyp, smoke, data_dir)
         plan = check_command(args, hyp, smoke, check)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)

@@ -132,10 +132,20 @@ def keep_for(arm, seed, n_train, held_out):
     raise ValueError(f'arm {arm!r}, expected with, without, a, b or scan')
 
 
+def kept_mask(keep, n_train):
+    """keep (None: every example, or the indices of the examples a run may see) -> (n_train,) bool,
+    True where the run may see the example. numpy; torch users take torch.from_numpy of it."""
+    if keep is None:
+        return np.ones(n_train, dtype=bool)
+    mask = np.zeros(n_train, dtype=bool)
+    mask[np.asarray(keep, dtype=np.int64)] = True
+    return mask
+
+
 def kept_bits(arm, seed, n_train, held_out):
     """keep_for as packed bits, one per training example (None when a run sees all of them)."""
     keep = keep_for(arm, seed, n_train, held_out)
-    return None if keep is None else np.packbits(np.isin(np.arange(n_train), keep))
+    return None if keep is None else np.packbits(kept_mask(keep, n_train))
 
 
 ############################################
@@ -785,8 +795,8 @@ class Store:
     # ---- reading runs back: the pack ----
 
     def load(self, arm):
-        """(logits, runs): logits (N, n_train, 10) float16, every valid run of `arm` in run order
-        (memory-mapped from the pack; in memory when the store cannot be written); runs: 'run', 'seed',
+        """(logits, run_info): logits (N, n_train, 10) float16, every valid run of `arm` in run order
+        (memory-mapped from the pack; in memory when the store cannot be written); run_info: 'run', 'seed',
         'seconds', 'test_acc' arrays of length N."""
         if arm not in self.arms:
             raise ValueError(f'arm {arm!r}, expected one of {self.arms}')
@@ -875,7 +885,7 @@ class Store:
 
     def _pack(self, arm, files):
         """Write the pack of every valid run, sequentially, reusing the rows of the previous pack for
-        run files that did not change; bad run files are moved aside. Returns (logits, runs) or None
+        run files that did not change; bad run files are moved aside. Returns (logits, run_info) or None
         if the store changed meanwhile; analyses from the run files if the pack cannot be written."""
         n_train = self.settings['n_train']
         data, index_file = self._pack_paths(arm)
@@ -956,7 +966,7 @@ class Store:
                                              f'{os.path.join(self.path, arm)} directly, in memory')
         n_train = self.settings['n_train']
         logits = np.empty((len(files), n_train, 10), np.float16)
-        runs = {k: [] for k in ('run', 'seed', 'seconds', 'test_acc')}
+        run_info = {k: [] for k in ('run', 'seed', 'seconds', 'test_acc')}
         bad = []
         for run in sorted(files):
             try:
@@ -968,11 +978,11 @@ class Store:
             except StoreError as e:
                 bad.append((run, str(e), files[run]))
                 continue
-            logits[len(runs['run'])] = rec['logits']
-            for k in runs:
-                runs[k].append(rec[k].item())
-        self._set_aside_runs(arm, bad, good=len(runs['run']))
-        return logits[:len(runs['run'])], {k: np.asarray(v) for k, v in runs.items()}
+            logits[len(run_info['run'])] = rec['logits']
+            for k in run_info:
+                run_info[k].append(rec[k].item())
+        self._set_aside_runs(arm, bad, good=len(run_info['run']))
+        return logits[:len(run_info['run'])], {k: np.asarray(v) for k, v in run_info.items()}
 
 
 def _npy_header(shape):

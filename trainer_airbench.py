@@ -17,7 +17,7 @@ average +0.467; 13 of 20 easy examples significant, all negative, average -0.269
 import airbench
 import experiment
 
-hyp = airbench.settings(
+hyp = airbench.make_hyp(
     lr=5.0,              # per 1024 examples (library default 11.5)
     label_smoothing=0.0,  # library default 0.2
     batch_size=512,       # library default 1024
@@ -34,11 +34,5 @@ def infer(net, images):
     return airbench.infer(net, images, tta_level=0)
 
 
-def check(**h):
-    """Refuse, before anything is written, a setting train94 would refuse only once training starts."""
-    if h['flip'] not in ('random', 'alternate', 'none'):
-        raise ValueError(f"flip={h['flip']!r}, expected 'random', 'alternate' or 'none'")
-
-
 if __name__ == '__main__':
-    raise SystemExit(experiment.main('airbench', hyp, SMOKE, train, infer, __doc__, check=check))
+    raise SystemExit(experiment.main('airbench', hyp, SMOKE, train, infer, __doc__, check=airbench.make_hyp))

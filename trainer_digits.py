@@ -40,12 +40,13 @@ import torch.nn.functional as F
 
 import airbench
 import experiment
+from store import kept_mask
 
 hyp = {
     'widths': [256, 256],      # hidden units per layer; 64 pixels in, 10 logits out
     'norm': 'batch',           # after each hidden linear layer: 'batch' (BatchNorm), 'layer' (LayerNorm) or 'none'
-    'bn_momentum': 0.1,        # weight of the NEW batch in BatchNorm's running statistics (PyTorch's convention;
-                               # airbench's batchnorm_momentum is the weight of the old statistic, 1 - this)
+    'bn_momentum': 0.1,        # weight of the NEW batch in BatchNorm's running statistics
+                               # (PyTorch's convention, as in every trainer here)
     'epochs': 15,              # passes over the training set
     'batch_size': 128,         # nominal examples per batch, before held-out ones are removed; last partial batch dropped
     'loss_norm': 'nominal',    # the batch loss = summed cross-entropy of the kept rows / batch_size ('nominal'),
@@ -141,7 +142,7 @@ def load(data_dir=None):
 #       K models at once: parameters       #
 ############################################
 
-def settings(**overrides):
+def make_hyp(**overrides):
     """`hyp` with `overrides` applied; unknown names and norms are an error."""
     unknown = set(overrides) - set(hyp)
     if unknown:
@@ -256,7 +257,7 @@ def train(images, labels, *, keep, seed, device=None, **overrides):
     gradients or the BatchNorm statistics. Every model takes the
     same number of steps. A model that diverges ends with non-finite logits; the others are unaffected.
     """
-    h = settings(**overrides)
+    h = make_hyp(**overrides)
     if not isinstance(seed, (list, tuple)) or not isinstance(keep, (list, tuple)):
         raise TypeError('train takes lists: keep=[...] and seed=[...], one entry per model of the block')
     if len(keep) != len(seed):
@@ -266,12 +267,7 @@ def train(images, labels, *, keep, seed, device=None, **overrides):
     n_batches = n_train // h['batch_size']
     if n_batches == 0:
         raise ValueError(f'{n_train} examples make no full batch of {h["batch_size"]}; lower batch_size.')
-    kept = torch.ones(k, n_train, dtype=torch.bool)  # (K, N): which examples each model may see
-    for row, keep_k in zip(kept, keep):
-        if keep_k is not None:
-            row[:] = False
-            row[torch.as_tensor(keep_k, dtype=torch.long)] = True
-    kept = kept.to(device)
+    kept = torch.from_numpy(np.stack([kept_mask(keep_k, n_train) for keep_k in keep])).to(device)  # (K, N) bool
     rngs = [np.random.default_rng(s) for s in seed]
 
     nets = make_nets(seed, h['widths'], h['norm'], device)
@@ -317,4 +313,4 @@ def infer(nets, images):
 
 if __name__ == '__main__':
     raise SystemExit(experiment.main('digits', hyp, SMOKE, train, infer, __doc__, load=load, held_out=HELD_OUT,
-                                     block=BLOCK, runs=RUNS, check=settings))
+                                     block=BLOCK, runs=RUNS, check=make_hyp, data_dir=False))

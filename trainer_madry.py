@@ -51,7 +51,7 @@ SMOKE = {
 }
 
 
-def settings(**overrides):
+def make_hyp(**overrides):
     """`hyp` with `overrides` applied; unknown names are an error."""
     unknown = set(overrides) - set(hyp)
     if unknown:
@@ -123,7 +123,7 @@ def train(images, labels, *, keep=None, seed=0, device=None, **overrides):
     all; the others are never in a batch, and the run takes the same steps as without keep);
     seed fixes init, data order and augmentation; overrides: any key of `hyp`.
     """
-    h = settings(**overrides)
+    h = make_hyp(**overrides)
     device = torch.device(device or airbench.default_device())
     cuda = device.type == 'cuda'  # float16 autocast with loss scaling on CUDA; plain float32 on CPU
     torch.backends.cudnn.benchmark = cuda  # autotune convs once per input shape
@@ -174,4 +174,5 @@ def infer(net, images):
 
 
 if __name__ == '__main__':
-    raise SystemExit(experiment.main(trainer='madry', hyp=hyp, smoke=SMOKE, train=train, infer=infer, doc=__doc__))
+    raise SystemExit(experiment.main(trainer='madry', hyp=hyp, smoke=SMOKE, train=train, infer=infer, doc=__doc__,
+                                     check=make_hyp))

@@ -85,8 +85,8 @@ def analyse(store, groups, test='welch', alpha=0.01, controls=viz_controls.CONTR
     'groups' [(name, positions)], per-group summaries, counts, the paired results if any and, with
     controls > 0, the control-adjusted results (see analyse_controls)."""
     idx = np.concatenate([ix for _, ix in groups])
-    a, runs_a = drop_nonfinite('with', *read_margins(store, 'with', idx), idx)
-    b, runs_b = drop_nonfinite('without', *read_margins(store, 'without', idx), idx)
+    a, info_with = drop_nonfinite('with', *read_margins(store, 'with', idx), idx)
+    b, info_without = drop_nonfinite('without', *read_margins(store, 'without', idx), idx)
     if len(a) < 2 or len(b) < 2:
         raise StoreError(f'{store.path} holds {len(a)} usable run(s) with and {len(b)} without; '
                          'a two-sample test needs at least 2 in each arm. Let the trainer finish more runs.')
@@ -122,7 +122,7 @@ def analyse(store, groups, test='welch', alpha=0.01, controls=viz_controls.CONTR
             significant_mean=si[sig].mean() if sig.any() else np.nan)
 
     # Seed-matched pairs: run k of both arms is trained with the same seed.
-    _, ia, ib = np.intersect1d(runs_a['seed'], runs_b['seed'], return_indices=True)
+    _, ia, ib = np.intersect1d(info_with['seed'], info_without['seed'], return_indices=True)
     meta['n_pairs'] = len(ia)
     if len(ia) >= 2:
         pa, pb = a[ia], b[ib]
@@ -136,11 +136,11 @@ def analyse(store, groups, test='welch', alpha=0.01, controls=viz_controls.CONTR
     res.update(meta)
     res['control_k'] = controls
     if controls:
-        analyse_controls(store, res, a, b, runs_a, runs_b)
+        analyse_controls(store, res, a, b, info_with, info_without)
     return res
 
 
-def analyse_controls(store, res, a, b, runs_a, runs_b):
+def analyse_controls(store, res, a, b, info_with, info_without):
     """Controls of each held-out example: up to res['control_k'] training examples that are never held out,
     with its label and the nearest mean margin in `with` (one streamed pass over the `with` arm, then only
     their columns of both arms). Both arms train on them, so their shift with - without is no
@@ -156,19 +156,19 @@ def analyse_controls(store, res, a, b, runs_a, runs_b):
     Selecting controls by their `with` mean biases their shift by about se^2 x the slope of the log density
     of mean margins at the target (se: standard error of a mean margin, about 0.03 at 1000 runs): far
     below the effects measured."""
-    mean_with = mean_margins(store, 'with', runs_a['run'])  # (n_train,)
+    mean_with = mean_margins(store, 'with', info_with['run'])  # (n_train,)
     controls = viz_controls.pick(store, mean_with, res['index'], res['mean_with'], res['control_k'])
-    ca = viz_controls.per_run_means(store, 'with', controls, runs_a['run'])  # (n_with, m)
-    cb = viz_controls.per_run_means(store, 'without', controls, runs_b['run'])
+    ca = viz_controls.per_run_means(store, 'with', controls, info_with['run'])  # (n_with, m)
+    cb = viz_controls.per_run_means(store, 'without', controls, info_without['run'])
     has = np.array([len(c) > 0 for c in controls])
     # A run diverged at a control but not at a held-out example: left out of the control analysis only.
     ok_a, ok_b = np.isfinite(ca[:, has]).all(1), np.isfinite(cb[:, has]).all(1)
-    for arm, ok, runs in (('with', ok_a, runs_a), ('without', ok_b, runs_b)):
+    for arm, ok, run_info in (('with', ok_a, info_with), ('without', ok_b, info_without)):
         if not ok.all():
             note(f'{arm} arm: {(~ok).sum()} run(s) with non-finite logits at a control example, left out of the '
-                 f'control analysis: runs {listed(runs["run"][~ok].tolist())}.')
+                 f'control analysis: runs {listed(run_info["run"][~ok].tolist())}.')
     a, b, ca, cb = a[ok_a], b[ok_b], ca[ok_a], cb[ok_b]
-    _, pa, pb = np.intersect1d(runs_a['seed'][ok_a], runs_b['seed'][ok_b], return_indices=True)
+    _, pa, pb = np.intersect1d(info_with['seed'][ok_a], info_without['seed'][ok_b], return_indices=True)
     if len(pa) >= 2:
         compare = lambda x, y: stats.paired_test(x[pa], y[pb])
         res['control_test'], res['control_runs'] = 'paired', len(pa)

@@ -35,14 +35,14 @@ def pick(store, mean_margin, idx, target, k):
     return controls
 
 
-def per_run_means(store, arm, controls, runs):
+def per_run_means(store, arm, controls, run_numbers):
     """Per run, the mean margin of each held-out example's controls, reading only their columns.
-    controls: list of m index arrays; runs: the run numbers wanted (stored runs of `arm`), in any order.
-    -> (len(runs), m) float64 (NaN where an example has no controls or a control's margin is not finite)."""
+    controls: list of m index arrays; run_numbers: the runs wanted (stored runs of `arm`), in any order.
+    -> (len(run_numbers), m) float64 (NaN where an example has no controls or a control's margin is not finite)."""
     columns = np.unique(np.concatenate([*controls, np.zeros(0, np.int64)]))
-    margins, index = read_margins(store, arm, columns)
-    margins = margins[np.searchsorted(index['run'], runs)]  # (len(runs), columns); stored runs are sorted
-    out = np.full((len(runs), len(controls)), np.nan)
+    margins, run_info = read_margins(store, arm, columns)
+    margins = margins[np.searchsorted(run_info['run'], run_numbers)]  # (len(run_numbers), columns); stored runs are sorted
+    out = np.full((len(run_numbers), len(controls)), np.nan)
     for j, c in enumerate(controls):
         if len(c):
             out[:, j] = margins[:, np.searchsorted(columns, c)].mean(1)

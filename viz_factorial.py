@@ -42,27 +42,27 @@ def read_pairs(store, idx):
     """Margins of the held-out examples idx (m,) in both runs of every complete pair with finite margins,
     and which run of each pair kept each example. Pairs missing one half or with a non-finite margin at a
     held-out example are left out, with a note on stderr.
-    -> ma, mb (pairs, m) float64; kept_in_a (pairs, m) bool; runs: dict of (pairs,) arrays seed, run_a, run_b."""
-    ma, runs_a = read_margins(store, 'a', idx)
-    mb, runs_b = read_margins(store, 'b', idx)
-    seeds, ia, ib = np.intersect1d(runs_a['seed'], runs_b['seed'], return_indices=True)
-    for arm, other, runs in (('a', 'b', runs_a), ('b', 'a', runs_b)):
-        lone = runs['run'][~np.isin(runs['seed'], seeds)]
+    -> ma, mb (pairs, m) float64; kept_in_a (pairs, m) bool; pair_info: dict of (pairs,) arrays seed, run_a, run_b."""
+    ma, info_a = read_margins(store, 'a', idx)
+    mb, info_b = read_margins(store, 'b', idx)
+    seeds, ia, ib = np.intersect1d(info_a['seed'], info_b['seed'], return_indices=True)
+    for arm, other, run_info in (('a', 'b', info_a), ('b', 'a', info_b)):
+        lone = run_info['run'][~np.isin(run_info['seed'], seeds)]
         if len(lone):
             note(f'{len(lone)} run(s) of arm {arm} without the run of arm {other} that shares their seed, left out '
                  f'(a pair needs both): runs {listed(lone.tolist())}. Let the trainer finish them.')
     ma, mb = ma[ia], mb[ib]
-    runs = dict(seed=seeds, run_a=runs_a['run'][ia], run_b=runs_b['run'][ib])
+    pair_info = dict(seed=seeds, run_a=info_a['run'][ia], run_b=info_b['run'][ib])
     bad = ~(np.isfinite(ma).all(1) & np.isfinite(mb).all(1))
     if bad.any():
         where = lambda k: ', '.join(str(idx[j]) for j in np.flatnonzero(~np.isfinite(ma[k]) | ~np.isfinite(mb[k])))
         note(f'{bad.sum()} pair(s) with non-finite logits at held-out examples, left out of every statistic: '
-             + '; '.join(f'seed {runs["seed"][k]} at example(s) {where(k)}' for k in np.flatnonzero(bad)[:10])
+             + '; '.join(f'seed {pair_info["seed"][k]} at example(s) {where(k)}' for k in np.flatnonzero(bad)[:10])
              + (f' and {bad.sum() - 10} more' if bad.sum() > 10 else '') + '. Such runs diverged.')
     ok = ~bad
-    runs = {k: v[ok] for k, v in runs.items()}
-    kept_in_a = ~np.array([factorial_split(int(s), len(idx)) for s in runs['seed']], dtype=bool).reshape(-1, len(idx))
-    return ma[ok], mb[ok], kept_in_a, runs
+    pair_info = {k: v[ok] for k, v in pair_info.items()}
+    kept_in_a = ~np.array([factorial_split(int(s), len(idx)) for s in pair_info['seed']], dtype=bool).reshape(-1, len(idx))
+    return ma[ok], mb[ok], kept_in_a, pair_info
 
 
 def estimate(ma, mb, kept_in_a, positions, alpha=0.01):
@@ -106,7 +106,7 @@ def analyse_factorial(store, groups, alpha=0.01, controls=viz_controls.CONTROLS)
     """Every statistic of the factorial report (see estimate), plus the store's facts and, with
     controls > 0, the control statistics (viz_controls.analyse)."""
     idx = np.concatenate([ix for _, ix in groups])
-    ma, mb, kept_in_a, runs = read_pairs(store, idx)
+    ma, mb, kept_in_a, pair_info = read_pairs(store, idx)
     if len(ma) < 2:
         raise StoreError(f'{store.path} holds {len(ma)} complete pair(s) of runs (a and b of one seed, finite '
                          'margins); the paired test needs at least 2 (in practice hundreds). Let the trainer '
@@ -117,23 +117,23 @@ def analyse_factorial(store, groups, alpha=0.01, controls=viz_controls.CONTROLS)
                index=idx, group=np.array([name for name, ix in groups for _ in ix]), groups=positions,
                control_k=controls)
     if controls:
-        analyse_controls(store, res, ma, mb, kept_in_a, runs)
+        analyse_controls(store, res, ma, mb, kept_in_a, pair_info)
     return res
 
 
-def analyse_controls(store, res, ma, mb, kept_in_a, runs):
+def analyse_controls(store, res, ma, mb, kept_in_a, pair_info):
     """Controls matched on the mean margin when kept: for a held-out example, over the pairs, in the run
     that kept it; for the others (kept in every run), over the runs of arm a. Compared like the example:
     kept side against removed side of each pair, paired."""
-    mean_a = mean_margins(store, 'a', runs['run_a'])  # (n_train,)
+    mean_a = mean_margins(store, 'a', pair_info['run_a'])  # (n_train,)
     controls = viz_controls.pick(store, mean_a, res['index'], res['mean_kept'], res['control_k'])
-    ca = viz_controls.per_run_means(store, 'a', controls, runs['run_a'])  # (pairs, m)
-    cb = viz_controls.per_run_means(store, 'b', controls, runs['run_b'])
+    ca = viz_controls.per_run_means(store, 'a', controls, pair_info['run_a'])  # (pairs, m)
+    cb = viz_controls.per_run_means(store, 'b', controls, pair_info['run_b'])
     has = np.array([len(c) > 0 for c in controls])
     ok = np.isfinite(ca[:, has]).all(1) & np.isfinite(cb[:, has]).all(1)
     if not ok.all():
         note(f'{(~ok).sum()} pair(s) with non-finite logits at a control example, left out of the control '
-             f'analysis: seeds {listed(runs["seed"][~ok].tolist())}.')
+             f'analysis: seeds {listed(pair_info["seed"][~ok].tolist())}.')
     if ok.sum() < 2:
         res['control_skipped'] = f'{ok.sum()} pair(s) with finite control margins; at least 2 are needed.'
         return

@@ -94,35 +94,35 @@ def column_chunks(logits, idx):
 
 def read_margins(store, arm, idx):
     """Margins of the examples idx (m,) in every finished run of `arm`.
-    -> margins (N, m) float64, runs (dict of (N,) arrays: run, seed, seconds, test_acc)."""
-    logits, runs = store.load(arm)  # (N, n_train, 10) float16, memory-mapped
+    -> margins (N, m) float64, run_info (dict of (N,) arrays: run, seed, seconds, test_acc)."""
+    logits, run_info = store.load(arm)  # (N, n_train, 10) float16, memory-mapped
     labels = store.labels[idx]
     out = np.empty((len(logits), len(idx)))
     for lo, chunk in column_chunks(logits, idx):
         out[lo:lo + len(chunk)] = stats.margins(chunk, labels)
-    return out, runs
+    return out, run_info
 
 
-def drop_nonfinite(arm, margins, runs, idx, what='held-out examples'):
+def drop_nonfinite(arm, margins, run_info, idx, what='held-out examples'):
     """Leave out runs with a NaN/inf margin at any column; say which runs and examples."""
     bad = ~np.isfinite(margins)  # (N, m)
     rows = np.flatnonzero(bad.any(1))
     if len(rows):
         where = lambda r: ', '.join(str(idx[j]) for j in np.flatnonzero(bad[r]))
-        shown = '; '.join(f'run {runs["run"][r]} at example(s) {where(r)}' for r in rows[:10])
+        shown = '; '.join(f'run {run_info["run"][r]} at example(s) {where(r)}' for r in rows[:10])
         more = f' and {len(rows) - 10} more' if len(rows) > 10 else ''
         note(f'{arm} arm: {len(rows)} run(s) with non-finite logits at {what}, left out of '
              f'every statistic: {shown}{more}. Such runs diverged; retrain them if they are many.')
     keep = np.setdiff1d(np.arange(len(margins)), rows)
-    return margins[keep], {k: np.asarray(v)[keep] for k, v in runs.items()}
+    return margins[keep], {k: np.asarray(v)[keep] for k, v in run_info.items()}
 
 
-def mean_margins(store, arm, runs=None):
-    """Every training example's mean margin over the runs of `arm` (the numbers in `runs`, default all),
+def mean_margins(store, arm, run_numbers=None):
+    """Every training example's mean margin over the runs of `arm` (those numbered in `run_numbers`, default all),
     one streamed pass, CHUNK runs in memory at a time. A non-finite margin counts for nothing.
     -> (n_train,) float64, NaN for an example with no finite margin."""
-    logits, index = store.load(arm)
-    use = np.ones(len(logits), bool) if runs is None else np.isin(index['run'], runs)
+    logits, run_info = store.load(arm)
+    use = np.ones(len(logits), bool) if run_numbers is None else np.isin(run_info['run'], run_numbers)
     every = np.arange(store.settings['n_train'])
     total, count = np.zeros(len(every)), np.zeros(len(every), np.int64)
     for lo, chunk in column_chunks(logits, every):

@@ -24,7 +24,7 @@ import textwrap
 import numpy as np
 
 import stats
-from store import Store, StoreError, keep_for
+from store import Store, StoreError, keep_for, kept_mask
 from viz_io import (LEVEL, column_chunks, group_title, listed, note, note_progress, ptext, rows_of, save_csv,
                     save_json)
 
@@ -49,17 +49,17 @@ def scan_masks(store, seeds):
     n_train, held_out = store.settings['n_train'], store.settings['held_out']
     included = np.zeros((len(seeds), n_train), dtype=bool)
     for row, seed in zip(included, seeds):
-        row[keep_for('scan', int(seed), n_train, held_out)] = True
+        row[:] = kept_mask(keep_for('scan', int(seed), n_train, held_out), n_train)
     return included
 
 
-def scan_chunks(store, logits, runs, left_out):
+def scan_chunks(store, logits, run_info, left_out):
     """Yield (margins (k, n_train) float64, included (k, n_train) bool, odd (k,) bool: odd run number),
     CHUNK runs of logits (N, n_train, 10) at a time. Runs with a non-finite margin are skipped; their run
     numbers are appended to left_out."""
     every = np.arange(store.settings['n_train'])
     for lo, chunk in column_chunks(logits, every):
-        seeds, numbers = runs['seed'][lo:lo + len(chunk)], runs['run'][lo:lo + len(chunk)]
+        seeds, numbers = run_info['seed'][lo:lo + len(chunk)], run_info['run'][lo:lo + len(chunk)]
         m = stats.margins(chunk, store.labels)
         ok = np.isfinite(m).all(1)
         left_out += [int(r) for r in numbers[~ok]]
@@ -71,14 +71,14 @@ def analyse(store, alpha=0.01, top=20):
     mean_in, ..., rank, high_margin, tested, self_influence_even / _odd: the estimates from the even and
     the odd run numbers alone), the scan's summary (runs, counts, threshold) and 'reliability' (see
     reliability; `top`: the length of the lists it compares)."""
-    logits, runs = store.load('scan')  # (N, n_train, 10) float16, memory-mapped
+    logits, run_info = store.load('scan')  # (N, n_train, 10) float16, memory-mapped
     if len(logits) < 2:
         raise StoreError(f'{store.path} holds {len(logits)} finished scan run(s); comparing runs that '
                          'included an example with runs that excluded it needs at least 2 (in practice '
                          'hundreds). Let the trainer finish more runs.')
     left_out = []
     try:
-        res, even, odd = stats.scan_test_halves(scan_chunks(store, logits, runs, left_out))
+        res, even, odd = stats.scan_test_halves(scan_chunks(store, logits, run_info, left_out))
     except ValueError:
         if len(left_out) < len(logits):
             raise

@@ -54,7 +54,7 @@ def main():
     args = p.parse_args()
 
     device = torch.device(args.device or airbench.default_device())
-    hyp = airbench.settings(**PRESETS[args.preset])
+    hyp = airbench.make_hyp(**PRESETS[args.preset])
     if args.widths:
         hyp['widths'] = tuple(int(w) for w in args.widths.split(','))
     if args.epochs:

@@ -94,11 +94,11 @@ def load_main(path):
     """Load the with arm, repeatedly, and check that every row is its run file's logits."""
     s = store.Store(path)
     for _ in range(int(os.environ.get('LOAD_REPEAT', '1'))):
-        logits, runs = s.load('with')
-        assert len(logits) == len(runs['run']) == len(set(runs['run'].tolist()))
-        for i, run in enumerate(runs['run']):
+        logits, run_info = s.load('with')
+        assert len(logits) == len(run_info['run']) == len(set(run_info['run'].tolist()))
+        for i, run in enumerate(run_info['run']):
             assert np.array_equal(logits[i], s.read_run('with', int(run))['logits']), run
-    print('loaded', len(runs['run']), flush=True)
+    print('loaded', len(run_info['run']), flush=True)
     return 0
 
 

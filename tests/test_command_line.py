@@ -2,12 +2,17 @@
 bad value and what is expected, and nothing created on disk (no store, no runs/ folder)."""
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import experiment
 import trainer_digits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -77,7 +82,7 @@ def test_bad_command_line_is_refused_in_one_line_and_writes_nothing(args, messag
     code = experiment.main('digits', trainer_digits.hyp, trainer_digits.SMOKE, trainer_digits.train,
                            trainer_digits.infer, '', ['--smoke', '--runs', '2', *args] if '--runs' not in args else
                            ['--smoke', *args], load=trainer_digits.load, held_out=trainer_digits.HELD_OUT,
-                           block=trainer_digits.BLOCK, check=trainer_digits.settings)
+                           block=trainer_digits.BLOCK, check=trainer_digits.make_hyp)
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], err
@@ -95,3 +100,30 @@ def test_hyp_values_keep_the_type_of_the_default():
     for bad in ('sizes=[1, 2]', 'schedule=[1, 2]', 'flag=yes', 'epochs=true'):
         with pytest.raises(experiment.UsageError, match=bad.split('=')[0]):
             experiment.parse_hyp([bad], hyp)
+
+
+TRAINERS = ['trainer_airbench', 'trainer_madry', 'trainer_digits', 'trainer_digits_conv']
+
+
+@pytest.mark.parametrize('name', TRAINERS)
+def test_each_trainers_help_says_what_that_trainer_does(name):
+    """--smoke's help lists that trainer's SMOKE values, --hyp's example key is one of its hyperparameters,
+    and --data-dir is offered only by the trainers that read CIFAR-10 from a folder."""
+    module = __import__(name)
+    result = subprocess.run([sys.executable, f'{name}.py', '--help'], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT, env={**os.environ, 'COLUMNS': '1000'})  # one line per option
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip().startswith('--')}
+    for key, value in module.SMOKE.items():
+        assert f'{key}={json.dumps(value)} (default {json.dumps(module.hyp[key])})' in lines['--smoke']
+    example = re.search(r'e\.g\. --hyp (\w+)=(\S+);', lines['--hyp'])
+    assert example and example[1] in module.hyp
+    experiment.parse_hyp([f'{example[1]}={example[2]}'], module.hyp)  # a value the trainer accepts
+    assert ('--data-dir' in lines) == (name in ('trainer_airbench', 'trainer_madry'))
+
+
+def test_madry_refuses_a_peak_after_the_last_epoch_before_writing(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'trainer_madry.py'), '--hyp', 'epochs=4',
+                             '--device', 'cpu'], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and 'lr_peak_epoch=5 must lie in [0, epochs=4)' in result.stderr, result.stderr
+    assert os.listdir(tmp_path) == []

@@ -129,7 +129,7 @@ def reference_train(images, labels, keep, seed, h):
 @pytest.mark.parametrize('loss_norm', trainer_digits.LOSS_NORMS)
 def test_masking_equals_training_on_the_kept_examples_alone(digits, loss_norm):
     images, labels, test_images, _ = digits
-    h = trainer_digits.settings(**TINY, loss_norm=loss_norm)
+    h = trainer_digits.make_hyp(**TINY, loss_norm=loss_norm)
     half = experiment.keep_for('scan', 8, len(labels), trainer_digits.HELD_OUT)  # batches of about 64
     nets = trainer_digits.train(images, labels, keep=[excluded(), half], seed=[4, 8], **TINY, loss_norm=loss_norm)
     logits = trainer_digits.infer(nets, test_images)
@@ -240,8 +240,8 @@ def test_the_script_fills_a_store_through_the_harness(tmp_path):
     assert code == 0
     store = experiment.Store(tmp_path / 'store')
     for arm in ('with', 'without'):
-        logits, runs = store.load(arm)
+        logits, run_info = store.load(arm)
         assert logits.shape == (3, 1437, 10)
-        assert runs['seed'].tolist() == [0, 1, 2]
-        assert (runs['test_acc'] > 0.5).all()
+        assert run_info['seed'].tolist() == [0, 1, 2]
+        assert (run_info['test_acc'] > 0.5).all()
     assert store.settings['held_out'] == trainer_digits.HELD_OUT

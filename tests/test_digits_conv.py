@@ -82,7 +82,7 @@ def reference_train(images, labels, keep, seed, h):
         for c, pool in ((c_in, True), (width, False)):
             layer = nn.Conv2d(c, width, 3, padding=1, bias=False)
             layer.weight.data = next(weights).clone()
-            norm = nn.BatchNorm2d(width, eps=conv.EPS, momentum=1 - h['bn_momentum'])
+            norm = nn.BatchNorm2d(width, eps=conv.EPS, momentum=h['bn_momentum'])
             norm.weight.requires_grad_(False)
             layers += [layer, *([nn.MaxPool2d(2)] if pool else []), norm, nn.GELU()]
         c_in = width
@@ -107,8 +107,8 @@ def reference_train(images, labels, keep, seed, h):
         order, flip, shift = conv.draw_epoch(rng, len(labels), h['batch_size'], h['translate'])
         for idx in order:
             idx = torch.as_tensor(idx[kept[idx]])
-            x = conv.augment(padded, idx, torch.as_tensor(flip)[idx] & h['flip'], torch.as_tensor(shift)[idx],
-                             8 + 2 * h['pad'])
+            flipped = torch.as_tensor(flip)[idx] & (h['flip'] == 'random')
+            x = conv.augment(padded, idx, flipped, torch.as_tensor(shift)[idx], 8 + 2 * h['pad'])
             logits = net(x.unsqueeze(1)).amax((2, 3)) @ linear * h['scaling_factor']
             loss = F.cross_entropy(logits, labels[idx], reduction='sum')
             optimizer.zero_grad()
@@ -127,10 +127,10 @@ def reference_train(images, labels, keep, seed, h):
     return logits
 
 
-@pytest.mark.parametrize('flip', [False, True])
+@pytest.mark.parametrize('flip', ['none', 'random'])
 def test_masked_block_equals_plain_pytorch_on_the_kept_examples_alone(digits, flip):
     images, labels, test_images, _ = digits
-    h = conv.settings(**TINY, flip=flip)
+    h = conv.make_hyp(**TINY, flip=flip)
     half = store.keep_for('scan', 8, len(labels), conv.HELD_OUT)  # batches of about 64 kept rows
     nets = conv.train(images, labels, keep=[removed(4), half], seed=[4, 8], **TINY, flip=flip)
     logits = conv.infer(nets, test_images)
@@ -187,11 +187,11 @@ def test_the_script_fills_a_factorial_store_through_the_harness(tmp_path):
     code = experiment.main('digitsconv', conv.hyp, conv.SMOKE, conv.train, conv.infer, conv.__doc__, argv=argv,
                            load=trainer_digits.load, held_out=conv.HELD_OUT, block=conv.BLOCK)
     assert code == 0
-    runs = store.Store(tmp_path / 'store')
-    assert runs.arms == ('a', 'b')
-    for arm in runs.arms:
-        logits, meta = runs.load(arm)
+    made = store.Store(tmp_path / 'store')
+    assert made.arms == ('a', 'b')
+    for arm in made.arms:
+        logits, run_info = made.load(arm)
         assert logits.shape == (2, 1437, 10) and np.isfinite(logits).all()
-        assert meta['seed'].tolist() == [0, 1]
-        assert ((meta['test_acc'] >= 0) & (meta['test_acc'] <= 1)).all()
-    assert runs.settings['hyp']['widths'] == conv.SMOKE['widths']
+        assert run_info['seed'].tolist() == [0, 1]
+        assert ((run_info['test_acc'] >= 0) & (run_info['test_acc'] <= 1)).all()
+    assert made.settings['hyp']['widths'] == conv.SMOKE['widths']

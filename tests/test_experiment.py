@@ -77,8 +77,8 @@ def test_paired_runs_share_their_seed_and_a_run_is_reproducible(cifar_dir, held_
         ra, rb = a.read_run('with', run), a.read_run('without', run)
         assert ra['seed'] == rb['seed'] == experiment.seed_for(run)
         assert np.array_equal(ra['logits'], b.read_run('with', run)['logits'])  # bit-identical rerun
-    la, runs = a.load('with')
-    assert list(runs['seed']) == [0, 1] and not np.array_equal(la[0], la[1])
+    la, run_info = a.load('with')
+    assert list(run_info['seed']) == [0, 1] and not np.array_equal(la[0], la[1])
 
 
 def spawn_digits(out, runs):
@@ -133,11 +133,11 @@ def test_corrupt_or_foreign_run_file_is_reported_left_out_and_redone(cifar_dir, 
         f.truncate(os.path.getsize(path) // 2)
     os.replace(Store(tmp_path / 'b').run_file('with', 0), store.run_file('with', 2))  # a foreign file
     capsys.readouterr()
-    logits, runs = store.load('with')
+    logits, run_info = store.load('with')
     out, err = capsys.readouterr()
     assert '000002.npz' not in out  # stdout is for the runs and the report
     assert '000001.npz: corrupt or truncated' in err and '000002.npz: binding is' in err and 'another store' in err
-    assert list(runs['run']) == [0] and logits.shape[0] == 1
+    assert list(run_info['run']) == [0] and logits.shape[0] == 1
     assert len(os.listdir(tmp_path / 'a' / 'corrupt')) == 2  # moved aside, not deleted
     assert run_main(cifar_dir, held_out_file, tmp_path / 'a', 3) == 0
     assert list(store.load('with')[1]['run']) == [0, 1, 2]
@@ -158,15 +158,15 @@ def test_diverged_run_is_recorded_as_failed_not_stored(cifar_dir, held_out_file,
 def test_packed_arrays_hold_exactly_the_stored_runs(cifar_dir, held_out_file, tmp_path):
     assert run_main(cifar_dir, held_out_file, tmp_path, 2) == 0
     store = Store(tmp_path)
-    logits, runs = store.load('without')
+    logits, run_info = store.load('without')
     assert isinstance(logits, np.memmap) and logits.dtype == np.float16
     assert logits.shape == (2, 1000, 10)
-    for i, run in enumerate(runs['run']):
+    for i, run in enumerate(run_info['run']):
         assert np.array_equal(logits[i], store.read_run('without', run)['logits'])
     assert run_main(cifar_dir, held_out_file, tmp_path, 3) == 0  # extending: the pack follows
-    logits, runs = store.load('without')
+    logits, run_info = store.load('without')
     assert logits.shape == (3, 1000, 10) and np.array_equal(logits[2], store.read_run('without', 2)['logits'])
-    assert all(0 <= a <= 1 for a in runs['test_acc']) and all(s > 0 for s in runs['seconds'])
+    assert all(0 <= a <= 1 for a in run_info['test_acc']) and all(s > 0 for s in run_info['seconds'])
 
 
 def test_store_rejects_missing_folder_with_a_clear_message(tmp_path):
@@ -238,9 +238,9 @@ def test_scan_store_trains_each_run_on_its_own_half(cifar_dir, held_out_file, tm
     assert run_main(cifar_dir, held_out_file, tmp_path, 2, '--scan') == 0
     store = Store(tmp_path)
     assert store.arms == ('scan',) and store.settings['seed_base'] == experiment.SCAN_SEED_BASE
-    logits, runs = store.load('scan')
+    logits, run_info = store.load('scan')
     assert logits.shape == (2, 1000, 10)
-    for k, seed in enumerate(runs['seed']):
+    for k, seed in enumerate(run_info['seed']):
         assert np.array_equal(kept[k], experiment.keep_for('scan', int(seed), 1000, HELD))
 
 
@@ -266,5 +266,5 @@ def test_scan_run_trained_on_another_half_than_its_seed_draws_is_left_out(tmp_pa
     real_keep_for = store_module.keep_for
     monkeypatch.setattr(store_module, 'keep_for', lambda arm, seed, n, held: real_keep_for(arm, seed + 1, n, held))
     (tmp_path / 'packed' / 'scan.json').unlink()  # force a repack that reads the run files again
-    logits, runs = store.load('scan')
-    assert len(runs['run']) == 0 and 'trained on other examples' in capsys.readouterr().err
+    logits, run_info = store.load('scan')
+    assert len(run_info['run']) == 0 and 'trained on other examples' in capsys.readouterr().err

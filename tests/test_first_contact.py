@@ -11,6 +11,7 @@ import pytest
 import torch
 from tqdm import tqdm
 
+import airbench
 import experiment
 import trainer_airbench
 import trainer_digits
@@ -27,7 +28,7 @@ def test_full_size_run_on_a_cpu_says_its_cost_and_the_two_pointers_then_goes_on(
                            trainer_airbench.infer, '', ['--runs', '1000', '--out', str(tmp_path), '--data-dir',
                                                         cifar_dir, '--device', 'cpu'],
                            held_out={'random': list(range(20)), 'easy': list(range(900, 920))},
-                           check=trainer_airbench.check)
+                           check=airbench.make_hyp)
     out, err = capsys.readouterr()
     notes = [line for line in err.splitlines() if line.startswith('note: on this CPU')]
     assert code == 0 and len(notes) == 1, err

@@ -55,11 +55,11 @@ def test_settings_and_smoke_overrides_are_valid_and_serialisable():
     json.dumps(trainer_madry.hyp)
     json.dumps(trainer_madry.SMOKE)
     assert set(trainer_madry.SMOKE) <= set(trainer_madry.hyp)
-    trainer_madry.settings(**trainer_madry.SMOKE)
+    trainer_madry.make_hyp(**trainer_madry.SMOKE)
     with pytest.raises(TypeError, match='unknown'):
-        trainer_madry.settings(learning_rate=1)
+        trainer_madry.make_hyp(learning_rate=1)
     with pytest.raises(ValueError, match='lr_peak_epoch'):
-        trainer_madry.settings(epochs=0.2)  # peak at epoch 5 would never be reached
+        trainer_madry.make_hyp(epochs=0.2)  # peak at epoch 5 would never be reached
 
 
 def test_training_learns_the_generated_task(data):

@@ -278,7 +278,7 @@ def reference_madry_train(loader, seed, h, states):
 def test_madry_is_bit_identical_to_the_recipe_on_cpu(data, monkeypatch, arm):
     images, labels = data
     keep = np.setdiff1d(np.arange(N), HELD_OUT) if arm == 'without' else None
-    h = trainer_madry.settings(**MADRY)
+    h = trainer_madry.make_hyp(**MADRY)
 
     ours = [], []
     make_net = trainer_madry.make_net

@@ -74,10 +74,10 @@ def test_masks_are_reproducible_from_the_seeds_and_include_each_example_about_ha
 
 def test_viz_recomputes_the_masks_of_the_stored_runs(tmp_path):
     store, _ = make_scan_store(tmp_path / 's', n_train=60, runs=5)
-    _, runs = store.load('scan')
-    assert list(runs['seed']) == [SCAN_SEED_BASE + r for r in range(5)]
-    np.testing.assert_array_equal(viz_scan.scan_masks(store, runs['seed']),
-                                  [included_in(s, 60) for s in runs['seed']])
+    _, run_info = store.load('scan')
+    assert list(run_info['seed']) == [SCAN_SEED_BASE + r for r in range(5)]
+    np.testing.assert_array_equal(viz_scan.scan_masks(store, run_info['seed']),
+                                  [included_in(s, 60) for s in run_info['seed']])
 
 
 # ---- the streaming estimator ----
@@ -130,9 +130,9 @@ def test_viz_scan_equals_a_direct_computation_on_the_store(tmp_path, capsys, mon
     monkeypatch.setattr(viz_io, "CHUNK", 7)  # 23 runs: chunks of 7, 7, 7, 2
     store, _ = make_scan_store(tmp_path / 's', n_train=160, runs=23)
     res, _, _ = report(['--scan', tmp_path / 's'], capsys)
-    logits, runs = store.load('scan')
+    logits, run_info = store.load('scan')
     margins = stats.margins(np.asarray(logits), store.labels)  # (23, 160): small enough to hold
-    included = viz_scan.scan_masks(store, runs['seed'])
+    included = viz_scan.scan_masks(store, run_info['seed'])
     t, p, df = welch_direct(margins, included)
     np.testing.assert_allclose(res['stat'], t, rtol=1e-9)
     np.testing.assert_allclose(res['p'], p, rtol=1e-8)
@@ -300,10 +300,10 @@ def effect_and_null(tmp_path_factory):
 def test_split_halves_are_the_even_and_odd_runs_estimated_alone(effect_and_null, capsys):
     res, _, _ = report(['--scan', effect_and_null[0]], capsys)
     store = Store(effect_and_null[0])
-    logits, runs = store.load('scan')
+    logits, run_info = store.load('scan')
     margins = stats.margins(np.asarray(logits), store.labels)
-    included = viz_scan.scan_masks(store, runs['seed'])
-    for name, rows in (('even', runs['run'] % 2 == 0), ('odd', runs['run'] % 2 == 1)):
+    included = viz_scan.scan_masks(store, run_info['seed'])
+    for name, rows in (('even', run_info['run'] % 2 == 0), ('odd', run_info['run'] % 2 == 1)):
         m, inc = margins[rows], included[rows]
         want = [m[inc[:, j], j].mean() - m[~inc[:, j], j].mean() for j in range(200)]
         np.testing.assert_allclose(res[f'self_influence_{name}'], want, rtol=1e-9, atol=1e-12)

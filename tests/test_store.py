@@ -281,8 +281,8 @@ def test_viz_killed_while_packing_leaves_nothing_behind_the_next_one(tmp_path, w
     s = fake_store(tmp_path, runs=3)
     code, _, _ = finish([start('load', tmp_path, env={'KILL_AT': where})])[0]
     assert code == -9
-    logits, runs = Store(tmp_path).load('with')
-    assert list(runs['run']) == [0, 1, 2]
+    logits, run_info = Store(tmp_path).load('with')
+    assert list(run_info['run']) == [0, 1, 2]
     assert all(np.array_equal(logits[i], s.read_run('with', i)['logits']) for i in range(3))
     assert [p for p in leftovers(tmp_path) if '.reader-' not in p or str(os.getpid()) not in p] == []
 
@@ -322,6 +322,18 @@ def test_two_processes_creating_one_store_with_different_data_leave_a_consistent
 # Foreign and stale data never reach the analysis
 # ---------------------------------------------------------------------------------------------------
 
+def test_kept_mask_marks_exactly_the_kept_examples_and_every_one_for_none():
+    assert store_module.kept_mask(None, 5).tolist() == [True] * 5
+    assert store_module.kept_mask([3, 0], 5).tolist() == [True, False, False, True, False]
+    assert store_module.kept_mask(np.zeros(0, np.int64), 3).tolist() == [False] * 3
+    held_out = {'random': [1, 4], 'easy': [7]}
+    for arm, seed in (('without', 0), ('a', 3), ('b', 3), ('scan', 5)):
+        keep = store_module.keep_for(arm, seed, 10, held_out)
+        mask = store_module.kept_mask(keep, 10)
+        assert np.array_equal(np.flatnonzero(mask), np.unique(keep))
+        assert np.array_equal(store_module.kept_bits(arm, seed, 10, held_out), np.packbits(mask))
+
+
 TOY_HELD = {'random': [0, 1], 'easy': [30, 31]}
 
 
@@ -339,10 +351,10 @@ def toy_store(path, runs, hyp=None, seed_base=0, rng_seed=0):
 
 def loaded(s, arm='with'):
     """Run indices load() returns, after checking each row against its run file."""
-    logits, runs = s.load(arm)
-    for i, run in enumerate(runs['run']):
+    logits, run_info = s.load(arm)
+    for i, run in enumerate(run_info['run']):
         assert np.array_equal(logits[i], s.read_run(arm, int(run))['logits'])
-    return list(runs['run'])
+    return list(run_info['run'])
 
 
 def moved(path):
@@ -614,8 +626,8 @@ def test_a_store_viz_cannot_write_to_is_analysed_from_its_run_files_with_a_note(
     loaded(s)
     s.save_run('with', 3, 3, np.zeros((40, 10), np.float16), 1.0, 0.5)  # the pack is stale now
     patch(monkeypatch, refuse(str(tmp_path), errno.EROFS, ('open', 'link', 'replace', 'rename', 'remove', 'mkdir')))
-    logits, runs = Store(tmp_path).load('with')
-    assert list(runs['run']) == [0, 1, 2, 3] and not np.asarray(logits[3]).any()
+    logits, run_info = Store(tmp_path).load('with')
+    assert list(run_info['run']) == [0, 1, 2, 3] and not np.asarray(logits[3]).any()
     err = capsys.readouterr().err
     assert 'Read-only file system' in err and 'directly' in err and 'Free disk space' not in err
 
