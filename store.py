@@ -904,15 +904,10 @@ class Store:
                         i = reuse[run][0]
                         logits, rec = old[i], {k: old_index[k][i] for k in keys}
                     else:
-                        try:
-                            found, stat = self._read_run(arm, run)
-                        except _Vanished:
+                        got = self._read_valid(arm, run, files, bad)
+                        if got is None:
                             continue
-                        except Unreadable:
-                            raise
-                        except StoreError as e:
-                            bad.append((run, str(e), files[run]))
-                            continue
+                        found, stat = got
                         logits = found['logits']
                         rec = dict(run=run, seed=found['seed'].item(), seconds=found['seconds'].item(),
                                    test_acc=found['test_acc'].item(), files=stat)
@@ -949,6 +944,19 @@ class Store:
         return (np.memmap(private, np.float16, 'r', offset=HEADER_BYTES, shape=shape),
                 {k: np.asarray(index[k]) for k in ('run', 'seed', 'seconds', 'test_acc')})
 
+    def _read_valid(self, arm, run, files, bad):
+        """(record, stat) of one run file for packing, or None if it vanished or failed its checks (then
+        appended to `bad` with the reason, to be moved aside). An unreadable file stops the reading."""
+        try:
+            return self._read_run(arm, run)
+        except _Vanished:
+            return None
+        except Unreadable:
+            raise
+        except StoreError as e:
+            bad.append((run, str(e), files[run]))
+            return None
+
     def _set_aside_runs(self, arm, bad, good):
         """Move bad run files aside, unless every file of the arm is foreign: then settings.json is
         what changed, and nothing is moved."""
@@ -969,15 +977,10 @@ class Store:
         run_info = {k: [] for k in ('run', 'seed', 'seconds', 'test_acc')}
         bad = []
         for run in sorted(files):
-            try:
-                rec, stat = self._read_run(arm, run)
-            except _Vanished:
+            got = self._read_valid(arm, run, files, bad)
+            if got is None:
                 continue
-            except Unreadable:
-                raise
-            except StoreError as e:
-                bad.append((run, str(e), files[run]))
-                continue
+            rec, stat = got
             logits[len(run_info['run'])] = rec['logits']
             for k in run_info:
                 run_info[k].append(rec[k].item())

@@ -245,6 +245,14 @@ def epoch_order(rng, n_train, batch_size):
     return rng.permutation(n_train)[:n_batches * batch_size].reshape(n_batches, batch_size)
 
 
+def check_block(keep, seed):
+    """A block of models is given as two lists of the same length: keep=[...] and seed=[...]."""
+    if not isinstance(seed, (list, tuple)) or not isinstance(keep, (list, tuple)):
+        raise TypeError('train takes lists: keep=[...] and seed=[...], one entry per model of the block')
+    if len(keep) != len(seed):
+        raise ValueError(f'{len(keep)} keep entries for {len(seed)} seeds: give one of each per model')
+
+
 def train(images, labels, *, keep, seed, device=None, **overrides):
     """Train len(seed) MLPs at once; returns their parameters (a dict, see make_nets) in eval form with
     nets['steps'], the optimizer steps taken.
@@ -258,10 +266,7 @@ def train(images, labels, *, keep, seed, device=None, **overrides):
     same number of steps. A model that diverges ends with non-finite logits; the others are unaffected.
     """
     h = make_hyp(**overrides)
-    if not isinstance(seed, (list, tuple)) or not isinstance(keep, (list, tuple)):
-        raise TypeError('train takes lists: keep=[...] and seed=[...], one entry per model of the block')
-    if len(keep) != len(seed):
-        raise ValueError(f'{len(keep)} keep entries for {len(seed)} seeds: give one of each per model')
+    check_block(keep, seed)
     device = torch.device(device or images.device)
     n_train, k = len(labels), len(seed)
     n_batches = n_train // h['batch_size']

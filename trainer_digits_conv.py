@@ -212,10 +212,7 @@ def train(images, labels, *, keep, seed, device=None, **overrides):
     diverges ends with non-finite logits; the others of its block are unaffected.
     """
     h = make_hyp(**overrides)
-    if not isinstance(seed, (list, tuple)) or not isinstance(keep, (list, tuple)):
-        raise TypeError('train takes lists: keep=[...] and seed=[...], one entry per model of the block')
-    if len(keep) != len(seed):
-        raise ValueError(f'{len(keep)} keep entries for {len(seed)} seeds: give one of each per model')
+    trainer_digits.check_block(keep, seed)
     device = torch.device(device or images.device)
     n_train, k, batch_size = len(labels), len(seed), h['batch_size']
     n_batches = n_train // batch_size
