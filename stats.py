@@ -312,3 +312,32 @@ def cross_influence(y, x):
         t = coef / se
     p = 2 * sps.t.sf(np.abs(t), df)
     return dict(beta=coef[1:], se=se[1:], stat=t[1:], p=p[1:], intercept=coef[0], df=df)
+
+
+############################################
+#       Sizing a confirmation in advance     #
+############################################
+
+def sd_from_interval(low, high, n, level=0.95):
+    """Standard deviation of the per-pair differences behind a reported paired t interval (low, high)
+    over n pairs: the half-width is t_{(1 + level) / 2, n - 1} sd / sqrt(n)."""
+    return (high - low) / 2 / sps.t.ppf((1 + level) / 2, n - 1) * np.sqrt(n)
+
+
+def paired_power(n, sd, effect, alpha=0.05):
+    """Probability that a two-sided paired t-test at level alpha over n pairs rejects, when the per-pair
+    differences have mean `effect` and standard deviation sd: noncentral t, df n - 1, noncentrality
+    effect sqrt(n) / sd."""
+    df, nc = n - 1, abs(effect) * np.sqrt(n) / sd
+    critical = sps.t.ppf(1 - alpha / 2, df)
+    return float(sps.nct.sf(critical, df, nc) + sps.nct.cdf(-critical, df, nc))
+
+
+def pairs_for_power(sd, effect, alpha=0.05, power=0.8):
+    """The fewest pairs at which paired_power reaches `power`; starts from the normal approximation
+    n = ((z_{1 - alpha/2} + z_power) sd / effect)^2, which the t distribution can only raise."""
+    z = sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)
+    n = max(2, int(np.ceil((z * sd / effect) ** 2)))
+    while paired_power(n, sd, effect, alpha) < power:
+        n += 1
+    return n

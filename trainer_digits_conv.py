@@ -57,6 +57,8 @@ hyp = {
     'momentum': 0.85,          # Nesterov
     'weight_decay': 0.0153,    # per 1024 examples, decoupled from lr
     'bias_scaler': 64.0,       # lr multiplier of the BatchNorm biases (decay unchanged)
+    'norm': 'batch',           # after each conv: 'batch' (BatchNorm), 'layer' (each example's channels and pixels,
+                               # per model: GroupNorm with one group) or 'none' (a bias only); scale frozen at 1
     'bn_momentum': 0.4,        # weight of the NEW batch in the running statistics (PyTorch's convention, as in
                                # every trainer here; the original airbench writes 0.6, the weight of the old)
     'scaling_factor': 1 / 3,   # fixed multiplier of the logits (airbench: 1/9 after 256 channels; here 32)
@@ -66,6 +68,7 @@ hyp = {
 SMOKE = {'widths': [8, 8], 'epochs': 1}
 EPS = 1e-12                    # of BatchNorm (airbench)
 FLIPS = ('random', 'none')     # airbench's names; its 'alternate' is not offered here
+NORMS = ('batch', 'layer', 'none')
 BLOCK = 50                     # models trained at once (README: cost per model vs block size)
 RUNS = 300                     # runs per arm by default
 HELD_OUT = trainer_digits.HELD_OUT
@@ -82,6 +85,8 @@ def make_hyp(**overrides):
                          'one conv group and non-negative padding and translation')
     if h['flip'] not in FLIPS:
         raise ValueError(f"flip={h['flip']!r}, expected 'random' (per example per epoch) or 'none'")
+    if h['norm'] not in NORMS:
+        raise ValueError(f"norm={h['norm']!r}, expected 'batch' (BatchNorm), 'layer' (per example) or 'none'")
     return h
 
 
@@ -144,7 +149,7 @@ def make_nets(seeds, widths=hyp['widths'], device='cpu'):
         linear[m] = (torch.rand(widths[-1], 10, generator=g) * 2 - 1) * widths[-1] ** -0.5
     return {
         'convs': [c.flatten(0, 1).to(device) for c in convs],
-        'shifts': [torch.zeros(k, c_out, device=device) for c_out, _ in shapes],     # BatchNorm biases
+        'shifts': [torch.zeros(k, c_out, device=device) for c_out, _ in shapes],     # norm biases
         'scales': [torch.ones(k, c_out, device=device) for c_out, _ in shapes],      # frozen at 1
         'running': [[torch.zeros(k, c_out, device=device), torch.ones(k, c_out, device=device)]
                     for c_out, _ in shapes],
@@ -169,10 +174,15 @@ def from_per_model(h, b, height, width):
     return h.transpose(0, 1).reshape(b, height, width, k * c).permute(0, 3, 1, 2)
 
 
-def norm(nets, i, h, valid, momentum):
-    """BatchNorm i of every model on h (B, K c, H, W). valid (K, B) bool: training, each model's
-    statistics from its valid rows and all their pixels (running statistics updated); None: eval."""
+def norm(nets, i, h, valid, momentum, kind='batch'):
+    """Norm layer i of every model on h (B, K c, H, W). kind 'batch': valid (K, B) bool is training, each
+    model's statistics from its valid rows and all their pixels (running statistics updated), None is
+    eval. 'layer' and 'none' see one example at a time, so a masked row touches no other row."""
     k = len(nets['shifts'][i])
+    if kind == 'layer':  # groups = models: each example normalised over its own model's channels and pixels
+        return F.group_norm(h, k, nets['scales'][i].flatten(), nets['shifts'][i].flatten(), EPS)
+    if kind == 'none':
+        return h + nets['shifts'][i].view(1, -1, 1, 1)
     mean, var = nets['running'][i]
     if valid is None:
         scale = (nets['scales'][i] * torch.rsqrt(var + EPS)).view(1, -1, 1, 1)
@@ -184,7 +194,7 @@ def norm(nets, i, h, valid, momentum):
     return from_per_model(out, b, height, width)
 
 
-def forward(nets, x, valid=None, momentum=hyp['bn_momentum'], scaling_factor=hyp['scaling_factor']):
+def forward(nets, x, valid=None, momentum=hyp['bn_momentum'], scaling_factor=hyp['scaling_factor'], kind=hyp['norm']):
     """Logits (K, B, 10) for x (B, K, S, S), model k's images in channel k (channels-last).
     valid (K, B) bool: training mode; None: eval mode (BatchNorm from the running statistics)."""
     k = nets['linear'].shape[0]
@@ -193,7 +203,7 @@ def forward(nets, x, valid=None, momentum=hyp['bn_momentum'], scaling_factor=hyp
         h = F.conv2d(h, conv, padding=1, groups=k)
         if i % 2 == 0:
             h = F.max_pool2d(h, 2)
-        h = F.gelu(norm(nets, i, h, valid, momentum))
+        h = F.gelu(norm(nets, i, h, valid, momentum, kind))
     h = h.amax((2, 3)).view(len(h), k, -1).transpose(0, 1)                 # (K, B, widths[-1])
     return torch.bmm(h, nets['linear']) * scaling_factor
 
@@ -253,7 +263,7 @@ def train(images, labels, *, keep, seed, device=None, **overrides):
             x = torch.where(valid.view(-1, 1, 1), x, 0.0)   # masked rows hold zeros, never the example
             x = x.view(k, batch_size, size, size).transpose(0, 1).contiguous(memory_format=torch.channels_last)
             y = torch.where(valid, labels[idx], 0)
-            logits = forward(nets, x, valid, h['bn_momentum'], h['scaling_factor'])
+            logits = forward(nets, x, valid, h['bn_momentum'], h['scaling_factor'], h['norm'])
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction='none',
                                    label_smoothing=h['label_smoothing'])
             loss = torch.where(valid.flatten(), loss, 0.0).sum()  # summed: a removed row leaves the others' weight alone
@@ -290,7 +300,7 @@ def infer(nets, images, chunk=512):
     for part in images.split(chunk):
         x = canvas(part, h['pad'], 0).unsqueeze(1).expand(-1, k, size, size)
         x = x.contiguous(memory_format=torch.channels_last)
-        out.append(forward(nets, x, None, h['bn_momentum'], h['scaling_factor']))
+        out.append(forward(nets, x, None, h['bn_momentum'], h['scaling_factor'], h['norm']))
     return torch.cat(out, 1)
 
 

@@ -41,7 +41,8 @@ def test_training_learns(digits):
     assert (accuracy > 0.9).all(), f'test accuracy {accuracy.tolist()}, chance is 0.1'
 
 
-def test_removed_examples_have_no_influence_whatever_they_hold(digits):
+@pytest.mark.parametrize('norm', conv.NORMS)
+def test_removed_examples_have_no_influence_whatever_they_hold(digits, norm):
     images, labels, *_ = digits
     keep = removed()
     out = np.setdiff1d(np.arange(len(labels)), keep)
@@ -49,8 +50,8 @@ def test_removed_examples_have_no_influence_whatever_they_hold(digits):
     garbage_images, garbage_labels = images.clone(), labels.clone()
     garbage_images[out] = float('nan')  # would poison any loss, gradient or BatchNorm statistic it entered
     garbage_labels[out] = 99            # not a class at all
-    clean = conv.train(images, labels, keep=[keep, None], seed=[0, 1], **TINY)
-    dirty = conv.train(garbage_images, garbage_labels, keep=[keep, keep], seed=[0, 1], **TINY)
+    clean = conv.train(images, labels, keep=[keep, None], seed=[0, 1], **TINY, norm=norm)
+    dirty = conv.train(garbage_images, garbage_labels, keep=[keep, keep], seed=[0, 1], **TINY, norm=norm)
     for a, b in zip(tensors(clean), tensors(dirty)):
         assert torch.equal(a[:len(a) // 2], b[:len(b) // 2])  # model 0: bit-identical, running statistics too
 
@@ -73,6 +74,26 @@ def test_seeds_reproduce_and_differ(digits):
     assert not torch.allclose(first[0], first[1])
 
 
+class Bias(nn.Module):
+    """norm='none': a learned bias per channel and nothing else."""
+    def __init__(self, width):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x):
+        return x + self.bias.view(1, -1, 1, 1)
+
+
+def plain_norm(kind, width, momentum):
+    """The norm layer of one model in plain PyTorch, its scale frozen at 1 as in the trainer."""
+    if kind == 'none':
+        return Bias(width)
+    norm = nn.BatchNorm2d(width, eps=conv.EPS, momentum=momentum) if kind == 'batch' else \
+        nn.GroupNorm(1, width, eps=conv.EPS)  # one group: each example over all its channels and pixels
+    norm.weight.requires_grad_(False)
+    return norm
+
+
 def reference_train(images, labels, keep, seed, h):
     """One model in plain PyTorch (nn.Conv2d, nn.BatchNorm2d, summed loss) on the documented batches and
     augmentations with the removed examples dropped from them. Initial weights from conv.make_nets."""
@@ -82,13 +103,12 @@ def reference_train(images, labels, keep, seed, h):
         for c, pool in ((c_in, True), (width, False)):
             layer = nn.Conv2d(c, width, 3, padding=1, bias=False)
             layer.weight.data = next(weights).clone()
-            norm = nn.BatchNorm2d(width, eps=conv.EPS, momentum=h['bn_momentum'])
-            norm.weight.requires_grad_(False)
+            norm = plain_norm(h['norm'], width, h['bn_momentum'])
             layers += [layer, *([nn.MaxPool2d(2)] if pool else []), norm, nn.GELU()]
         c_in = width
     net = nn.Sequential(*layers)
     linear = init['linear'][0].clone().requires_grad_()
-    biases = [m.bias for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    biases = [m.bias for m in net.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, Bias))]
     others = [m.weight for m in net.modules() if isinstance(m, nn.Conv2d)] + [linear]
     total = h['epochs'] * (len(labels) // h['batch_size'])
     scale = 1024 * (1 + 1 / (1 - h['momentum']))
@@ -127,12 +147,12 @@ def reference_train(images, labels, keep, seed, h):
     return logits
 
 
-@pytest.mark.parametrize('flip', ['none', 'random'])
-def test_masked_block_equals_plain_pytorch_on_the_kept_examples_alone(digits, flip):
+@pytest.mark.parametrize('flip, norm', [('none', 'batch'), ('random', 'batch'), ('none', 'layer'), ('none', 'none')])
+def test_masked_block_equals_plain_pytorch_on_the_kept_examples_alone(digits, flip, norm):
     images, labels, test_images, _ = digits
-    h = conv.make_hyp(**TINY, flip=flip)
+    h = conv.make_hyp(**TINY, flip=flip, norm=norm)
     half = store.keep_for('scan', 8, len(labels), conv.HELD_OUT)  # batches of about 64 kept rows
-    nets = conv.train(images, labels, keep=[removed(4), half], seed=[4, 8], **TINY, flip=flip)
+    nets = conv.train(images, labels, keep=[removed(4), half], seed=[4, 8], **TINY, flip=flip, norm=norm)
     logits = conv.infer(nets, test_images)
     for k, (keep, seed) in enumerate([(removed(4), 4), (half, 8)]):
         expected = reference_train(images, labels, keep, seed, h)(test_images)
