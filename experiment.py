@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from store import (ARMS, CLAIM_REFRESH, FACTORIAL_ARMS, MAX_RUNS, SCAN_SEED_BASE, Store, StoreError, keep_for,
-                   seed_for)
+from design import ARMS, FACTORIAL_ARMS, MAX_RUNS, SCAN_SEED_BASE, keep_for, seed_for
+from store import CLAIM_REFRESH, Store, StoreError
 
 # Held-out examples, indices in torchvision's CIFAR-10 training order (data_batch_1 .. data_batch_5).
 HELD_OUT = {

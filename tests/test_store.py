@@ -15,6 +15,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+import design
 import store as store_module
 import viz
 from store import Store, StoreError
@@ -323,15 +324,15 @@ def test_two_processes_creating_one_store_with_different_data_leave_a_consistent
 # ---------------------------------------------------------------------------------------------------
 
 def test_kept_mask_marks_exactly_the_kept_examples_and_every_one_for_none():
-    assert store_module.kept_mask(None, 5).tolist() == [True] * 5
-    assert store_module.kept_mask([3, 0], 5).tolist() == [True, False, False, True, False]
-    assert store_module.kept_mask(np.zeros(0, np.int64), 3).tolist() == [False] * 3
+    assert design.kept_mask(None, 5).tolist() == [True] * 5
+    assert design.kept_mask([3, 0], 5).tolist() == [True, False, False, True, False]
+    assert design.kept_mask(np.zeros(0, np.int64), 3).tolist() == [False] * 3
     held_out = {'random': [1, 4], 'easy': [7]}
     for arm, seed in (('without', 0), ('a', 3), ('b', 3), ('scan', 5)):
-        keep = store_module.keep_for(arm, seed, 10, held_out)
-        mask = store_module.kept_mask(keep, 10)
+        keep = design.keep_for(arm, seed, 10, held_out)
+        mask = design.kept_mask(keep, 10)
         assert np.array_equal(np.flatnonzero(mask), np.unique(keep))
-        assert np.array_equal(store_module.kept_bits(arm, seed, 10, held_out), np.packbits(mask))
+        assert np.array_equal(design.kept_bits(arm, seed, 10, held_out), np.packbits(mask))
 
 
 TOY_HELD = {'random': [0, 1], 'easy': [30, 31]}
