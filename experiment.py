@@ -426,8 +426,9 @@ def train_block(store, jobs, train, infer, hyp, data, test, device, log, blocked
                                device=str(device), host=socket.gethostname())
             log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: non-finite logits (recorded in failed/)')
             continue
-        store.save_run(arm, run, seed, logits[k], took, test_acc[k], device=_device_name(device),
-                       host=socket.gethostname(), torch=torch.__version__)
+        if not store.save_run(arm, run, seed, logits[k], took, test_acc[k], device=_device_name(device),
+                              host=socket.gethostname(), torch=torch.__version__):
+            continue  # its claim was taken over while this worker was stopped: the store said so
         seconds.append(took)
         log(f'{arm:<7} run {run:>5}  seed {seed:>6}  {took:7.2f} s  test_acc {test_acc[k]:.4f}')
     return seconds

@@ -6,7 +6,7 @@ import re
 import secrets
 import time
 
-from store.files import StoreError, _mtime, _read_bytes, _remove, _why, _write_advice, identity, owner_alive, publish
+from store.files import NotRegular, StoreError, _mtime, _read_bytes, _remove, _why, _write_advice, identity, owner_alive, publish
 
 CLAIM_REFRESH = 60.0   # seconds between a worker's touches of its claim
 
@@ -30,7 +30,11 @@ class Claims:
                 return True
             except FileExistsError:
                 pass
-            held = _read_bytes(path)
+            try:
+                held = _read_bytes(path)
+            except NotRegular as e:
+                raise StoreError(f'{e}: not a claim. Remove it; until then run {run} of {arm} cannot be '
+                                 'trained.') from None
             if held is None:
                 continue  # released meanwhile: try again
             if self._claim_alive(held, path):
@@ -45,15 +49,32 @@ class Claims:
         """Give up this process's claim of (arm, run); another's claim is left alone."""
         path = self._claim_path(arm, run)
         mine = self._mine.pop(path, None)
-        if mine is not None and _read_bytes(path) == mine:
-            self._swap(path, mine, None)
+        if mine is not None and self._read_claim(path) == mine:
+            try:
+                self._swap(path, mine, None)
+            except StoreError:  # no space or no inode for the marker: the claim is this process's own
+                if self._read_claim(path) == mine:
+                    _remove(path)
+
+    def holds(self, arm, run):
+        """Whether this process claimed (arm, run) and the claim is still its own (not taken over while
+        this process was stopped or slow)."""
+        path = self._claim_path(arm, run)
+        return path in self._mine and self._read_claim(path) == self._mine[path]
+
+    def _read_claim(self, path):
+        """The bytes of a claim; None if absent or not a claim file."""
+        try:
+            return _read_bytes(path)
+        except (OSError, StoreError):
+            return None
 
     def touch_claims(self, claims):
         """The heartbeat: refresh the mtime of this process's claims."""
         for arm, run in list(claims):
             path = self._claim_path(arm, run)
             mine = self._mine.get(path)
-            if mine is not None and _read_bytes(path) == mine:
+            if mine is not None and self._read_claim(path) == mine:
                 try:
                     os.utime(path)
                 except OSError:
@@ -65,14 +86,14 @@ class Claims:
         for name in self._names('claims'):
             path = os.path.join(self._folder('claims'), name)
             if CLAIM_NAME.fullmatch(name) and '.' not in name:
-                held = _read_bytes(path)
+                held = self._read_claim(path)
                 count += held is not None and self._claim_alive(held, path)
         return count
 
     def _claim_alive(self, held, path):
         try:
             owner = json.loads(held)
-        except ValueError:
+        except (ValueError, RecursionError):
             owner = None
         return owner_alive(owner if isinstance(owner, dict) else {}, _mtime(path))
 

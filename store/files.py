@@ -6,6 +6,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import sys
 import time
 
@@ -20,6 +21,11 @@ class StoreError(Exception):
 
 class Unreadable(StoreError):
     """A file that exists but cannot be read (permissions, I/O error): not corrupt, never moved."""
+
+
+class NotRegular(StoreError):
+    """Something other than a regular file where the store keeps a file: a folder, a FIFO, a device or a
+    symbolic link. Never followed, never waited on."""
 
 
 class _Vanished(Exception):
@@ -107,11 +113,13 @@ def fsync_dir(folder):
         os.close(fd)
 
 
-def publish(path, data, exclusive=False, durable=True):
+def publish(path, data, exclusive=False, durable=True, check=None):
     """Write `data` (bytes, or a function writing to a binary file) through a temporary file in the same
     folder, then rename it into place: readers see all or nothing. exclusive: hard-link instead, which
     fails with FileExistsError if `path` exists. durable: sync the file and the folder, so that the
-    file survives a crash of the machine (claims need not: after a crash they are stale anyway)."""
+    file survives a crash of the machine (claims need not: after a crash they are stale anyway).
+    check: called once the file is written, right before it is put in place; if False, nothing is
+    published and publish returns False (else True)."""
     tmp = f'{path}.tmp-{_tag()}'
     try:
         with open(tmp, 'xb') as f:
@@ -122,12 +130,15 @@ def publish(path, data, exclusive=False, durable=True):
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
+        if check is not None and not check():
+            return False
         if exclusive:
             os.link(tmp, path)
         else:
             os.replace(tmp, path)
         if durable:
             fsync_dir(os.path.dirname(path) or '.')
+        return True
     except FileExistsError:
         raise  # exclusive, and `path` exists
     except OSError as e:
@@ -148,11 +159,35 @@ def _write_advice(e):
     return 'Stored runs are intact; fix the folder and rerun the same command to continue.'
 
 
-def _read_bytes(path):
-    """The bytes of a small file, None if it does not exist."""
+def open_file(path):
+    """Open a file of the store for binary reading. Never follows a symbolic link (nothing outside the
+    store is read) and never waits on a FIFO; raises NotRegular naming what is there instead of a file."""
     try:
-        with open(path, 'rb') as f:
-            return f.read()
+        f = open(path, 'rb', opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW | os.O_NONBLOCK))
+    except IsADirectoryError:
+        raise NotRegular(f'{path} is a folder, expected a file') from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotRegular(f'{path} is a symbolic link, expected a file (a store follows no link)') from None
+        raise
+    mode = os.fstat(f.fileno()).st_mode
+    if not stat.S_ISREG(mode):
+        f.close()
+        raise NotRegular(f'{path} is {_kind(mode)}, expected a file')
+    return f
+
+
+def _kind(mode):
+    return 'a folder' if stat.S_ISDIR(mode) else 'a FIFO' if stat.S_ISFIFO(mode) else \
+        'a socket' if stat.S_ISSOCK(mode) else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+        'a symbolic link' if stat.S_ISLNK(mode) else 'not a regular file'
+
+
+def _read_bytes(path, limit=1 << 20):
+    """The bytes of a small file (at most `limit`), None if it does not exist."""
+    try:
+        with open_file(path) as f:
+            return f.read(limit)
     except FileNotFoundError:
         return None
 
@@ -164,11 +199,11 @@ def _mtime(path):
         return time.time()
 
 
-def _read_json(path):
+def _read_json(path, limit=-1):
+    """A JSON file written by the store, None if absent, unreadable or not JSON (nested too deep included)."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return json.loads(_read_bytes(path, limit) or b'')
+    except (OSError, ValueError, RecursionError, StoreError):
         return None
 
 

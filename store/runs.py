@@ -38,7 +38,8 @@ class Runs:
 
     def save_run(self, arm, run, seed, logits, seconds, test_acc, **extra):
         """Store one finished run; logits (n_train, 10). Atomic: the file is complete or absent.
-        A run that saw only some examples also records which, as bits (checked on loading)."""
+        A run that saw only some examples also records which, as bits (checked on loading).
+        -> False if this process had claimed the run and lost the claim: nothing was stored."""
         self._check_run_index(arm, run, seed)
         logits = np.asarray(logits, dtype=np.float16)
         n_train = self.settings['n_train']
@@ -49,7 +50,17 @@ class Runs:
         bits = kept_bits(arm, seed, n_train, self.settings['held_out'])
         if bits is not None:
             record['kept'] = bits
-        publish(self.run_file(arm, run), lambda f: np.savez(f, **record))
+        return self._publish_if_held(arm, run, self.run_file(arm, run), lambda f: np.savez(f, **record))
+
+    def _publish_if_held(self, arm, run, path, data):
+        """Publish a result of (arm, run), unless this process claimed the run and has lost the claim
+        (taken over while it was stopped: the run is another worker's now). -> whether it was stored."""
+        claimed = self._claim_path(arm, run) in self._mine
+        if publish(path, data, check=lambda: not claimed or self.holds(arm, run)):
+            return True
+        note(f'{arm} run {run}: this worker\'s claim was taken over while it was stopped or slow; its result '
+             'is discarded (the run is the other worker\'s)')
+        return False
 
     def failure_file(self, arm, run):
         return os.path.join(self.path, 'failed', f'{arm}-{run:06d}.json')
@@ -57,7 +68,7 @@ class Runs:
     def save_failure(self, arm, run, seed, reason, **extra):
         self._check_run_index(arm, run, seed)
         record = dict(arm=arm, run=run, seed=seed, binding=self.binding, reason=reason, **extra)
-        publish(self.failure_file(arm, run), json.dumps(record).encode())
+        return self._publish_if_held(arm, run, self.failure_file(arm, run), json.dumps(record).encode())
 
     def failed(self):
         """{(arm, run): record} for runs that diverged; an entry that is not a failure record of this

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -671,3 +672,53 @@ def test_the_store_module_imports_without_torch_and_viz_does_not_import_it():
     subprocess.run([sys.executable, '-c', without, ROOT], check=True)
     viz_only = "import sys; sys.path.insert(0, sys.argv[1]); import viz; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, '-c', viz_only, ROOT], check=True)
+
+
+def _child_of(pid):
+    """The pid (in this namespace) of the only child of process `pid`."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with open(f'/proc/{pid}/task/{pid}/children') as f:
+            children = f.read().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.05)
+    raise AssertionError(f'process {pid} started no child')
+
+
+def test_a_worker_stopped_past_the_claim_timeout_discards_its_result_and_the_run_is_stored_once(tmp_path):
+    """A worker in another pid namespace stopped (SIGSTOP: a suspended job, a paused machine) in its
+    first training, longer than the claim timeout; its claim goes silent, a second worker takes the run over and stores it. On SIGCONT
+    the first finds its claim gone, discards its result with one line, and stores nothing."""
+    if subprocess.run(['unshare', '--pid', '--fork', '--mount-proc', 'true'], capture_output=True).returncode:
+        pytest.skip('unshare --pid needs CAP_SYS_ADMIN')
+    out, paused = tmp_path / 'store', tmp_path / 'paused'
+    fake_store(out)
+    cmd = [sys.executable, WORKER, 'train', str(out), '1']
+    first = subprocess.Popen(['unshare', '--pid', '--fork', '--mount-proc', '--kill-child', *cmd],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, 'PAUSE_IN_TRAIN': str(paused)})
+    try:
+        deadline = time.time() + 120
+        while not paused.exists():
+            assert time.time() < deadline and first.poll() is None, finish([first])
+            time.sleep(0.05)
+        worker = _child_of(first.pid)
+        os.kill(worker, signal.SIGSTOP)  # from this (the parent) namespace even its pid 1 stops
+        (tmp_path / 'paused.go').touch()  # seen once it runs again
+        old = time.time() - store_module.CLAIM_TIMEOUT - 1
+        os.utime(out / 'claims' / 'with-000000', (old, old))  # stopped for longer than the timeout
+        [(code, stdout, err)] = finish([start('train', out, 1)])
+        assert code == 0 and sorted(trainings(stdout)) == [('with', 0), ('without', 0)], err[-2000:]
+        stored = os.stat(Store(out).run_file('with', 0)).st_ino
+        os.kill(worker, signal.SIGCONT)
+        [(code, stdout, err)] = finish([first])
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert code == 0 and trainings(stdout) == [], err[-2000:]
+    said = "store: with run 0: this worker's claim was taken over while it was stopped or slow; its result is discarded"
+    assert [said in line for line in err.splitlines() if 'taken over' in line] == [True]
+    assert os.stat(Store(out).run_file('with', 0)).st_ino == stored  # stored once, by the second worker
+    assert_exactly(out, 1)
+    assert leftovers(out) == []
