@@ -13,7 +13,7 @@ from store.files import (READER_TIMEOUT, StoreError, Unreadable, _mtime, _read_b
                          _write_advice, identity, note, owner_alive, publish)
 from store.pack import Pack
 from store.runs import Runs
-from store.settings import BINDING, FORMAT, check_settings, digest, labels_digest, _short
+from store.settings import BINDING, FORMAT, check_settings, checksums, differences, digest, labels_digest
 
 SUBFOLDERS = ('failed', 'claims', 'corrupt', 'packed')
 
@@ -77,7 +77,7 @@ class Store(Claims, Runs, Pack):
         labels = np.asarray(labels, dtype=np.int64)
         settings = json.loads(json.dumps({'format': FORMAT, 'arms': list(ARMS), **settings}))  # lists, not tuples
         settings['labels_sha256'] = labels_digest(labels)
-        settings['checksums'] = {k: digest(settings[k]) for k in BINDING if k in settings}
+        settings['checksums'] = checksums(settings) if isinstance(settings.get('held_out'), dict) else {}
         check_settings(settings, 'the settings of this command')
         if os.path.exists(path) and not os.path.isdir(path):
             raise StoreError(f'{path} is a file, expected a store folder. Pass another --out.')
@@ -87,10 +87,8 @@ class Store(Claims, Runs, Pack):
         # A scan trains on random halves whatever the held-out set: that set only labels its report.
         binding = [k for k in (*BINDING, 'labels_sha256')
                    if not (k == 'held_out' and settings['arms'] == ['scan'])]
-        differ = [k for k in binding if store.settings.get(k) != settings.get(k)]
-        if differ:
-            lines = [f'  {k}: store has {_short(store.settings.get(k))}, this command has {_short(settings.get(k))}'
-                     for k in differ]
+        lines = differences(store.settings, settings, binding)
+        if lines:
             raise StoreError(f'{path} holds runs made with other settings:\n' + '\n'.join(lines) +
                              '\nUse another --out folder for these settings, or rerun with the store\'s settings.')
         return store

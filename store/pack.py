@@ -62,7 +62,9 @@ class Pack:
         """The pack's index if well-formed and of this store, else None."""
         index = _read_json(self._pack_paths(arm)[1])
         keys = ('run', 'seed', 'seconds', 'test_acc', 'files')
+        # the groups' order too: the binding hash ignores it, and it decides a factorial run's examples
         if not isinstance(index, dict) or index.get('binding') != self.binding or \
+                index.get('groups') != list(self.settings['held_out']) or \
                 not all(isinstance(index.get(k), list) for k in keys) or \
                 len({len(index[k]) for k in keys}) != 1 or not isinstance(index.get('data'), list):
             return None
@@ -149,7 +151,8 @@ class Pack:
             if not index['run']:
                 return self._empty()
             private = _reader_link(tmp, st)
-            index.update(binding=self.binding, data=[st.st_size, st.st_mtime_ns, st.st_ino])
+            index.update(binding=self.binding, groups=list(self.settings['held_out']),
+                         data=[st.st_size, st.st_mtime_ns, st.st_ino])
             try:  # publish for the next reader; this one maps its own link whatever happens here
                 os.replace(tmp, data)
                 fsync_dir(os.path.dirname(data))
@@ -182,11 +185,14 @@ class Pack:
     def _set_aside_runs(self, arm, bad, good):
         """Move bad run files aside, unless every file of the arm is foreign: then settings.json is
         what changed, and nothing is moved."""
-        foreign = [b for b in bad if ': binding is' in b[1] or ': binding is missing' in b[1]]
+        # In a factorial store the held-out groups' order decides each run's examples: a reordered
+        # settings.json (a tidy-up with sorted keys) makes every run look trained on other examples.
+        reordered = ': trained on other examples' if self.settings['arms'] == ['a', 'b'] else ': binding is'
+        foreign = [b for b in bad if ': binding is' in b[1] or reordered in b[1]]
         if len(bad) >= 2 and good == 0 and len(foreign) == len(bad):
             raise StoreError(f'every run file of {os.path.join(self.path, arm)} ({len(bad)}) was made with other '
-                             f'settings than settings.json records (e.g. {bad[0][1]}). Was settings.json replaced? '
-                             'Nothing was moved: restore it, or use another --out.')
+                             f'settings than settings.json records (e.g. {bad[0][1]}). Was settings.json replaced, '
+                             'or its held-out groups reordered? Nothing was moved: restore it, or use another --out.')
         for run, reason, stat in bad:
             self.quarantine(arm, run, reason, stat)
 

@@ -17,6 +17,32 @@ def digest(value):
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def group_order(held_out):
+    """A hash of the order of the held-out groups (which digest ignores)."""
+    return digest(list(held_out))
+
+
+def checksums(settings):
+    """The checksums of a new store's settings.json: one per binding key, and the held-out groups' order."""
+    return {**{k: digest(settings[k]) for k in BINDING if k in settings}, 'groups': group_order(settings['held_out'])}
+
+
+def differences(ours, theirs, keys):
+    """Lines naming how settings `theirs` differ from `ours` in `keys`, down to the key inside hyp and the
+    group inside held_out (and the order of the groups, which decides the factorial coins)."""
+    lines = []
+    for k in keys:
+        a, b = ours.get(k), theirs.get(k)
+        if isinstance(a, dict) and isinstance(b, dict) and k in ('hyp', 'held_out'):
+            lines += [f'  {k}.{name}: store has {_short(a.get(name, "(none)"))}, this command has '
+                      f'{_short(b.get(name, "(none)"))}' for name in sorted({*a, *b}, key=str) if a.get(name) != b.get(name)]
+            if a == b and k == 'held_out' and list(a) != list(b):
+                lines.append(f'  held_out: groups in the order {list(a)} in the store, {list(b)} in this command')
+        elif a != b:
+            lines.append(f'  {k}: store has {_short(a)}, this command has {_short(b)}')
+    return lines
+
+
 def labels_digest(labels):
     return hashlib.sha256(np.ascontiguousarray(labels, dtype='<i8').tobytes()).hexdigest()
 
@@ -66,6 +92,12 @@ def check_settings(s, where):
     if not isinstance(s['labels_sha256'], str) or not isinstance(s['checksums'], dict):
         bad('labels_sha256' if not isinstance(s['labels_sha256'], str) else 'checksums',
             'what the store was created with')
+    # The checksums ignore key order, but the order of the held-out groups decides which example each
+    # seed's factorial coin removes: stores made by this version also record it (older ones: see pack.py).
+    if 'groups' in s['checksums'] and s['checksums']['groups'] != group_order(s['held_out']):
+        raise StoreError(f'{where}: the order of the held-out groups (now {_short(list(held))}) no longer '
+                         'matches the order the store was created with; that order decides which examples each run '
+                         f'was trained without. {fix}')
     edited = [k for k in BINDING if s['checksums'].get(k) != digest(s[k])]
     if edited:
         raise StoreError(f'{where}: {", ".join(f"{k!r} (now {_short(s[k])})" for k in edited)} no longer '
