@@ -10,7 +10,8 @@ from store.files import NotRegular, StoreError, _mtime, _read_bytes, _remove, _w
 
 CLAIM_REFRESH = 60.0   # seconds between a worker's touches of its claim
 
-CLAIM_NAME = re.compile(r'(.+)-(\d{6})')
+CLAIM_NAME = re.compile(r'([a-z]+)-(\d{6})')  # arm-run
+TAKEOVER = re.compile(r'[a-z]+-\d{6}\.takeover-[0-9a-f]{16}-\d+')  # a claim's takeover marker
 
 
 class Claims:
@@ -85,7 +86,7 @@ class Claims:
         count = 0
         for name in self._names('claims'):
             path = os.path.join(self._folder('claims'), name)
-            if CLAIM_NAME.fullmatch(name) and '.' not in name:
+            if CLAIM_NAME.fullmatch(name):
                 held = self._read_claim(path)
                 count += held is not None and self._claim_alive(held, path)
         return count

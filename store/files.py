@@ -92,6 +92,27 @@ def _tag():
     return f'{me["boot"] or "x"}.{me["pidns"] or "x"}.{me["pid"]}.{me["start"] or "x"}.{secrets.token_hex(4)}'
 
 
+# The names of the store's own temporary files and private links: NAME.tmp-TAG, NAME.reader-TAG, TAG as
+# _tag writes it. Only these (and run files, claims, markers, records) are ever removed or moved.
+OWN_TEMP = re.compile(r'.+\.(tmp|reader)-[0-9a-fx]+\.[0-9x]+\.\d+\.[0-9x]+\.[0-9a-f]{8}')
+
+
+def check_folder(path):
+    """Raise StoreError if `path` (a folder of the store) is a symbolic link or not a folder: a store
+    follows nothing out of itself. A missing folder is fine (it is made)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise StoreError(f'{path} is a symbolic link (to {os.readlink(path)}), expected a folder: a store follows no '
+                         'link out of itself, so that it never moves or removes anything elsewhere. Replace the link '
+                         'by a folder holding its files, or use another --out.')
+    if not stat.S_ISDIR(mode):
+        raise StoreError(f'{path} is {_kind(mode)} where the '
+                         'store keeps a folder: move it away and rerun.')
+
+
 def _tag_owner(tag):
     parts = tag.split('.')
     if len(parts) != 5 or not parts[2].isdigit():
@@ -178,7 +199,7 @@ def open_file(path):
 
 
 def _kind(mode):
-    return 'a folder' if stat.S_ISDIR(mode) else 'a FIFO' if stat.S_ISFIFO(mode) else \
+    return 'a file' if stat.S_ISREG(mode) else 'a folder' if stat.S_ISDIR(mode) else 'a FIFO' if stat.S_ISFIFO(mode) else \
         'a socket' if stat.S_ISSOCK(mode) else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
         'a symbolic link' if stat.S_ISLNK(mode) else 'not a regular file'
 

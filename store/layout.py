@@ -8,9 +8,9 @@ import time
 import numpy as np
 
 from design import ARMS
-from store.claims import CLAIM_NAME, Claims
-from store.files import (READER_TIMEOUT, StoreError, Unreadable, _mtime, _read_bytes, _remove, _tag_owner, _why,
-                         _write_advice, identity, note, owner_alive, publish)
+from store.claims import CLAIM_NAME, TAKEOVER, Claims
+from store.files import (OWN_TEMP, READER_TIMEOUT, StoreError, Unreadable, _mtime, _read_bytes, _remove, _tag_owner, _why,
+                         _write_advice, check_folder, identity, note, open_file, owner_alive, publish)
 from store.pack import Pack
 from store.runs import Runs
 from store.settings import BINDING, FORMAT, check_settings, checksums, differences, digest, labels_digest
@@ -26,17 +26,20 @@ class Store(Claims, Runs, Pack):
             raise StoreError(f'no run store at {self.path} (no settings.json there). '
                              'Run a trainer script first, or pass the folder it wrote to.')
         try:
-            with open(settings_file, 'rb') as f:
-                text = f.read()
+            with open_file(settings_file) as f:
+                text = f.read(1 << 24)  # settings of a few KB; a huge file is cut and fails as JSON
         except OSError as e:
             raise Unreadable(f'cannot read {settings_file} ({_why(e)}). Fix its permissions or the disk.') from e
         try:
             settings = json.loads(text)
-        except ValueError as e:
-            raise StoreError(f'{settings_file} is not valid JSON ({e}): edited by hand or cut short? '
-                             'Restore it, or start a new store with another --out.') from e
+        except (ValueError, RecursionError) as e:
+            why = 'nested too deep' if isinstance(e, RecursionError) else e
+            raise StoreError(f'{settings_file} is not valid JSON ({why}): edited by hand or cut short? '
+                             'Restore it, or start a new store with another --out.') from None
         self.settings = check_settings(settings, settings_file)
         self.arms = tuple(self.settings['arms'])
+        for sub in (*self.arms, *SUBFOLDERS):
+            check_folder(os.path.join(self.path, sub))
         self.binding = digest({k: self.settings[k] for k in BINDING})  # recorded in every run file
         self.labels = self._read_labels()
         self._mine = {}  # claim path -> the bytes this process wrote there
@@ -50,7 +53,8 @@ class Store(Claims, Runs, Pack):
     def _read_labels(self):
         path = os.path.join(self.path, 'labels.npy')
         try:
-            labels = np.load(path)
+            with open_file(path) as f:
+                labels = np.load(f)
         except FileNotFoundError:
             raise StoreError(f'{path} is missing: the store lost its labels. Restore the file, or train '
                              'again into a new --out.') from None
@@ -95,12 +99,11 @@ class Store(Claims, Runs, Pack):
 
     @staticmethod
     def _make(path, settings, labels):
-        layout = {*settings['arms'], *SUBFOLDERS, 'labels.npy'}
-        if os.path.isdir(path):
-            other = [n for n in os.listdir(path) if n not in layout and '.tmp-' not in n]
-            if other:
-                raise StoreError(f'{path} is not empty and not a run store (no settings.json; it holds '
-                                 f'{", ".join(sorted(other)[:5])}). Pass a new or empty folder as --out.')
+        other = _not_ours(path, settings['arms'])
+        if other:
+            raise StoreError(f'{path} is not empty and not a run store (no settings.json; it holds '
+                             f'{", ".join(other[:5])}{", ..." if len(other) > 5 else ""}). Nothing was changed there: '
+                             'pass a new or empty folder as --out.')
         try:
             for sub in (*settings['arms'], *SUBFOLDERS):
                 os.makedirs(os.path.join(path, sub), exist_ok=True)
@@ -149,6 +152,9 @@ class Store(Claims, Runs, Pack):
             for name in self._names(sub):
                 path = os.path.join(self.path, sub, name)
                 try:
+                    if not OWN_TEMP.fullmatch(name) and not TAKEOVER.fullmatch(name) and \
+                            not (sub == 'claims' and CLAIM_NAME.fullmatch(name)):
+                        continue  # not a name the store writes: never removed
                     if '.tmp-' in name:
                         if not owner_alive(_tag_owner(name.rpartition('.tmp-')[2]), _mtime(path)):
                             _remove(path)
@@ -164,9 +170,25 @@ class Store(Claims, Runs, Pack):
                         held = _read_bytes(os.path.join(self.path, sub, target))
                         if held is None or hashlib.sha256(held).hexdigest()[:16] != rest.split('-')[0]:
                             _remove(path)  # its claim has moved on: the marker can never be used again
-                    elif sub == 'claims' and CLAIM_NAME.fullmatch(name) and '.' not in name:
+                    elif sub == 'claims' and CLAIM_NAME.fullmatch(name):
                         held = _read_bytes(path)
                         if held is not None and not self._claim_alive(held, path):
                             self._swap(path, held, None)
                 except (OSError, StoreError):
                     pass
+
+
+def _not_ours(path, arms):
+    """What a folder without settings.json holds that a store being created there could not have made:
+    anything but its subfolders (real folders), labels.npy and the store's own temporary files."""
+    if not os.path.isdir(path):
+        return []
+    other = []
+    for name in sorted(os.listdir(path)):
+        inside = os.path.join(path, name)
+        if name in (*arms, *SUBFOLDERS) and os.path.isdir(inside) and not os.path.islink(inside):
+            other += [f'{name}/{n}' for n in sorted(os.listdir(inside)) if not OWN_TEMP.fullmatch(n)]
+        elif not (name == 'labels.npy' and os.path.isfile(inside) and not os.path.islink(inside)) and \
+                not OWN_TEMP.fullmatch(name):
+            other.append(name + ('/' if os.path.isdir(inside) else ''))
+    return other

@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 
-from store.files import StoreError, Unreadable, _Vanished, _read_json, _remove, _tag, _why, fsync_dir, publish
+from store.files import OWN_TEMP, StoreError, Unreadable, _Vanished, _read_json, _remove, _tag, _why, fsync_dir, publish
 from store.runs import RUN_NAME
 
 HEADER_BYTES = 128  # of a pack's .npy header: fixed, so the shape can be rewritten in place
@@ -23,9 +23,9 @@ class Pack:
         if arm not in self.arms:
             raise ValueError(f'arm {arm!r}, expected one of {self.arms}')
         for name in self._names(arm):  # anything but a six-digit run file, a write in progress or a hidden file
-            if not RUN_NAME.fullmatch(name) and '.tmp-' not in name and not name.startswith('.'):
-                self._set_aside(arm, name, f'{os.path.join(self.path, arm, name)}: not a run file name '
-                                           '(expected six digits, e.g. 000042.npz)')
+            if not RUN_NAME.fullmatch(name) and not OWN_TEMP.fullmatch(name) and not name.startswith('.'):
+                self._note_once(('name', arm, name), f'{os.path.join(self.path, arm, name)}: not a run file name '
+                                '(expected six digits, e.g. 000042.npz); left out and left alone')
         self.clean_leftovers(['packed'])
         for attempt in range(3):
             files = self._stats(arm)

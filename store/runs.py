@@ -3,15 +3,17 @@ import json
 import os
 import re
 import time
+import zipfile
 
 import numpy as np
 
 from design import MAX_RUNS, kept_bits, seed_for
-from store.files import StoreError, Unreadable, _Vanished, _short, _tag, _why, fsync_dir, note, publish
+from store.files import (OWN_TEMP, NotRegular, StoreError, Unreadable, _Vanished, _short, _tag, _why, fsync_dir, note,
+                         open_file, publish)
 
 RUN_NAME = re.compile(r'(\d{6})\.npz')
 
-FAILED_NAME = re.compile(r'(.+)-(\d{6})\.json')
+FAILED_NAME = re.compile(r'([a-z]+)-(\d{6})\.json')
 
 
 class Runs:
@@ -75,24 +77,27 @@ class Runs:
         store is named and moved aside."""
         out = {}
         for name in self._names('failed'):
-            if '.tmp-' in name or name.startswith('.'):
+            if OWN_TEMP.fullmatch(name) or name.startswith('.'):
                 continue
             path = os.path.join(self._folder('failed'), name)
             m = FAILED_NAME.fullmatch(name)
             if not m or m[1] not in self.arms:
-                self._set_aside('failed', name, f'{path}: not a failure record (expected a name like '
-                                                f'{self.arms[0]}-000042.json)')
+                self._note_once(path, f'{path}: not a failure record (expected a name like '
+                                      f'{self.arms[0]}-000042.json); left alone')
                 continue
             arm, run = m[1], int(m[2])
             try:
-                with open(path, 'rb') as f:
-                    rec = json.loads(f.read())
+                with open_file(path) as f:
+                    rec = json.loads(f.read(1 << 20))  # a record is a few hundred bytes
             except FileNotFoundError:
+                continue
+            except NotRegular as e:
+                self._set_aside('failed', name, f'{e} (a failure record)')
                 continue
             except OSError as e:
                 raise Unreadable(f'cannot read {path} ({_why(e)}); it was not moved. Fix its permissions '
                                  'or the disk and rerun.') from e
-            except ValueError:
+            except (ValueError, RecursionError):
                 rec = None
             expected = dict(arm=arm, run=run, seed=seed_for(run, self.settings['seed_base']), binding=self.binding)
             wrong = ['not a JSON object'] if not isinstance(rec, dict) else \
@@ -112,13 +117,13 @@ class Runs:
         """(record, (size, mtime_ns, inode) of the file read)."""
         path = self.run_file(arm, run)
         try:
-            with open(path, 'rb') as f:
+            with open_file(path) as f:
                 st = os.fstat(f.fileno())
-                # allow_pickle stays False (numpy's default): a run file from a shared store loads data, never code
-                with np.load(f) as z:
-                    rec = {k: z[k] for k in z.files}
+                rec = _load_members(path, f, self.settings['n_train'])
         except FileNotFoundError:
             raise _Vanished(path) from None
+        except StoreError:
+            raise
         except OSError as e:
             if e.errno is not None:
                 raise Unreadable(f'cannot read {path} ({_why(e)}); it was not moved. Fix its permissions '
@@ -133,7 +138,7 @@ class Runs:
                     ('run', run, 'a file renamed or copied to another run\'s name'),
                     ('seed', seed, 'a file from another seed range')]
         for key, value, why in expected:
-            found = rec[key].item() if key in rec and rec[key].ndim == 0 else None
+            found = rec[key].item() if key in rec and rec[key].ndim == 0 and rec[key].dtype.kind in 'iuU' else None
             if found != value:
                 raise StoreError(f'{path}: {key} is {"missing" if found is None else repr(found)}, expected '
                                  f'{value!r} ({why})')
@@ -146,8 +151,9 @@ class Runs:
             raise StoreError(f'{path}: trained on other examples than its arm and seed draw now '
                              '(another numpy version?); keep it out of this store')
         for key in ('seconds', 'test_acc'):
-            if key not in rec or rec[key].ndim != 0:
-                raise StoreError(f'{path}: {key} missing')
+            if key not in rec or rec[key].ndim != 0 or rec[key].dtype.kind not in 'fiu':
+                raise StoreError(f'{path}: {key} missing or not a number'
+                                 f'{"" if key not in rec else f" ({rec[key].dtype} {rec[key].shape})"}')
         return rec, [st.st_size, st.st_mtime_ns, st.st_ino]
 
     def quarantine(self, arm, run, reason, identity_read=None):
@@ -178,3 +184,33 @@ class Runs:
                     pass
                 return
         note(f'{reason}; moved to {dst}')
+
+
+# The members a run file may hold, and the most bytes each may take: the expected logits bound what is read.
+NPY_HEADER = 4096  # bytes, at most, of a member's .npy header
+
+
+def _member_limits(n_train):
+    return dict(logits=n_train * 10 * 2, kept=(n_train + 7) // 8, meta=1 << 20, arm=256, run=8, seed=8,
+                binding=256, seconds=16, test_acc=16)
+
+
+def _load_members(path, f, n_train):
+    """{member: array} of the run file open as `f`, each member checked by name and size before anything
+    is read (a small file can hold a huge compressed member). allow_pickle stays False (numpy's default):
+    a run file from a shared store loads data, never code."""
+    limits = _member_limits(n_train)
+    with zipfile.ZipFile(f) as z:
+        infos = z.infolist()
+    names = [i.filename.removesuffix('.npy') for i in infos]
+    odd = [i.filename for i, n in zip(infos, names) if n not in limits or not i.filename.endswith('.npy')]
+    if odd or len(set(names)) < len(names):
+        raise StoreError(f'{path}: holds {", ".join(odd[:3]) or "a member twice"}, expected only the members of a '
+                         f'run file ({", ".join(limits)})')
+    big = [(i.filename, i.file_size) for i, n in zip(infos, names) if i.file_size > limits[n] + NPY_HEADER]
+    if big:
+        raise StoreError(f'{path}: member {big[0][0]} holds {big[0][1]:,} bytes, expected at most '
+                         f'{limits[big[0][0][:-4]] + NPY_HEADER:,} for {n_train} training examples')
+    f.seek(0)
+    with np.load(f) as z:
+        return {k: z[k] for k in z.files}

@@ -508,7 +508,7 @@ def test_truncated_or_shuffled_labels_are_refused(tmp_path):
         Store(tmp_path)
 
 
-def test_garbage_and_stray_files_in_failed_are_named_and_moved_aside(tmp_path, capsys):
+def test_garbage_records_in_failed_are_moved_aside_and_a_stray_file_is_named_and_left_alone(tmp_path, capsys):
     s = toy_store(tmp_path, 2)
     s.save_failure('with', 7, 7, 'diverged')
     (tmp_path / 'failed' / 'with-000008.json').write_text('{not json')
@@ -518,7 +518,7 @@ def test_garbage_and_stray_files_in_failed_are_named_and_moved_aside(tmp_path, c
     err = capsys.readouterr().err
     assert 'with-000008.json: not a JSON object' in err and 'notes.txt: not a failure record' in err
     assert 'with-000009.json: run is 7, expected 9' in err
-    assert sorted(os.listdir(tmp_path / 'failed')) == ['with-000007.json'] and len(moved(tmp_path)) == 3
+    assert sorted(os.listdir(tmp_path / 'failed')) == ['notes.txt', 'with-000007.json'] and len(moved(tmp_path)) == 2
 
 
 def test_missing_subfolders_are_recreated_and_a_bad_run_is_still_moved_aside(tmp_path, capsys):
