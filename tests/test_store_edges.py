@@ -2,12 +2,17 @@
 clear line. Each test is an attack from outside that once went wrong (docs/store.md lists them)."""
 import json
 import os
+import shutil
+import zipfile
 
 import numpy as np
 import pytest
 
+import viz
 from store import Store, StoreError
-from test_store import ARMS, moved, toy_store
+from test_store import ARMS, TOY_HELD, moved, toy_store
+
+TOY_SETTINGS = dict(trainer='toy', hyp={'lr': 1.0}, held_out=TOY_HELD, n_train=40, data_fingerprint='toy', seed_base=0)
 
 HELD = {'random': [0, 1, 2, 3], 'easy': [30, 31, 32, 33]}  # not in sorted order: 'easy' < 'random'
 
@@ -88,3 +93,160 @@ def test_the_other_settings_message_names_the_differing_hyperparameter_however_l
     assert '  hyp.knob_37: store has 0.123456789, this command has 0.5' in lines
     assert '  held_out.easy: store has [30, 31], this command has [30, 32]' in lines
     assert not any('knob_36' in line for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Nothing outside the store touched; only what the store wrote ever moved or removed
+# ---------------------------------------------------------------------------------------------------
+
+def a_victim(path):
+    """A user's folder beside the store: a thesis, a results table and an old draft's temporary file."""
+    path.mkdir()
+    for name in ('thesis.tex', 'results.csv', 'draft.tmp-1'):
+        (path / name).write_text(name)
+        os.utime(path / name, (1e9, 1e9))  # old: no age rule may take it for a leftover
+    return sorted(os.listdir(path))
+
+
+@pytest.mark.parametrize('sub', ['with', 'packed', 'claims', 'failed', 'corrupt'])
+def test_a_store_folder_linked_out_of_the_store_is_refused_and_nothing_there_is_touched(tmp_path, sub, capsys):
+    store, victim = tmp_path / 'S', tmp_path / 'victim'
+    toy_store(store, 2)
+    there = a_victim(victim)
+    shutil.rmtree(store / sub)
+    os.symlink('../victim', store / sub)
+    with pytest.raises(SystemExit, match=f'viz: {store / sub} is a symbolic link \\(to ../victim\\)'):
+        viz.main([str(store)])
+    with pytest.raises(StoreError, match='symbolic link'):
+        Store.create(store, TOY_SETTINGS, np.arange(40) % 10)
+    assert sorted(os.listdir(victim)) == there
+
+
+@pytest.mark.parametrize('sub', ['claims', 'failed', 'packed', 'without'])
+def test_a_plain_file_where_a_store_folder_belongs_is_one_line(tmp_path, sub, capsys):
+    toy_store(tmp_path, 2)
+    shutil.rmtree(tmp_path / sub)
+    (tmp_path / sub).write_text('not a folder')
+    with pytest.raises(SystemExit, match=f'viz: {tmp_path / sub} is a file where the store keeps a folder'):
+        viz.main([str(tmp_path)])
+
+
+def test_only_temporary_files_the_store_wrote_are_removed(tmp_path):
+    s = toy_store(tmp_path, 2)
+    for name in ('with/backup.tmp-2024', 'packed/x.tmp-keep', 'claims/notes', 'with/draft.reader-1'):
+        (tmp_path / name).write_text('mine')
+        os.utime(tmp_path / name, (1e9, 1e9))
+    s.clean_leftovers()
+    s.load('with')
+    for name in ('with/backup.tmp-2024', 'packed/x.tmp-keep', 'claims/notes', 'with/draft.reader-1'):
+        assert (tmp_path / name).read_text() == 'mine'
+
+
+def test_a_stray_file_in_an_arm_is_named_and_left_where_it_is(tmp_path, capsys):
+    s = toy_store(tmp_path, 2)
+    (tmp_path / 'with' / 'notes.txt').write_text('mine')
+    assert list(s.load('with')[1]['run']) == [0, 1]
+    assert 'notes.txt: not a run file name' in capsys.readouterr().err
+    assert (tmp_path / 'with' / 'notes.txt').read_text() == 'mine' and moved(tmp_path) == []
+
+
+@pytest.mark.parametrize('inside', [['with/notes.txt'], ['packed/x.tmp-keep'], ['with/notes.txt', 'packed/x.tmp-keep'],
+                                    ['thesis.tex']])
+def test_a_folder_holding_anything_the_store_did_not_write_is_not_taken_for_a_new_store(tmp_path, inside):
+    out = tmp_path / 'D'
+    for name in inside:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text('mine')
+    before = sorted(str(p.relative_to(out)) for p in out.rglob('*'))
+    with pytest.raises(StoreError, match=f'{out} is not empty and not a run store .*it holds {", ".join(sorted(inside))}'
+                                         r'\). Nothing was changed'):
+        Store.create(out, TOY_SETTINGS, np.arange(40) % 10)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob('*')) == before
+    assert all((out / name).read_text() == 'mine' for name in inside)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Odd files: one line, never a traceback or a hang
+# ---------------------------------------------------------------------------------------------------
+
+def rewrite_run(s, arm, run, /, **changes):
+    path = s.run_file(arm, run)
+    with np.load(path) as z:
+        rec = {k: z[k] for k in z.files}
+    rec.update(changes)
+    with open(path, 'wb') as f:
+        np.savez(f, **rec)
+
+
+@pytest.mark.parametrize('key, value', [('seconds', np.complex128(1 + 2j)), ('test_acc', np.bytes_(b'0.5')),
+                                        ('seconds', np.str_('fast')), ('arm', np.bytes_(b'with'))])
+def test_a_run_file_with_a_scalar_of_the_wrong_type_is_moved_aside_and_the_report_runs(tmp_path, key, value, capsys):
+    s = toy_store(tmp_path, 3)
+    rewrite_run(s, 'with', 1, **{key: value})
+    viz.main([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f'000001.npz: {key}' in err and 'Traceback' not in err and len(moved(tmp_path)) == 1
+    assert list(Store(tmp_path).load('with')[1]['run']) == [0, 2]
+
+
+def test_a_run_file_with_a_huge_extra_member_is_refused_before_it_is_read(tmp_path, capsys):
+    s = toy_store(tmp_path, 2)
+    path = s.run_file('with', 1)
+    with zipfile.ZipFile(path, 'a', zipfile.ZIP_DEFLATED) as z:  # 60 MB unpacked; compresses to little
+        z.writestr('extra.npy', b'\0' * 10_000_000)
+        z.writestr('big.npy', b'\0' * 50_000_000)
+    assert os.path.getsize(path) < 2_000_000
+    assert list(s.load('with')[1]['run']) == [0]
+    assert '000001.npz: holds extra.npy, big.npy, expected only the members' in capsys.readouterr().err
+
+
+def test_a_member_larger_than_its_expected_size_is_refused_by_name(tmp_path, capsys):
+    s = toy_store(tmp_path, 2)
+    rewrite_run(s, 'with', 1, kept=np.zeros(1_000_000, np.uint8))
+    assert list(s.load('with')[1]['run']) == [0]
+    assert '000001.npz: member kept.npy holds 1,000,128 bytes, expected at most 4,101' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('kind', ['fifo', 'folder', 'link'])
+def test_a_fifo_folder_or_link_as_a_run_file_is_one_line_and_moved_aside(tmp_path, kind, capsys):
+    s = toy_store(tmp_path, 2)
+    path = s.run_file('with', 1)
+    outside = tmp_path.parent / f'{tmp_path.name}-outside.npz'
+    os.replace(path, outside)
+    {'fifo': os.mkfifo, 'folder': os.mkdir, 'link': lambda p: os.symlink(outside, p)}[kind](path)
+    assert list(s.load('with')[1]['run']) == [0]  # a FIFO would block an open() without O_NONBLOCK forever
+    err = capsys.readouterr().err
+    assert f'000001.npz is a {dict(fifo="FIFO", folder="folder", link="symbolic link")[kind]}' in err
+    assert len(moved(tmp_path)) == 1 and outside.exists()
+
+
+@pytest.mark.parametrize('kind', ['fifo', 'folder'])
+def test_a_fifo_or_folder_as_a_claim_is_one_line_for_the_trainer_and_ignored_by_viz(tmp_path, kind, capsys):
+    s = toy_store(tmp_path, 2)
+    claim = tmp_path / 'claims' / 'with-000005'
+    (os.mkfifo if kind == 'fifo' else os.mkdir)(claim)
+    with pytest.raises(StoreError, match=f'{claim} is a {"FIFO" if kind == "fifo" else "folder"}, expected a file: '
+                                         'not a claim. Remove it'):
+        s.claim('with', 5)
+    assert s.in_progress() == 0
+    s.clean_leftovers()
+    viz.main([str(tmp_path)])
+    assert claim.exists()
+
+
+DEEP = '[' * 100_000 + ']' * 100_000
+
+
+@pytest.mark.parametrize('where', ['settings.json', 'packed/with.json', 'failed/with-000003.json', 'claims/with-000003'])
+def test_deeply_nested_json_anywhere_the_store_reads_is_one_line(tmp_path, where, capsys):
+    s = toy_store(tmp_path, 2)
+    s.load('with')
+    (tmp_path / where).write_text(DEEP)
+    if where == 'settings.json':
+        with pytest.raises(StoreError, match='settings.json is not valid JSON \\(nested too deep\\)'):
+            Store(tmp_path)
+        return
+    s = Store(tmp_path)
+    assert list(s.load('with')[1]['run']) == [0, 1] and s.failed() == {}
+    fresh = where == 'claims/with-000003'  # a fresh claim of unknown form: alive while its heartbeat is
+    assert s.in_progress() == fresh and s.claim('with', 3) != fresh
