@@ -1,5 +1,6 @@
 """The store's edges: nothing outside it touched, no silent change of what it means, every odd file one
 clear line. Each test is an attack from outside that once went wrong (docs/store.md lists them)."""
+import errno
 import json
 import os
 import shutil
@@ -8,9 +9,11 @@ import zipfile
 import numpy as np
 import pytest
 
+import experiment
+import store_worker
 import viz
 from store import Store, StoreError
-from test_store import ARMS, TOY_HELD, moved, toy_store
+from test_store import ARMS, TOY_HELD, fake_store, moved, patch, refuse, toy_store
 
 TOY_SETTINGS = dict(trainer='toy', hyp={'lr': 1.0}, held_out=TOY_HELD, n_train=40, data_fingerprint='toy', seed_base=0)
 
@@ -250,3 +253,61 @@ def test_deeply_nested_json_anywhere_the_store_reads_is_one_line(tmp_path, where
     assert list(s.load('with')[1]['run']) == [0, 1] and s.failed() == {}
     fresh = where == 'claims/with-000003'  # a fresh claim of unknown form: alive while its heartbeat is
     assert s.in_progress() == fresh and s.claim('with', 3) != fresh
+
+
+# ---------------------------------------------------------------------------------------------------
+# Out of space or inodes
+# ---------------------------------------------------------------------------------------------------
+
+def test_out_of_inodes_after_claiming_says_the_real_cause_and_leaves_no_claim(tmp_path, monkeypatch, capsys):
+    """Once a run is claimed nothing can be created (no inode left): the run file cannot be written, and
+    releasing the claim cannot create its marker. The one line says why; the claim is gone."""
+    fake_store(tmp_path)
+    real_claim = Store.claim
+
+    def claim_then_fill_the_disk(self, arm, run):
+        got = real_claim(self, arm, run)
+        patch(monkeypatch, refuse(str(tmp_path), errno.ENOSPC))
+        return got
+    monkeypatch.setattr(Store, 'claim', claim_then_fill_the_disk)
+    code = experiment.main('fake', {'epochs': 1, 'batch_size': 8}, {}, store_worker.fake_train, store_worker.fake_infer,
+                           '', ['--smoke', '--runs', '2', '--out', str(tmp_path), '--device', 'cpu'],
+                           load=lambda data_dir: store_worker.dataset(), held_out={'random': [0, 1], 'easy': [5, 9]})
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
+    assert code == 2 and len(errors) == 1, errors
+    assert 'could not write' in errors[0] and '000000.npz' in errors[0] and 'No space left on device' in errors[0]
+    assert 'could not claim' not in errors[0]
+    monkeypatch.undo()
+    assert os.listdir(tmp_path / 'claims') == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command-line and input edges
+# ---------------------------------------------------------------------------------------------------
+
+HELD_OUT_FILES = {'dollar': '{"$\\\\foo$": [0, 1]}', 'space': '{"my group": [0]}', 'empty name': '{"": [0]}',
+                  'deep': '{"random": ' + DEEP + '}'}
+EDGES = [([''], "--out '': empty; expected a store folder"),
+         (['   '], "--out '   ': empty"),
+         (['x', 'dollar'], 'group name "$\\\\foo$": expected 1 to 40 letters, digits, _ or -'),
+         (['x', 'space'], 'group name "my group": expected 1 to 40 letters'),
+         (['x', 'empty name'], 'group name "": expected 1 to 40 letters'),
+         (['x', 'deep'], 'not valid JSON (nested too deep)')]
+
+
+@pytest.mark.parametrize('out_and_file, message', EDGES, ids=[' '.join(a) for a, _ in EDGES])
+def test_an_edge_of_the_command_line_is_refused_in_one_line_and_writes_nothing(out_and_file, message, tmp_path,
+                                                                               monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    inputs = tmp_path.parent / f'{tmp_path.name}-inputs'
+    inputs.mkdir()
+    args = ['--out', out_and_file[0]]
+    if len(out_and_file) > 1:
+        (inputs / 'held.json').write_text(HELD_OUT_FILES[out_and_file[1]])
+        args += ['--held-out', str(inputs / 'held.json')]
+    code = experiment.main('fake', {'epochs': 1, 'batch_size': 8}, {}, store_worker.fake_train, store_worker.fake_infer,
+                           '', ['--smoke', '--runs', '1', '--device', 'cpu', *args],
+                           load=lambda data_dir: store_worker.dataset(), held_out={'random': [0, 1], 'easy': [5, 9]})
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], lines
+    assert os.listdir(tmp_path) == []
