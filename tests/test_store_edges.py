@@ -1,5 +1,6 @@
 """The store's edges: nothing outside it touched, no silent change of what it means, every odd file one
 clear line. Each test is an attack from outside that once went wrong (docs/store.md lists them)."""
+import csv
 import errno
 import json
 import os
@@ -311,3 +312,28 @@ def test_an_edge_of_the_command_line_is_refused_in_one_line_and_writes_nothing(o
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], lines
     assert os.listdir(tmp_path) == []
+
+
+def test_a_report_file_on_a_full_disk_is_never_left_partial(tmp_path, monkeypatch, capsys):
+    toy_store(tmp_path / 'S', 4)
+    out = tmp_path / 'report.csv'
+    real = csv.DictWriter.writerows
+
+    def full(self, rows):
+        real(self, rows[:1])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(csv.DictWriter, 'writerows', full)
+    with pytest.raises(SystemExit, match=f'viz: could not write {out} .*No space left on device'):
+        viz.main([str(tmp_path / 'S'), '--csv', str(out)])
+    assert sorted(os.listdir(tmp_path)) == ['S']  # no partial report, no temporary file
+
+
+def test_a_group_name_matplotlib_would_read_as_math_is_plotted_as_it_is(tmp_path):
+    settings = dict(TOY_SETTINGS, held_out={'$\\foo$': [0, 1], 'easy': [30, 31]})  # a store made before names were checked
+    s = Store.create(tmp_path / 'S', settings, np.arange(40) % 10)
+    rng = np.random.default_rng(0)
+    for run in range(4):
+        for arm in ARMS:
+            s.save_run(arm, run, run, rng.normal(0, 1, (40, 10)).astype(np.float16), 1.0, 0.5)
+    viz.main([str(tmp_path / 'S'), '--plot', str(tmp_path / 'forest.png')])
+    assert (tmp_path / 'forest.png').read_bytes()[:4] == b'\x89PNG'
