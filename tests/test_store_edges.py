@@ -337,3 +337,11 @@ def test_a_group_name_matplotlib_would_read_as_math_is_plotted_as_it_is(tmp_path
             s.save_run(arm, run, run, rng.normal(0, 1, (40, 10)).astype(np.float16), 1.0, 0.5)
     viz.main([str(tmp_path / 'S'), '--plot', str(tmp_path / 'forest.png')])
     assert (tmp_path / 'forest.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_a_failed_download_removes_the_data_folder_it_created(tmp_path, monkeypatch):
+    import airbench
+    monkeypatch.setattr(airbench, 'CIFAR10_URL', 'http://127.0.0.1:9/cifar-10-python.tar.gz')  # nothing listens
+    with pytest.raises(airbench.DataError, match='the download failed'):
+        airbench.load_cifar10(str(tmp_path / 'data'))
+    assert os.listdir(tmp_path) == []
