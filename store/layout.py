@@ -147,7 +147,11 @@ class Store(Claims, Runs, Pack):
     def clean_leftovers(self, subs=None):
         """Remove what killed processes left in `subs` (default: everywhere): temporary files, private
         links to old packs, and in claims/ the claims of dead workers (of finished runs too) and
-        takeover markers that no longer apply. Never fails: a read-only store is left as it is."""
+        takeover markers that no longer apply. Never fails: a read-only store is left as it is, except
+        when all is cleaned (a trainer starting): something that holds a run file's name but is no file is
+        moved aside, and if it cannot be, StoreError says so (that run could never be redone)."""
+        if subs is None:
+            self.set_aside_odd_runs()
         for sub in (('', *self.arms, *SUBFOLDERS) if subs is None else subs):
             for name in self._names(sub):
                 path = os.path.join(self.path, sub, name)

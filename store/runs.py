@@ -2,14 +2,15 @@
 import json
 import os
 import re
+import stat
 import time
 import zipfile
 
 import numpy as np
 
 from design import MAX_RUNS, kept_bits, seed_for
-from store.files import (OWN_TEMP, NotRegular, StoreError, Unreadable, _Vanished, _short, _tag, _why, fsync_dir, note,
-                         open_file, publish)
+from store.files import (OWN_TEMP, NotRegular, StoreError, Unreadable, _Vanished, _kind, _short, _tag, _why, fsync_dir,
+                         note, open_file, publish)
 
 RUN_NAME = re.compile(r'(\d{6})\.npz')
 
@@ -159,20 +160,41 @@ class Runs:
     def quarantine(self, arm, run, reason, identity_read=None):
         """Move a bad run file aside so that the run is redone; nothing is deleted. identity_read: the
         (size, mtime_ns, inode) of the file found bad; a newer file at that name is put back."""
-        self._set_aside(arm, f'{run:06d}.npz', reason + '; the run will be redone by the next trainer command',
-                        identity_read)
+        self._set_aside(arm, f'{run:06d}.npz', reason, identity_read,
+                        then='; the run will be redone by the next trainer command')
 
-    def _set_aside(self, sub, name, reason, identity_read=None):
+    def set_aside_odd_runs(self):
+        """For a trainer: move aside what holds a run file's name but is no file (a folder, a FIFO, a link),
+        so that the run is redone; raise StoreError if one cannot be moved (the run could never be redone,
+        and would be counted as done)."""
+        for arm in self.arms:
+            for run in self.stored(arm):
+                path = self.run_file(arm, run)
+                try:
+                    mode = os.lstat(path).st_mode
+                except OSError:
+                    continue  # vanished meanwhile
+                if stat.S_ISREG(mode):
+                    continue
+                odd = f'{path} is {_kind(mode)}, expected a file'
+                if not self._set_aside(arm, f'{run:06d}.npz', odd, then='; the run will be redone'):
+                    raise StoreError(f'{odd}, and it could not be moved to corrupt/: run {run} of {arm} cannot be '
+                                     'redone while it is there. Remove it and rerun.')
+
+    def _set_aside(self, sub, name, reason, identity_read=None, then=''):
+        """Move a bad file of the store to corrupt/ and say so (reason + then); -> False if it could not be
+        moved (then said without the promise `then`: no trainer can replace it)."""
         src = os.path.join(self.path, sub, name)
         dst = os.path.join(self.path, 'corrupt', f'{sub}-{name}.{time.strftime("%Y%m%d-%H%M%S")}-{_tag()}')
         try:
             os.makedirs(self._folder('corrupt'), exist_ok=True)
             os.rename(src, dst)
         except FileNotFoundError:
-            return  # already moved by another process
+            return True  # already moved by another process
         except OSError as e:
-            self._note_once(src, f'{reason}; left out (could not move it to corrupt/: {_why(e)})')
-            return
+            self._note_once(src, f'{reason}; left out, and it could not be moved to corrupt/ ({_why(e)}): no '
+                                 'trainer can replace it while it is there. Move or remove it by hand.')
+            return False
         fsync_dir(os.path.dirname(src))
         if identity_read is not None:
             st = os.stat(dst)
@@ -182,8 +204,9 @@ class Runs:
                     os.remove(dst)
                 except OSError:
                     pass
-                return
-        note(f'{reason}; moved to {dst}')
+                return True
+        note(f'{reason}{then}; moved to {dst}')
+        return True
 
 
 # The members a run file may hold, and the most bytes each may take: the expected logits bound what is read.

@@ -345,3 +345,35 @@ def test_a_failed_download_removes_the_data_folder_it_created(tmp_path, monkeypa
     with pytest.raises(airbench.DataError, match='the download failed'):
         airbench.load_cifar10(str(tmp_path / 'data'))
     assert os.listdir(tmp_path) == []
+
+
+def train_fake(path, runs=2):
+    return experiment.main('fake', {'epochs': 1, 'batch_size': 8}, {}, store_worker.fake_train, store_worker.fake_infer,
+                           '', ['--smoke', '--runs', str(runs), '--out', str(path), '--device', 'cpu'],
+                           load=lambda data_dir: store_worker.dataset(), held_out={'random': [0, 1], 'easy': [5, 9]})
+
+
+def test_a_folder_with_a_run_files_name_is_moved_aside_and_the_run_redone_by_the_trainer(tmp_path, capsys):
+    s = fake_store(tmp_path)
+    os.mkdir(s.run_file('with', 1))
+    assert train_fake(tmp_path) == 0
+    assert 'with/000001.npz is a folder, expected a file; the run will be redone' in capsys.readouterr().err
+    assert Store(tmp_path).read_run('with', 1)['run'] == 1 and len(moved(tmp_path)) == 1
+
+
+def test_a_run_file_that_cannot_be_moved_aside_is_an_error_for_the_trainer_and_no_promise_in_viz(
+        tmp_path, monkeypatch, capsys):
+    s = fake_store(tmp_path, 2)
+    os.remove(s.run_file('with', 1))
+    os.mkdir(s.run_file('with', 1))
+    patch(monkeypatch, refuse('000001.npz', errno.EPERM, ('rename',)))  # an immutable file, a foreign owner
+    assert train_fake(tmp_path) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'with/000001.npz is a folder, expected a file, and it could not be moved' in errors[0]
+    assert 'cannot be redone while it is there. Remove it and rerun.' in errors[0]
+    os.rmdir(s.run_file('with', 1))
+    with open(s.run_file('with', 1), 'wb') as f:
+        f.write(b'garbage')
+    assert list(Store(tmp_path).load('with')[1]['run']) == [0]
+    err = capsys.readouterr().err
+    assert 'no trainer can replace it while it is there. Move or remove it by hand' in err and 'redone' not in err
