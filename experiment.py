@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from design import ARMS, FACTORIAL_ARMS, MAX_RUNS, SCAN_SEED_BASE, keep_for, seed_for
-from store import CLAIM_REFRESH, Store, StoreError
+from store import CLAIM_REFRESH, Store, StoreError, parse_json
 
 # Held-out examples, indices in torchvision's CIFAR-10 training order (data_batch_1 .. data_batch_5).
 HELD_OUT = {
@@ -194,11 +194,9 @@ def read_held_out(path):
             text = f.read()
     except OSError as e:
         raise UsageError(f'--held-out {path}: {e.strerror or e}; expected a JSON file like {example}') from None
-    try:
-        groups = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        why = 'nested too deep' if isinstance(e, RecursionError) else e
-        raise UsageError(f'--held-out {path}: not valid JSON ({why}); expected an object like {example}') from None
+    groups, why = parse_json(text)
+    if why:
+        raise UsageError(f'--held-out {path}: not valid JSON ({why}); expected an object like {example}')
     return check_held_out(groups, f'--held-out {path}')
 
 

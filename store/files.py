@@ -220,6 +220,16 @@ def _mtime(path):
         return time.time()
 
 
+def parse_json(text):
+    """(value, None) for valid JSON text, else (None, why it is not), deep nesting included."""
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, 'nested too deep'
+    except ValueError as e:
+        return None, str(e)
+
+
 def _read_json(path, limit=-1):
     """A JSON file written by the store, None if absent, unreadable or not JSON (nested too deep included)."""
     try:

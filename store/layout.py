@@ -10,7 +10,7 @@ import numpy as np
 from design import ARMS
 from store.claims import CLAIM_NAME, TAKEOVER, Claims
 from store.files import (OWN_TEMP, READER_TIMEOUT, StoreError, Unreadable, _mtime, _read_bytes, _remove, _tag_owner, _why,
-                         _write_advice, check_folder, identity, note, open_file, owner_alive, publish)
+                         _write_advice, check_folder, identity, note, open_file, owner_alive, parse_json, publish)
 from store.pack import Pack
 from store.runs import Runs
 from store.settings import BINDING, FORMAT, check_settings, checksums, differences, digest, labels_digest
@@ -30,12 +30,10 @@ class Store(Claims, Runs, Pack):
                 text = f.read(1 << 24)  # settings of a few KB; a huge file is cut and fails as JSON
         except OSError as e:
             raise Unreadable(f'cannot read {settings_file} ({_why(e)}). Fix its permissions or the disk.') from e
-        try:
-            settings = json.loads(text)
-        except (ValueError, RecursionError) as e:
-            why = 'nested too deep' if isinstance(e, RecursionError) else e
+        settings, why = parse_json(text)
+        if why:
             raise StoreError(f'{settings_file} is not valid JSON ({why}): edited by hand or cut short? '
-                             'Restore it, or start a new store with another --out.') from None
+                             'Restore it, or start a new store with another --out.')
         self.settings = check_settings(settings, settings_file)
         self.arms = tuple(self.settings['arms'])
         for sub in (*self.arms, *SUBFOLDERS):
