@@ -20,5 +20,5 @@ from store.settings import BINDING, FORMAT, check_settings, digest, labels_diges
 __all__ = ['ARMS', 'DESIGNS', 'FACTORIAL_ARMS', 'MAX_RUNS', 'SCAN_SEED_BASE', 'factorial_split', 'held_out_indices',
            'keep_for', 'kept_bits', 'kept_mask', 'seed_for', 'CLAIM_NAME', 'CLAIM_REFRESH', 'CLAIM_TIMEOUT',
            'READER_TIMEOUT', 'StoreError', 'Unreadable', '_start_time', 'fsync_dir', 'identity', 'note', 'owner_alive',
-           'parse_json', 'publish', 'SUBFOLDERS', 'Store', 'HEADER_BYTES', 'FAILED_NAME', 'RUN_NAME', 'BINDING', 'FORMAT',
-           'check_settings', 'digest', 'labels_digest']
+           'parse_json', 'publish', 'SUBFOLDERS', 'Store', 'HEADER_BYTES', 'FAILED_NAME', 'RUN_NAME', 'BINDING',
+           'FORMAT', 'check_settings', 'digest', 'labels_digest']

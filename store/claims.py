@@ -6,7 +6,8 @@ import re
 import secrets
 import time
 
-from store.files import NotRegular, StoreError, _mtime, _read_bytes, _remove, _why, _write_advice, identity, owner_alive, publish
+from store.files import (NotRegular, StoreError, _mtime, _read_bytes, _remove, _why, _write_advice, identity,
+                         owner_alive, publish)
 
 CLAIM_REFRESH = 60.0   # seconds between a worker's touches of its claim
 

@@ -199,7 +199,8 @@ def open_file(path):
 
 
 def _kind(mode):
-    return 'a file' if stat.S_ISREG(mode) else 'a folder' if stat.S_ISDIR(mode) else 'a FIFO' if stat.S_ISFIFO(mode) else \
+    return 'a file' if stat.S_ISREG(mode) else 'a folder' if stat.S_ISDIR(mode) else \
+        'a FIFO' if stat.S_ISFIFO(mode) else \
         'a socket' if stat.S_ISSOCK(mode) else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
         'a symbolic link' if stat.S_ISLNK(mode) else 'not a regular file'
 

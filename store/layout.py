@@ -9,8 +9,8 @@ import numpy as np
 
 from design import ARMS
 from store.claims import CLAIM_NAME, TAKEOVER, Claims
-from store.files import (OWN_TEMP, READER_TIMEOUT, StoreError, Unreadable, _mtime, _read_bytes, _remove, _tag_owner, _why,
-                         _write_advice, check_folder, identity, note, open_file, owner_alive, parse_json, publish)
+from store.files import (OWN_TEMP, READER_TIMEOUT, StoreError, Unreadable, _mtime, _read_bytes, _remove, _tag_owner,
+                         _why, _write_advice, check_folder, identity, note, open_file, owner_alive, parse_json, publish)
 from store.pack import Pack
 from store.runs import Runs
 from store.settings import BINDING, FORMAT, check_settings, checksums, differences, digest, labels_digest

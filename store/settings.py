@@ -35,7 +35,8 @@ def differences(ours, theirs, keys):
         a, b = ours.get(k), theirs.get(k)
         if isinstance(a, dict) and isinstance(b, dict) and k in ('hyp', 'held_out'):
             lines += [f'  {k}.{name}: store has {_short(a.get(name, "(none)"))}, this command has '
-                      f'{_short(b.get(name, "(none)"))}' for name in sorted({*a, *b}, key=str) if a.get(name) != b.get(name)]
+                      f'{_short(b.get(name, "(none)"))}' for name in sorted({*a, *b}, key=str)
+                      if a.get(name) != b.get(name)]
             if a == b and k == 'held_out' and list(a) != list(b):
                 lines.append(f'  held_out: groups in the order {list(a)} in the store, {list(b)} in this command')
         elif a != b:

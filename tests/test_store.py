@@ -688,8 +688,9 @@ def _child_of(pid):
 
 def test_a_worker_stopped_past_the_claim_timeout_discards_its_result_and_the_run_is_stored_once(tmp_path):
     """A worker in another pid namespace stopped (SIGSTOP: a suspended job, a paused machine) in its
-    first training, longer than the claim timeout; its claim goes silent, a second worker takes the run over and stores it. On SIGCONT
-    the first finds its claim gone, discards its result with one line, and stores nothing."""
+    first training, longer than the claim timeout; its claim goes silent, a second worker takes the run
+    over and stores it. On SIGCONT the first finds its claim gone, discards its result with one line,
+    and stores nothing."""
     if subprocess.run(['unshare', '--pid', '--fork', '--mount-proc', 'true'], capture_output=True).returncode:
         pytest.skip('unshare --pid needs CAP_SYS_ADMIN')
     out, paused = tmp_path / 'store', tmp_path / 'paused'

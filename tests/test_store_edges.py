@@ -162,7 +162,8 @@ def test_a_folder_holding_anything_the_store_did_not_write_is_not_taken_for_a_ne
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text('mine')
     before = sorted(str(p.relative_to(out)) for p in out.rglob('*'))
-    with pytest.raises(StoreError, match=f'{out} is not empty and not a run store .*it holds {", ".join(sorted(inside))}'
+    holds = ', '.join(sorted(inside))
+    with pytest.raises(StoreError, match=f'{out} is not empty and not a run store .*it holds {holds}'
                                          r'\). Nothing was changed'):
         Store.create(out, TOY_SETTINGS, np.arange(40) % 10)
     assert sorted(str(p.relative_to(out)) for p in out.rglob('*')) == before
@@ -241,7 +242,8 @@ def test_a_fifo_or_folder_as_a_claim_is_one_line_for_the_trainer_and_ignored_by_
 DEEP = '[' * 100_000 + ']' * 100_000
 
 
-@pytest.mark.parametrize('where', ['settings.json', 'packed/with.json', 'failed/with-000003.json', 'claims/with-000003'])
+@pytest.mark.parametrize('where', ['settings.json', 'packed/with.json', 'failed/with-000003.json',
+                                   'claims/with-000003'])
 def test_deeply_nested_json_anywhere_the_store_reads_is_one_line(tmp_path, where, capsys):
     s = toy_store(tmp_path, 2)
     s.load('with')
@@ -329,7 +331,8 @@ def test_a_report_file_on_a_full_disk_is_never_left_partial(tmp_path, monkeypatc
 
 
 def test_a_group_name_matplotlib_would_read_as_math_is_plotted_as_it_is(tmp_path):
-    settings = dict(TOY_SETTINGS, held_out={'$\\foo$': [0, 1], 'easy': [30, 31]})  # a store made before names were checked
+    # a store made before group names were checked
+    settings = dict(TOY_SETTINGS, held_out={'$\\foo$': [0, 1], 'easy': [30, 31]})
     s = Store.create(tmp_path / 'S', settings, np.arange(40) % 10)
     rng = np.random.default_rng(0)
     for run in range(4):
