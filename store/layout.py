@@ -99,9 +99,11 @@ class Store(Claims, Runs, Pack):
     def _make(path, settings, labels):
         other = _not_ours(path, settings['arms'])
         if other:
+            if os.path.exists(os.path.join(path, 'settings.json')):
+                return  # made meanwhile by another process: the settings comparison speaks
             raise StoreError(f'{path} is not empty and not a run store (no settings.json; it holds '
-                             f'{", ".join(other[:5])}{", ..." if len(other) > 5 else ""}). Nothing was changed there: '
-                             'pass a new or empty folder as --out.')
+                             f'{", ".join(other[:5])}{", ..." if len(other) > 5 else ""}). Nothing was changed '
+                             'there: pass a new or empty folder as --out.')
         try:
             for sub in (*settings['arms'], *SUBFOLDERS):
                 os.makedirs(os.path.join(path, sub), exist_ok=True)
@@ -182,7 +184,8 @@ class Store(Claims, Runs, Pack):
 
 def _not_ours(path, arms):
     """What a folder without settings.json holds that a store being created there could not have made:
-    anything but its subfolders (real folders), labels.npy and the store's own temporary files."""
+    anything but its subfolders (real folders), labels.npy, settings.json (written meanwhile by another
+    process) and the store's own temporary files."""
     if not os.path.isdir(path):
         return []
     other = []
@@ -190,7 +193,8 @@ def _not_ours(path, arms):
         inside = os.path.join(path, name)
         if name in (*arms, *SUBFOLDERS) and os.path.isdir(inside) and not os.path.islink(inside):
             other += [f'{name}/{n}' for n in sorted(os.listdir(inside)) if not OWN_TEMP.fullmatch(n)]
-        elif not (name == 'labels.npy' and os.path.isfile(inside) and not os.path.islink(inside)) and \
-                not OWN_TEMP.fullmatch(name):
+        elif OWN_TEMP.fullmatch(name):
+            continue
+        elif name not in ('labels.npy', 'settings.json') or not os.path.isfile(inside) or os.path.islink(inside):
             other.append(name + ('/' if os.path.isdir(inside) else ''))
     return other
