@@ -184,7 +184,7 @@ def rewrite_run(s, arm, run, /, **changes):
 
 
 @pytest.mark.parametrize('key, value', [('seconds', np.complex128(1 + 2j)), ('test_acc', np.bytes_(b'0.5')),
-                                        ('seconds', np.str_('fast')), ('arm', np.bytes_(b'with'))])
+                                        ('seconds', np.str_('fast'))])
 def test_a_run_file_with_a_scalar_of_the_wrong_type_is_moved_aside_and_the_report_runs(tmp_path, key, value, capsys):
     s = toy_store(tmp_path, 3)
     rewrite_run(s, 'with', 1, **{key: value})
