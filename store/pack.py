@@ -7,7 +7,8 @@ import struct
 
 import numpy as np
 
-from store.files import OWN_TEMP, StoreError, Unreadable, _Vanished, _read_json, _remove, _tag, _why, fsync_dir, publish
+from store.files import (OWN_TEMP, StoreError, Unreadable, _Vanished, _read_json, _remove, _tag, _why, fsync_dir,
+                         open_file, publish)
 from store.runs import RUN_NAME
 
 HEADER_BYTES = 128  # of a pack's .npy header: fixed, so the shape can be rewritten in place
@@ -76,8 +77,8 @@ class Pack:
         change the file under the mapping."""
         data = self._pack_paths(arm)[0]
         try:
-            f = open(data, 'rb')
-        except OSError:
+            f = open_file(data)
+        except (OSError, StoreError):  # absent, unreadable, or no file (a FIFO, a link): rebuilt
             return None
         with f:
             st = os.fstat(f.fileno())

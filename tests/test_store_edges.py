@@ -380,3 +380,14 @@ def test_a_run_file_that_cannot_be_moved_aside_is_an_error_for_the_trainer_and_n
     assert list(Store(tmp_path).load('with')[1]['run']) == [0]
     err = capsys.readouterr().err
     assert 'no trainer can replace it while it is there. Move or remove it by hand' in err and 'redone' not in err
+
+
+@pytest.mark.parametrize('kind', ['fifo', 'folder'])
+def test_a_fifo_or_folder_as_the_pack_is_never_waited_on(tmp_path, kind):
+    s = toy_store(tmp_path, 3)
+    s.load('with')
+    os.remove(tmp_path / 'packed' / 'with.npy')
+    (os.mkfifo if kind == 'fifo' else os.mkdir)(tmp_path / 'packed' / 'with.npy')
+    assert list(Store(tmp_path).load('with')[1]['run']) == [0, 1, 2]
+    # a FIFO is replaced by a new pack; a folder cannot be, and the runs are read from their files
+    assert os.path.isfile(tmp_path / 'packed' / 'with.npy') == (kind == 'fifo')
