@@ -415,8 +415,8 @@ def train_block(store, jobs, train, infer, hyp, data, test, device, log, blocked
             logits, test_logits = infer(net, images)[None], infer(net, test[0])[None]
     except _diverged() as e:
         for (arm, run), seed in zip(jobs, seeds):
-            store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname())
-            log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: {e} (recorded in failed/)')
+            if store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname()):
+                log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: {e} (recorded in failed/)')
         return []
     logits = logits.half()  # (K, n_train, 10): stored as float16
     finite = torch.isfinite(logits).flatten(1).all(1).tolist()
@@ -426,9 +426,9 @@ def train_block(store, jobs, train, infer, hyp, data, test, device, log, blocked
     seconds = []
     for k, ((arm, run), seed) in enumerate(zip(jobs, seeds)):
         if not finite[k]:
-            store.save_failure(arm, run, seed, 'non-finite logits on the training set',
-                               device=str(device), host=socket.gethostname())
-            log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: non-finite logits (recorded in failed/)')
+            if store.save_failure(arm, run, seed, 'non-finite logits on the training set',
+                                  device=str(device), host=socket.gethostname()):
+                log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: non-finite logits (recorded in failed/)')
             continue
         if not store.save_run(arm, run, seed, logits[k], took, test_acc[k], device=_device_name(device),
                               host=socket.gethostname(), torch=torch.__version__):
