@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from store import (ARMS, CLAIM_REFRESH, FACTORIAL_ARMS, MAX_RUNS, SCAN_SEED_BASE, Store, StoreError, keep_for,
-                   seed_for)
+from design import ARMS, FACTORIAL_ARMS, MAX_RUNS, SCAN_SEED_BASE, keep_for, seed_for
+from store import CLAIM_REFRESH, Store, StoreError, parse_json
 
 # Held-out examples, indices in torchvision's CIFAR-10 training order (data_batch_1 .. data_batch_5).
 HELD_OUT = {
@@ -117,6 +117,9 @@ def check_command(args, hyp, smoke=None, check=None):
             check(**{**hyp, **(smoke if args.smoke else {}), **overrides})
         except (ValueError, TypeError) as e:
             raise UsageError(f'--hyp {" ".join(args.hyp)}: {e}') from None
+    if args.out is not None and not args.out.strip():
+        raise UsageError(f'--out {args.out!r}: empty; expected a store folder (new, empty or a store), or leave '
+                         'out --out for the default')
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f'--out {args.out}: that is a file; expected a store folder (new, empty or a store)')
     held_out = read_held_out(args.held_out) if args.held_out is not None else None
@@ -191,10 +194,9 @@ def read_held_out(path):
             text = f.read()
     except OSError as e:
         raise UsageError(f'--held-out {path}: {e.strerror or e}; expected a JSON file like {example}') from None
-    try:
-        groups = json.loads(text)
-    except ValueError as e:
-        raise UsageError(f'--held-out {path}: not valid JSON ({e}); expected an object like {example}') from None
+    groups, why = parse_json(text)
+    if why:
+        raise UsageError(f'--held-out {path}: not valid JSON ({why}); expected an object like {example}')
     return check_held_out(groups, f'--held-out {path}')
 
 
@@ -203,6 +205,8 @@ def check_held_out(groups, where):
     if not isinstance(groups, dict) or not groups:
         raise UsageError(f'{where}: expected a JSON object of groups of example indices, like {example}')
     for name, group in groups.items():
+        if not re.fullmatch(r'[A-Za-z0-9_-]{1,40}', name):  # printed in the report and the plot as it is
+            raise UsageError(f'{where}: group name {json.dumps(name)[:60]}: expected 1 to 40 letters, digits, _ or -')
         if not isinstance(group, list) or not group:
             raise UsageError(f'{where}: group {name!r} is {json.dumps(group)}, expected a non-empty list of indices')
         wrong = [i for i in group if not isinstance(i, int) or isinstance(i, bool) or i < 0]
@@ -411,8 +415,8 @@ def train_block(store, jobs, train, infer, hyp, data, test, device, log, blocked
             logits, test_logits = infer(net, images)[None], infer(net, test[0])[None]
     except _diverged() as e:
         for (arm, run), seed in zip(jobs, seeds):
-            store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname())
-            log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: {e} (recorded in failed/)')
+            if store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname()):
+                log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: {e} (recorded in failed/)')
         return []
     logits = logits.half()  # (K, n_train, 10): stored as float16
     finite = torch.isfinite(logits).flatten(1).all(1).tolist()
@@ -422,12 +426,13 @@ def train_block(store, jobs, train, infer, hyp, data, test, device, log, blocked
     seconds = []
     for k, ((arm, run), seed) in enumerate(zip(jobs, seeds)):
         if not finite[k]:
-            store.save_failure(arm, run, seed, 'non-finite logits on the training set',
-                               device=str(device), host=socket.gethostname())
-            log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: non-finite logits (recorded in failed/)')
+            if store.save_failure(arm, run, seed, 'non-finite logits on the training set',
+                                  device=str(device), host=socket.gethostname()):
+                log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: non-finite logits (recorded in failed/)')
             continue
-        store.save_run(arm, run, seed, logits[k], took, test_acc[k], device=_device_name(device),
-                       host=socket.gethostname(), torch=torch.__version__)
+        if not store.save_run(arm, run, seed, logits[k], took, test_acc[k], device=_device_name(device),
+                              host=socket.gethostname(), torch=torch.__version__):
+            continue  # its claim was taken over while this worker was stopped: the store said so
         seconds.append(took)
         log(f'{arm:<7} run {run:>5}  seed {seed:>6}  {took:7.2f} s  test_acc {test_acc[k]:.4f}')
     return seconds

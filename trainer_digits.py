@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import airbench
 import experiment
-from store import kept_mask
+from design import kept_mask
 
 hyp = {
     'widths': [256, 256],      # hidden units per layer; 64 pixels in, 10 logits out

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import airbench
 import experiment
 import trainer_digits
-from store import kept_mask
+from design import kept_mask
 
 hyp = {
     'widths': [16, 32],        # channels of the conv groups; each group halves the resolution

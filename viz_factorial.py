@@ -27,7 +27,8 @@ import numpy as np
 
 import stats
 import viz_controls
-from store import FACTORIAL_ARMS, Store, StoreError, factorial_split
+from design import FACTORIAL_ARMS, factorial_split
+from store import Store, StoreError
 from viz_io import (LEVEL, group_title, held_out_groups, listed, mean_margins, note, note_progress, plot_forest,
                     positions_of, ptext, read_margins, rows_of, save_csv, save_json)
 

@@ -24,7 +24,8 @@ import textwrap
 import numpy as np
 
 import stats
-from store import Store, StoreError, keep_for, kept_mask
+from design import keep_for, kept_mask
+from store import Store, StoreError
 from viz_io import (LEVEL, column_chunks, group_title, listed, note, note_progress, ptext, rows_of, save_csv,
                     save_json)
 
