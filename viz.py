@@ -24,20 +24,22 @@ the paired test on seed-matched runs, and the runs per arm each example needs. E
 printed exactly as before controls were added (tests/golden/viz_default.txt). Then the controls: removing
 all held-out examples at once can move every example, not only the removed ones (cross-influence). For
 each held-out example, --controls K (default 50) training examples never held out, with its label and the
-nearest mean margin in `with`: both arms train on them, so their shift (the control shift) is what the
-removal does to an example like it. The report gives the control shift and the control-adjusted
-self-influence = shift - control shift, tested on the per-run difference example - mean of its controls
+nearest mean margin over both arms: both arms train on them, so their shift (the control shift) is what
+the removal does to an example like it. The control shift is read at the example's own mean margin from
+the line through its controls (viz_controls.py), so controls sitting below an example at the top of its
+class do not lean it; the report gives each group's mean margin gap to its controls. Control-adjusted
+self-influence = shift - control shift, tested on the per-run difference example - control value
 (paired by seed; Welch when no runs are seed-matched), per group and per example. --all lists every held-out example with its CI, Holm and Benjamini-Hochberg adjusted p-values
 (over all held-out examples), raw and control-adjusted.
 
 Cost: without controls, reads only the held-out columns of the memory-mapped (runs, n_train, 10) float16
 arrays: on 2 arms x 1000 runs x 50000 examples (2 GB, page cache warm, 2-core VM) 0.16 s and 116 MB
 peak resident memory, ~100 MB of it numpy and scipy; loading every run into RAM instead took 86 s and
-14 GB (python bench/bench_viz.py). Controls add one streamed pass over every column of the `with` arm
-(the mean margin of every example, CHUNK runs in memory at a time) and the controls' columns of both
-arms: on 2 arms x 100 runs x 50000 examples, 1.69 s and 253 MB peak with 50 controls against 0.02 s and
-143 MB without (python bench/bench_viz_reports.py, shared 2-core VM): about 17 ms per `with` run, so
-about 17 s at 1000 runs per arm. --controls 0 skips it.
+14 GB (python bench/bench_viz.py). Controls add one streamed pass over every column of each arm (the
+mean margin of every example, CHUNK runs in memory at a time) and the controls' columns of both arms: on
+2 arms x 20 runs x 50000 examples, 1.07 s and 245 MB peak with 50 controls against 0.04 s and 107 MB
+without (python bench/bench_viz_reports.py --runs 20, shared 2-core VM). The pass over `with` alone took
+17 ms per run at 100 runs; over both arms, expect about 35 s at 1000 runs per arm. --controls 0 skips it.
 
 Published result (airbench, 1000 runs per arm): random 10 of 20 significant, average +0.467; easy 13 of
 20 significant, all negative, average -0.269. How much of that is self-influence was not measured then:
@@ -142,25 +144,31 @@ def analyse(store, groups, test='welch', alpha=0.01, controls=viz_controls.CONTR
 
 def analyse_controls(store, res, a, b, info_with, info_without):
     """Controls of each held-out example: up to res['control_k'] training examples that are never held out,
-    with its label and the nearest mean margin in `with` (one streamed pass over the `with` arm, then only
-    their columns of both arms). Both arms train on them, so their shift with - without is no
-    self-influence: it is what removing the held-out set does to an example like it.
+    with its label and the nearest mean margin over both arms (the mean of the two arms' means: one streamed
+    pass over each arm, then only the controls' columns). Both arms train on them, so their shift with - without is no
+    self-influence: it is what removing the held-out set does to an example like it. A run's control value
+    is the line through the controls' margins evaluated at the example's mean margin (viz_controls), so
+    that controls sitting below an example at the top of its class do not lend it their shift.
 
-    Tested on per-run differences, example margin - its controls' mean margin in the same run, so that
-    noise shared by the examples of one run cancels: paired t-test over seed-matched runs when there are
-    2 or more, Welch otherwise. Adds to res, per example (m,): shift (with - without on the runs used
-    here), control_shift, control_adjusted = shift - control_shift, their CIs and p-values, Holm and BH of
-    control_adjusted_p, control_count, control_gap (largest |mean margin difference| to a control) and
-    controls (list of index arrays); per group in group_summary: the same from per-run group averages.
+    Tested on per-run differences, example margin - its control value in the same run, so that noise
+    shared by the examples of one run cancels: paired t-test over seed-matched runs when there are 2 or
+    more, Welch otherwise. Adds to res, per example (m,): shift (with - without on the runs used here),
+    control_shift, control_adjusted = shift - control_shift, their CIs and p-values, Holm and BH of
+    control_adjusted_p, control_count, control_gap (largest |mean margin difference| to a control),
+    control_margin_gap (example - plain mean of its controls) and controls (list of index arrays); per group
+    in group_summary: the same from per-run group averages.
 
-    Selecting controls by their `with` mean biases their shift by about se^2 x the slope of the log density
-    of mean margins at the target (se: standard error of a mean margin, about 0.03 at 1000 runs): far
-    below the effects measured."""
-    mean_with = mean_margins(store, 'with', info_with['run'])  # (n_train,)
-    controls = viz_controls.pick(store, mean_with, res['index'], res['mean_with'], res['control_k'])
-    ca = viz_controls.per_run_means(store, 'with', controls, info_with['run'])  # (n_with, m)
-    cb = viz_controls.per_run_means(store, 'without', controls, info_without['run'])
-    has = np.array([len(c) > 0 for c in controls])
+    Why both arms: a control's mean margin in `with` shares its noise with its shift with - without, so
+    controls and line weights chosen on it lean the shift (by about the noise variance of a mean margin /
+    the controls' margin variance x the gap: -0.011 on the planted store of tests/test_viz.py). The
+    mean of both arms' means shares none with it where the arms hold as many runs of equal spread."""
+    mean_both = (mean_margins(store, 'with', info_with['run'])
+                 + mean_margins(store, 'without', info_without['run'])) / 2  # (n_train,)
+    target = (res['mean_with'] + res['mean_without']) / 2
+    matched = viz_controls.match(store, mean_both, res['index'], target, res['control_k'])
+    ca = viz_controls.per_run_values(store, 'with', matched, info_with['run'])  # (n_with, m)
+    cb = viz_controls.per_run_values(store, 'without', matched, info_without['run'])
+    has = np.array([len(c) > 0 for c in matched['controls']])
     # A run diverged at a control but not at a held-out example: left out of the control analysis only.
     ok_a, ok_b = np.isfinite(ca[:, has]).all(1), np.isfinite(cb[:, has]).all(1)
     for arm, ok, run_info in (('with', ok_a, info_with), ('without', ok_b, info_without)):
@@ -179,8 +187,7 @@ def analyse_controls(store, res, a, b, info_with, info_without):
         res['control_skipped'] = (f'{len(a)} run(s) with and {len(b)} without are left once runs with '
                                   'non-finite control margins are out; at least 2 per arm are needed.')
         return
-    gap = [np.abs(mean_with[c] - t).max() if len(c) else np.nan for c, t in zip(controls, res['mean_with'])]
-    viz_controls.analyse(res, compare, a, b, ca, cb, controls, gap)
+    viz_controls.analyse(res, compare, a, b, ca, cb, matched)
 
 
 EXAMPLE_COLUMNS = ['group', 'index', 'mean_with', 'mean_without', 'self_influence', 'se', 'df', 'stat', 'p',
@@ -311,10 +318,10 @@ def controls_section(res):
         return viz_controls.section(res, '')
     test = (f'paired t-test over {res["control_runs"]} seed-matched runs' if res['control_test'] == 'paired'
             else "Welch's t-test, {} runs with and {} without".format(*res['control_runs']))
-    return viz_controls.section(res, viz_controls.describe(res, 'in `with`') + (
+    return viz_controls.section(res, viz_controls.describe(res) + (
         ' Both arms train on them, so their shift with - without is no self-influence: it is what removing the '
         'held-out set does to an example like it (cross-influence). Control-adjusted self-influence = shift - '
-        f'control shift, tested on the per-run difference example - mean of its controls ({test}, {LEVEL:.0%} CI):'))
+        f'control shift, tested on the per-run difference example - the line through its controls ({test}, {LEVEL:.0%} CI):'))
 
 
 def write_csv(res, path):
@@ -399,7 +406,7 @@ def main(argv=None):
                        (viz_factorial.write_plot, args.plot))
         else:
             lines = (faithful_table(res) + summary(res) + controls_section(res)
-                     + (all_examples(res) + viz_controls.all_rows(res, 'in `with`') if args.all else []))
+                     + (all_examples(res) + viz_controls.all_rows(res) if args.all else []))
             writers = ((write_csv, args.csv), (write_json, args.json), (write_plot, args.plot))
         print('\n'.join(lines))
     for write, out in writers:
