@@ -247,7 +247,7 @@ def runs_needed(diff, sd_with, sd_without, alpha=0.01, power=0.8):
     power=0.5 gives z_power = 0: the n at which the observed effect would just reach p = alpha.
     """
     z = sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)
-    with np.errstate(divide='ignore'):
+    with np.errstate(divide='ignore', invalid='ignore'):  # 0 / 0 (no effect, no spread): NaN
         n = z ** 2 * (np.square(sd_with) + np.square(sd_without)) / np.square(diff)
     return np.maximum(2.0, np.ceil(n))
 

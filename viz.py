@@ -62,6 +62,7 @@ from viz_io import (LEVEL, drop_nonfinite, group_title, held_out_groups, listed,
                     plot_forest, positions_of, read_margins, rows_of, save_csv, save_json)
 
 POWER = 0.8     # for "runs per arm needed": chance of reaching p < alpha if the observed effect is real
+MIN_RUNS = 10   # runs per arm (or seed-matched pairs) below which no run count is planned from their spread
 
 
 def open_store(path):
@@ -104,6 +105,8 @@ def analyse(store, groups, test='welch', alpha=0.01, controls=viz_controls.CONTR
     res['significant'] = res['p'] < alpha
     res['sd_with'], res['sd_without'] = a.std(0, ddof=1), b.std(0, ddof=1)
     res['runs_needed'] = stats.runs_needed(res['self_influence'], res['sd_with'], res['sd_without'], alpha, POWER)
+    if min(len(a), len(b)) < MIN_RUNS:  # a spread from 2-9 runs is too uncertain to plan from
+        res['runs_needed'] = np.full(len(idx), np.nan)
     res['index'] = idx
     res['group'] = np.array([name for name, ix in groups for _ in ix])
 
@@ -135,6 +138,13 @@ def analyse(store, groups, test='welch', alpha=0.01, controls=viz_controls.CONTR
         res['correlation'] = stats.paired_correlation(pa, pb)
         res['pairing_ratio'] = stats.pairing_ratio(pa, pb)
         res['runs_saved'] = len(ia) * (1 - res['pairing_ratio'])  # per arm, at the same standard error
+        # Pairs for the paired t-test: n pairs give se^2 = s_d^2 / n, which is the unpaired formula with a
+        # spread of s_d / sqrt(2) in each arm.
+        sd_half = (pa - pb).std(0, ddof=1) / np.sqrt(2)
+        res['runs_needed_paired'] = stats.runs_needed(paired['diff'], sd_half, sd_half, alpha, POWER)
+        if len(ia) < MIN_RUNS:
+            for key in ('runs_saved', 'runs_needed_paired'):
+                res[key] = np.full(len(idx), np.nan)
     res.update(meta)
     res['control_k'] = controls
     if controls:
@@ -193,7 +203,7 @@ def analyse_controls(store, res, a, b, info_with, info_without):
 EXAMPLE_COLUMNS = ['group', 'index', 'mean_with', 'mean_without', 'self_influence', 'se', 'df', 'stat', 'p',
                    'ci_low', 'ci_high', 'p_holm', 'p_bh', 'significant', 'sd_with', 'sd_without', 'runs_needed',
                    'paired_self_influence', 'paired_p', 'paired_ci_low', 'paired_ci_high', 'correlation',
-                   'pairing_ratio', 'runs_saved', *viz_controls.COLUMNS]
+                   'pairing_ratio', 'runs_saved', 'runs_needed_paired', *viz_controls.COLUMNS]
 
 
 ############################################
@@ -243,29 +253,50 @@ def summary(res):
         lines.append(f'{name.capitalize():<12}{g["examples"]:>8}  {g["mean"]:>+7.3f}  {ci:<18}  '
                      f'{g["significant_positive"]:>6}  {g["significant_negative"]:>6}  {sig_mean:>21}')
 
-    n = res['n_pairs']
-    lines.append('')
-    if 'paired_p' in res:
-        lines += [f'Paired design ({n} seed-matched runs per arm; paired t-test of with - without, '
-                  f'p < {res["alpha"]:g}):',
-                  f'{"group":<12}{"sig. +":>6}  {"sig. -":>6}  {"median r":>8}  {"runs for the same error":>23}  '
-                  f'{"saved per arm":>13}']
-        for name, pos in res['groups']:
-            sig = res['paired_p'][pos] < res['alpha']
-            si = res['paired_self_influence'][pos]
-            ratio = np.nanmedian(res['pairing_ratio'][pos])
-            lines.append(f'{name.capitalize():<12}{int((sig & (si > 0)).sum()):>6}  {int((sig & (si < 0)).sum()):>6}  '
-                         f'{np.nanmedian(res["correlation"][pos]):>8.2f}  {f"{n} -> {n * ratio:.0f}":>23}  '
-                         f'{n * (1 - ratio):>13.0f}')
-        lines.append('(r: correlation of the two arms\' margins over matched seeds; "runs for the same error": '
-                     'pairs giving the standard error of the unpaired design, median over the group)')
-    else:
-        lines.append(f'Paired design: {n} seed-matched run(s) in both arms, at least 2 needed; no paired test.')
+    return lines + paired_table(res) + runs_needed_lines(res)
 
-    lines += ['', f'Runs per arm needed for p < {res["alpha"]:g} with {POWER:.0%} power at the observed effect and '
-                  f'spread (index: runs):']
+
+def paired_table(res):
+    """The paired design: significant counts by the paired t-test, and the pairs that give the standard
+    error of the unpaired design (only from MIN_RUNS pairs on: from fewer, the spread says too little)."""
+    n = res['n_pairs']
+    if 'paired_p' not in res:
+        return ['', f'Paired design: {n} seed-matched run(s) in both arms, at least 2 needed; no paired test.']
+    lines = ['', f'Paired design ({n} seed-matched runs per arm; paired t-test of with - without, p < {res["alpha"]:g}):',
+             f'{"group":<12}{"sig. +":>6}  {"sig. -":>6}  {"median r":>8}  {"runs for the same error":>23}  '
+             f'{"saved per arm":>13}']
+    for name, pos in res['groups']:
+        sig = res['paired_p'][pos] < res['alpha']
+        si = res['paired_self_influence'][pos]
+        same, saved = '-', '-'
+        if n >= MIN_RUNS:
+            fewer = max(2, round(n * np.nanmedian(res['pairing_ratio'][pos])))  # a paired test needs 2 pairs
+            same, saved = f'{n} -> {fewer}', f'{n - fewer}'
+        lines.append(f'{name.capitalize():<12}{int((sig & (si > 0)).sum()):>6}  {int((sig & (si < 0)).sum()):>6}  '
+                     f'{np.nanmedian(res["correlation"][pos]):>8.2f}  {same:>23}  {saved:>13}')
+    lines.append('(r: correlation of the two arms\' margins over matched seeds; "runs for the same error": '
+                 'pairs giving the standard error of the unpaired design, median over the group)')
+    if n < MIN_RUNS:
+        lines.append(f'(runs for the same error: not estimated from {n} pairs; at least {MIN_RUNS} are needed)')
+    return lines
+
+
+def runs_needed_lines(res):
+    """Runs per arm each example needs for the report's test at POWER, and, where runs are seed-matched and
+    the number differs, the pairs the paired t-test needs."""
+    head = (f'Runs per arm needed for p < {res["alpha"]:g} with {POWER:.0%} power at the observed effect and '
+            f'spread\n(index: runs for {describe_test(res).split(" (")[0]}')
+    paired = 'runs_needed_paired' in res and np.isfinite(res['runs_needed_paired']).any()
+    if np.isnan(res['runs_needed']).all():
+        return ['', f'Runs per arm needed for p < {res["alpha"]:g}: not estimated from {res["n_with"]} runs with and '
+                    f'{res["n_without"]} without; at least {MIN_RUNS} per arm are needed to plan from their spread.']
+    lines = ['', *(head + ('; in brackets, seed-matched pairs for the paired t-test where that differs):'
+                           if paired else '):')).split('\n')]
     for name, pos in res['groups']:
         items = [f'{res["index"][j]}: {runs_text(res["runs_needed"][j])}' for j in pos]
+        if paired:
+            items = [item + (f' ({runs_text(q)})' if runs_text(q) != runs_text(n) else '')
+                     for item, n, q in zip(items, res['runs_needed'][pos], res['runs_needed_paired'][pos])]
         lines += wrap_items(items, first=f'{name.capitalize() + ":":<8}', width=100)
     return lines
 
@@ -282,8 +313,9 @@ def wrap_items(items, first, width):
 
 
 def runs_text(n):
-    """Runs per arm as printed: beyond a million (an effect near zero) the number says nothing more."""
-    return 'never' if not np.isfinite(n) else '>1e6' if n > 1e6 else f'{n:.0f}'
+    """Runs per arm as printed: beyond a million (an effect near zero) the number says nothing more; NaN
+    (not estimated: too few runs, or no effect and no spread) is '-'."""
+    return '-' if np.isnan(n) else 'never' if not np.isfinite(n) else '>1e6' if n > 1e6 else f'{n:.0f}'
 
 
 def all_examples(res):
@@ -293,10 +325,12 @@ def all_examples(res):
     head = (f'{"index":>6}  {"with":>7}  {"without":>7}  {"self-infl":>9}  {pct + " CI":<18}  {"p":>6}    '
             f'{"Holm":>6}  {"BH":>6}  {"runs":>7}')
     if paired:
-        head += f'  {"paired p":>8}  {"r":>5}'
-    lines = ['', f'All held-out examples. * marks p < {res["alpha"]:g}; Holm and BH: p adjusted over all '
-                 f'{len(res["index"])} examples; runs: runs per arm needed at {POWER:.0%} power'
-                 + ('; paired p and r: seed-matched runs.' if paired else '.'), head]
+        head += f'  {"paired p":>8}    {"r":>5}'
+    marks = (f'* marks p < {res["alpha"]:g} by the test whose p it follows: p, {describe_test(res).split(" (")[0]}'
+             + ('; paired p, the paired t-test over seed-matched runs' if paired else ''))
+    lines = ['', f'All held-out examples. {marks}. Holm and BH: p adjusted over all {len(res["index"])} examples; '
+                 f'runs: runs per arm needed at {POWER:.0%} power' + ('; r: over seed-matched runs.' if paired else '.'),
+             head]
     for name, pos in res['groups']:
         lines.append(group_title(name))
         for j in pos:
@@ -306,7 +340,8 @@ def all_examples(res):
                     f'{res["self_influence"][j]:>+9.3f}  {ci:<18}  {res["p"][j]:>6.4f} {mark}  '
                     f'{res["p_holm"][j]:>6.4f}  {res["p_bh"][j]:>6.4f}  {runs_text(res["runs_needed"][j]):>7}')
             if paired:
-                line += f'  {res["paired_p"][j]:>8.4f}  {res["correlation"][j]:>5.2f}'
+                star = '*' if res['paired_p'][j] < res['alpha'] else ' '
+                line += f'  {res["paired_p"][j]:>8.4f} {star}  {res["correlation"][j]:>5.2f}'
             lines.append(line)
     return lines
 

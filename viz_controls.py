@@ -176,7 +176,8 @@ def all_rows(res):
     """--all: every held-out example's control-adjusted self-influence, with Holm and BH."""
     if 'control_adjusted' not in res:
         return []
-    lines = ['', f'All held-out examples, control-adjusted. * marks p < {res["alpha"]:g}; Holm and BH: adjusted over '
+    test = 'paired t-test' if res['control_test'] == 'paired' else "Welch's t-test"
+    lines = ['', f'All held-out examples, control-adjusted. * marks p < {res["alpha"]:g} ({test}); Holm and BH: adjusted over '
                  f'all {len(res["index"])} examples; controls: how many; gap: largest |mean margin difference| '
                  'to one of them.', head(adjusted_p=True)]
     for name, pos in res['groups']:

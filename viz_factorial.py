@@ -172,7 +172,7 @@ def report(res, top=TOP, every=False):
             f'{"Holm":>6}  {"BH":>6}' + (f'  {"regression":>10}  {"reg. p":>6}' if regression else ''))
     lines += ['', f'Every held-out example. * marks p < {alpha:g}; kept / removed: its mean margin in the run that '
                   'kept / removed it;', 'regression: the coefficient of its own assignment (see cross-influences).'
-                  if regression else '(no regression estimate: see cross-influences)', head]
+                  if regression else f'(no regression estimate: {res["cross_skipped"]})', head]
     for name, pos in res['groups']:
         lines.append(group_title(name))
         for j in pos:

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 
 import stats
 import viz
@@ -92,6 +93,59 @@ def test_paired_test_finds_the_planted_examples_and_saves_runs(planted, capsys):
     assert np.all(res['correlation'] > 0.5)  # shared seed noise sd 0.4 against independent 0.2
     assert np.all(res['runs_saved'] > 0)
     assert any(line.startswith('Paired design (30 seed-matched runs per arm') for line in lines)
+
+
+def test_runs_needed_follow_the_paired_test_where_runs_are_seed_matched(planted, capsys):
+    res, lines, _ = report([planted], capsys)
+    z2 = (sps.norm.ppf(1 - 0.01 / 2) + sps.norm.ppf(0.8)) ** 2
+    with np.errstate(divide='ignore'):  # example 64: no effect at all in float16
+        welch = z2 * (res['sd_with'] ** 2 + res['sd_without'] ** 2) / res['self_influence'] ** 2  # unrounded
+    finite = np.isfinite(welch)
+    # n pairs: se^2 = s_d^2 / n = (s1^2 + s2^2) x pairing ratio / n
+    np.testing.assert_array_equal(res['runs_needed_paired'][finite],
+                                  np.maximum(2, np.ceil(welch * res['pairing_ratio'])[finite]))
+    assert np.all(res['runs_needed_paired'][finite] < res['runs_needed'][finite])  # shared seed noise: r 0.8
+    start = next(k for k, line in enumerate(lines) if line.startswith('Runs per arm needed'))
+    assert lines[start + 1] == ("(index: runs for Welch's t-test; in brackets, seed-matched pairs for the paired "
+                                't-test where that differs):')
+    assert '61: 8 (2)' in ' '.join(lines[start:])
+
+
+def test_two_to_four_runs_give_no_run_estimates_and_never_zero(tmp_path, capsys):
+    rng = np.random.default_rng(12)
+    shared = rng.normal(3, 1, (3, 2))
+    make_store(tmp_path / 's', {'random': [0], 'easy': [9]}, shared + rng.normal(0, 0.01, (3, 2)), shared)
+    res, lines, _ = report([tmp_path / 's', '--controls', '0'], capsys)
+    rows = [line.split() for line in lines if line.startswith(('Random ', 'Easy ')) and line[-1] in '-0123456789']
+    assert [r[-2:] for r in rows] == [['-', '-'], ['-', '-']]
+    assert '(runs for the same error: not estimated from 3 pairs; at least 10 are needed)' in lines
+    assert lines[-1] == ('Runs per arm needed for p < 0.01: not estimated from 3 runs with and 3 without; at least '
+                         '10 per arm are needed to plan from their spread.')
+    assert not any('-> 0' in line for line in lines)
+    assert np.isnan(res['runs_needed']).all() and np.isnan(res['runs_saved']).all()
+
+
+def test_all_marks_each_p_by_its_own_test(planted, capsys):
+    res, lines, _ = report([planted, '--all', '--controls', '0'], capsys)
+    start = next(k for k, line in enumerate(lines) if line.startswith('All held-out examples.'))
+    assert "* marks p < 0.01 by the test whose p it follows: p, Welch's t-test; paired p, the paired t-test" in lines[start]
+    rows = [line for line in lines[start:] if line.strip()[:1].isdigit()]
+    for row, j in zip(rows, range(40)):
+        assert row[57:63] == f'{res["p"][j]:.4f}' and row[92:100].strip() == f'{res["paired_p"][j]:.4f}'
+        assert (row[64] == '*') == (res['p'][j] < 0.01) and (row[101] == '*') == (res['paired_p'][j] < 0.01)
+
+
+def test_plot_axis_label_fits_in_the_figure(planted, capsys, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, 'close', figures.append)  # keep the figure to measure it
+    report([planted, '--plot', tmp_path / 'forest.png'], capsys)
+    fig = figures[0]
+    fig.canvas.draw()
+    label = fig.axes[0].xaxis.label
+    box = label.get_window_extent(fig.canvas.get_renderer())
+    assert 'control-adjusted' in label.get_text()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y0 >= 0
 
 
 # The published sample (RECIPE.md), rows kept verbatim: the formatter must reproduce them.
