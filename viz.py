@@ -153,24 +153,15 @@ def analyse(store, groups, test='welch', alpha=0.01, controls=viz_controls.CONTR
 
 
 def analyse_controls(store, res, a, b, info_with, info_without):
-    """Controls of each held-out example: up to res['control_k'] training examples that are never held out,
-    with its label and the nearest mean margin over both arms (the mean of the two arms' means: one streamed
-    pass over each arm, then only the controls' columns). Both arms train on them, so their shift with - without is no
-    self-influence: it is what removing the held-out set does to an example like it. A run's control value
-    is the line through the controls' margins evaluated at the example's mean margin (viz_controls), so
-    that controls sitting below an example at the top of its class do not lend it their shift.
-
-    Tested on per-run differences, example margin - its control value in the same run, so that noise
-    shared by the examples of one run cancels: paired t-test over seed-matched runs when there are 2 or
-    more, Welch otherwise. Adds to res, per example (m,): shift (with - without on the runs used here),
-    control_shift, control_adjusted = shift - control_shift, their CIs and p-values, Holm and BH of
-    control_adjusted_p, control_count, control_gap (largest |mean margin difference| to a control),
-    control_margin_gap (example - plain mean of its controls) and controls (list of index arrays); per group
-    in group_summary: the same from per-run group averages.
+    """Controls of each held-out example (viz_controls): up to res['control_k'] training examples never held
+    out, with its label and the nearest mean margin over both arms (one streamed pass over each arm, then
+    only the controls' columns); a run's control value is the line through their margins at the example's
+    mean margin. Tested on per-run differences example - control value: paired t-test over seed-matched
+    runs when there are 2 or more, Welch otherwise. Adds to res what viz_controls.analyse lists.
 
     Why both arms: a control's mean margin in `with` shares its noise with its shift with - without, so
     controls and line weights chosen on it lean the shift (by about the noise variance of a mean margin /
-    the controls' margin variance x the gap: -0.011 on the planted store of tests/test_viz.py). The
+    the controls' margin variance x the gap: -0.011 on the planted store of docs/controls.md). The
     mean of both arms' means shares none with it where the arms hold as many runs of equal spread."""
     mean_both = (mean_margins(store, 'with', info_with['run'])
                  + mean_margins(store, 'without', info_without['run'])) / 2  # (n_train,)

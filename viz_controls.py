@@ -21,7 +21,7 @@ no bandwidth to choose, exact for any shift linear in margin over the controls' 
 value per run, so the paired and Welch tests, the group means and every output work as before. Its
 price is variance: sum of squared weights = 1/K + gap^2 / sum (x_c - mean x)^2, larger than 1/K where the
 example sits beyond its controls; the tests see it, since they use the per-run differences. A planted
-store (tests/test_viz.py, docs/controls.md) shows the plain mean's intervals missing and these covering.
+store (tests/test_controls.py, docs/controls.md) shows the plain mean's intervals missing and these covering.
 """
 import textwrap
 

@@ -1,5 +1,5 @@
 """Run stores in the real format (Store.create + save_run) whose margins are planted, for the analysis
-tests (test_viz.py, test_factorial.py, test_scan.py)."""
+tests (test_viz.py, test_controls.py, test_factorial.py, test_scan.py)."""
 import numpy as np
 
 import stats
