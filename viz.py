@@ -163,10 +163,10 @@ def analyse_controls(store, res, a, b, info_with, info_without):
     controls and line weights chosen on it lean the shift (by about the noise variance of a mean margin /
     the controls' margin variance x the gap: -0.011 on the planted store of docs/controls.md). The
     mean of both arms' means shares none with it where the arms hold as many runs of equal spread."""
-    mean_both = (mean_margins(store, 'with', info_with['run'])
-                 + mean_margins(store, 'without', info_without['run'])) / 2  # (n_train,)
-    target = (res['mean_with'] + res['mean_without']) / 2
-    matched = viz_controls.match(store, mean_both, res['index'], target, res['control_k'])
+    mean_with = mean_margins(store, 'with', info_with['run'])  # (n_train,)
+    mean_without = mean_margins(store, 'without', info_without['run'])
+    matched = viz_controls.match(store, (mean_with + mean_without) / 2, res['index'], res['mean_with'],
+                                 res['control_k'], shift=mean_with - mean_without)
     ca = viz_controls.per_run_values(store, 'with', matched, info_with['run'])  # (n_with, m)
     cb = viz_controls.per_run_values(store, 'without', matched, info_without['run'])
     has = np.array([len(c) > 0 for c in matched['controls']])

@@ -37,21 +37,33 @@ COLUMNS = ['shift', 'control_shift', 'control_shift_ci_low', 'control_shift_ci_h
            'control_margin_gap']
 
 
-def match(store, mean_margin, idx, target, k):
+def match(store, mean_margin, idx, target, k, shift=None):
     """For each held-out example idx[j]: the k training examples that are never held out, have its label
     and the mean margin nearest to target[j] (stats.matched_controls; a note on stderr where fewer than k
     exist), and the weights that evaluate their line at target[j] (stats.line_weights).
     mean_margin (n_train,), target (m,) -> dict: controls, weights (lists of m (<= k,) arrays), control_gap
     (m,): largest |mean margin difference| to a control, control_margin_gap (m,): target - plain mean of
-    the controls' mean margins (positive: they sit below the example); NaN for an example without controls."""
-    controls = stats.matched_controls(mean_margin, store.labels, idx, target, k)
+    the controls' mean margins (positive: they sit below the example); NaN for an example without controls;
+    control_target (m,): the margin the controls were matched and read at.
+
+    shift (n_train,), with/without only: every example's mean with - mean without, where mean_margin is the
+    mean of both arms and target the example's mean in `with`. A control's mean over both arms sits half
+    its shift below its margin in `with`, so the target is moved as far: target - control shift / 2, the
+    control shift read at the moved target (two rounds; the shift changes little with margin)."""
+    target = np.asarray(target, dtype=np.float64)
+    at, rounds = target, 3 if shift is not None else 1
+    for r in range(rounds):
+        controls = stats.matched_controls(mean_margin, store.labels, idx, at, k)
+        weights = [stats.line_weights(mean_margin[c], t) for c, t in zip(controls, at)]
+        if r < rounds - 1:
+            at = target - np.array([w @ shift[c] if len(c) else 0.0 for c, w in zip(controls, weights)]) / 2
     short = [(int(i), len(c)) for i, c in zip(idx, controls) if len(c) < k]
     if short:
         note(f'fewer than {k} controls (same label, never held out, finite margins) for '
              f'{len(short)} held-out example(s): {listed([f"{i} ({n})" for i, n in short])}; '
              'using those there are.')
-    pairs = list(zip(controls, target))
-    return dict(controls=controls, weights=[stats.line_weights(mean_margin[c], t) for c, t in pairs],
+    pairs = list(zip(controls, at))
+    return dict(controls=controls, weights=weights, control_target=at,
                 control_gap=np.array([np.abs(mean_margin[c] - t).max() if len(c) else np.nan for c, t in pairs]),
                 control_margin_gap=np.array([t - mean_margin[c].mean() if len(c) else np.nan for c, t in pairs]))
 
@@ -95,7 +107,8 @@ def analyse(res, compare, a, b, ca, cb, matched):
     res['control_adjusted_p_bh'] = stats.benjamini_hochberg(res['control_adjusted_p'])
     controls = res['controls'] = matched['controls']
     res['control_count'] = np.array([len(c) for c in controls])
-    res['control_gap'], res['control_margin_gap'] = matched['control_gap'], matched['control_margin_gap']
+    for key in ('control_gap', 'control_margin_gap', 'control_target'):
+        res[key] = matched[key]
     has = res['control_count'] > 0
     for name, pos in res['groups']:
         pos = pos[has[pos]]

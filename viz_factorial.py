@@ -122,14 +122,13 @@ def analyse_factorial(store, groups, alpha=0.01, controls=viz_controls.CONTROLS)
 
 
 def analyse_controls(store, res, ma, mb, kept_in_a, pair_info):
-    """Controls matched on the mean margin over both arms (the mean of the two arms' means; for a held-out
-    example, of its means kept and removed), so that the choice shares no noise with the kept - removed
-    differences (see viz.analyse_controls). A run's control value is the line through the controls'
+    """Controls matched on their mean margin over both arms (the mean of the two arms' means), which shares
+    no noise with their kept - removed differences (see viz.analyse_controls), against the held-out
+    example's mean margin when kept: like the controls, it is trained on itself and on half the held-out set. A run's control value is the line through the controls'
     margins at the example's mean margin (viz_controls). Compared like the example: kept side against
     removed side of each pair, paired."""
     mean_both = (mean_margins(store, 'a', pair_info['run_a']) + mean_margins(store, 'b', pair_info['run_b'])) / 2
-    target = (res['mean_kept'] + res['mean_removed']) / 2
-    matched = viz_controls.match(store, mean_both, res['index'], target, res['control_k'])
+    matched = viz_controls.match(store, mean_both, res['index'], res['mean_kept'], res['control_k'])
     ca = viz_controls.per_run_values(store, 'a', matched, pair_info['run_a'])  # (pairs, m)
     cb = viz_controls.per_run_values(store, 'b', matched, pair_info['run_b'])
     has = np.array([len(c) > 0 for c in matched['controls']])

@@ -71,7 +71,8 @@ def test_controls_share_the_label_are_never_held_out_and_have_the_nearest_margin
     store = Store(path)
     # matched on the mean of the two arms' mean margins (1000 examples: small enough to hold)
     mean = np.mean([stats.margins(np.asarray(store.load(arm)[0]), store.labels).mean(0) for arm in ('with', 'without')], 0)
-    targets = (res['mean_with'] + res['mean_without']) / 2
+    targets = res['control_target']  # its margin in `with`, less half the control shift: where the controls sit
+    np.testing.assert_allclose(targets, res['mean_with'] - res['control_shift'] / 2, atol=0.005)
     for i, target, c in zip(held, targets, res['controls']):
         assert len(c) == 30 and not set(c) & set(held) and np.all(store.labels[c] == store.labels[i])
         others = np.setdiff1d(np.flatnonzero(store.labels == store.labels[i]), np.concatenate([held, c]))
