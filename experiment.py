@@ -327,6 +327,9 @@ def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, h
                         data_fingerprint=airbench.fingerprint(images, labels), seed_base=seed_base,
                         arms=arms, versions=_versions())
         store = Store.create(out, settings, labels.numpy())
+        if args.smoke:
+            print('--smoke: a short run of a small net, to check that everything runs; a test_acc near chance '
+                  '(0.10) is expected there and says nothing about the experiment.', file=sys.stderr)
         work(store, args.runs, train, infer, hyp, (images, labels), (test_images, test_labels), device,
              block=block, progress=not args.worker, steps=n_steps, say_cost=not args.smoke)
     except (airbench.DataError, StoreError, UsageError) as e:

@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import sys
+import textwrap
 
 import numpy as np
 
@@ -225,7 +226,8 @@ def plot_forest(res, path, xlabel, title):
         y -= 1.5  # gap between groups
     ax.axvline(0, color='grey', linewidth=0.8)
     ax.set_yticks(ticks, labels, fontsize=7)
-    ax.set_xlabel(xlabel + f' ({LEVEL:.0%} CI; filled: p < {res["alpha"]:g})')
+    ax.set_xlabel(textwrap.fill(xlabel + f' ({LEVEL:.0%} CI; filled: p < {res["alpha"]:g})', 70,
+                                break_on_hyphens=False))  # fits 7 inches
     ax.set_title(_literal(title), fontsize=10)
     ax.legend(loc='best', fontsize=8)
     fig.tight_layout()
