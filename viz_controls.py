@@ -1,6 +1,6 @@
-"""viz_controls.py: controls of the held-out examples, shared by the with/without report (viz.py) and the
-factorial report (viz_factorial.py): choosing them, their per-run margins, their statistics and their
-lines in the printed report.
+"""viz_controls.py: controls of the held-out examples, shared by the with/without report (viz_with_without.py)
+and the factorial report (viz_factorial.py): choosing them, their per-run margins, their statistics and
+their lines in the printed report.
 
 The controls of a held-out example are up to K training examples that are never held out, with its
 label and the nearest mean margin. Every run trains on them, so a control's shift between the two sides
@@ -198,10 +198,3 @@ def all_rows(res):
         lines += [row(res, j, adjusted_p=True) for j in pos]
     return lines
 
-
-def add_to_json_rows(res, rows):
-    """Each example's controls (index list) in its JSON row."""
-    if 'controls' in res:
-        for r, c in zip(rows, res['controls']):
-            r['controls'] = c.tolist()
-    return rows

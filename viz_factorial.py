@@ -1,7 +1,7 @@
 """viz_factorial.py: the report of a factorial store (arms `a` and `b`; a trainer's --design factorial),
 the design that separates self-influence from cross-influence by construction.
 
-    python viz.py runs/digits-factorial            # the report (viz.py dispatches on the store's arms)
+    python viz.py runs/digits-factorial            # the report (viz.py picks it from the store's arms)
     python viz.py PATH --all --csv f.csv --json f.json --plot f.png --top 20
 
 Design: run k of arms a and b share seed k (same initialisation, batches and augmentation); each held-out
@@ -28,9 +28,9 @@ import numpy as np
 import stats
 import viz_controls
 from design import FACTORIAL_ARMS, factorial_split
-from store import Store, StoreError
-from viz_io import (LEVEL, group_title, held_out_groups, listed, mean_margins, note, note_progress, plot_forest,
-                    positions_of, ptext, read_margins, rows_of, save_csv, save_json)
+from store import StoreError
+from viz_io import (LEVEL, example_head, example_line, group_summary, held_out_groups, listed, mean_margins, note,
+                    note_progress, per_group, positions_of, ptext, read_margins)
 
 TOP = 10  # cross-influences printed (--top)
 
@@ -82,14 +82,7 @@ def estimate(ma, mb, kept_in_a, positions, alpha=0.01):
     res['p_holm'], res['p_bh'] = stats.holm(res['p']), stats.benjamini_hochberg(res['p'])
     res['significant'] = res['p'] < alpha
     res['kept_in_a'] = kept_in_a.sum(0)
-    res['group_summary'] = {}
-    for name, pos in positions:
-        g = stats.paired_test(kept[:, pos].mean(1, keepdims=True), removed[:, pos].mean(1, keepdims=True))
-        low, high = stats.confidence_interval(g['diff'], g['se'], g['df'], LEVEL)
-        sig, si = res['significant'][pos], res['self_influence'][pos]
-        res['group_summary'][name] = dict(
-            examples=len(pos), mean=g['diff'][0], ci_low=low[0], ci_high=high[0], p=g['p'][0],
-            significant_positive=int((sig & (si > 0)).sum()), significant_negative=int((sig & (si < 0)).sum()))
+    res['group_summary'] = group_summary(positions, res, stats.paired_test, kept, removed)
     try:
         cross = stats.cross_influence(ma - mb, np.where(kept_in_a, 1.0, -1.0))
     except ValueError as e:
@@ -103,9 +96,19 @@ def estimate(ma, mb, kept_in_a, positions, alpha=0.01):
     return res
 
 
-def analyse_factorial(store, groups, alpha=0.01, controls=viz_controls.CONTROLS):
+def check(store):
+    """Refuse a store of another design, naming the command that reports it."""
+    if not is_factorial(store):
+        raise StoreError(f'{store.path} is not a factorial store (arms: {", ".join(store.arms)}; a factorial store '
+                         f'has {" and ".join(FACTORIAL_ARMS)}). Report it with python viz.py {store.path}.')
+
+
+def analyse(store, alpha=0.01, controls=viz_controls.CONTROLS):
     """Every statistic of the factorial report (see estimate), plus the store's facts and, with
-    controls > 0, the control statistics (viz_controls.analyse)."""
+    controls > 0, the control statistics (viz_controls.analyse); notes on stderr about the store's progress."""
+    check(store)
+    groups = held_out_groups(store)
+    note_progress(store)
     idx = np.concatenate([ix for _, ix in groups])
     ma, mb, kept_in_a, pair_info = read_pairs(store, idx)
     if len(ma) < 2:
@@ -124,7 +127,7 @@ def analyse_factorial(store, groups, alpha=0.01, controls=viz_controls.CONTROLS)
 
 def analyse_controls(store, res, ma, mb, kept_in_a, pair_info):
     """Controls matched on their mean margin over both arms (the mean of the two arms' means), which shares
-    no noise with their kept - removed differences (see viz.analyse_controls), against the held-out
+    no noise with their kept - removed differences (see viz_with_without.analyse_controls), against the held-out
     example's mean margin when kept: like the controls, it is trained on itself and on half the held-out set. A run's control value is the line through the controls'
     margins at the example's mean margin (viz_controls). Compared like the example: kept side against
     removed side of each pair, paired."""
@@ -151,7 +154,7 @@ def analyse_controls(store, res, ma, mb, kept_in_a, pair_info):
 #                 report                   #
 ############################################
 
-def report(res, top=TOP, every=False):
+def lines(res, top=TOP, every=False):
     """The printed report: design, group means, every held-out example, controls, cross-influences;
     every=True (--all) adds every example's control row and every cross-influence that passes BH."""
     pct, alpha, m = f'{LEVEL:.0%}', res['alpha'], len(res['index'])
@@ -161,33 +164,25 @@ def report(res, top=TOP, every=False):
             'in the run that removed it); the other held-out examples\' cross-influences enter with random signs '
             f'and average out. Paired t-test (df {res["pairs"] - 1}), {pct} CI; Holm and BH: p adjusted over all '
             f'{m} held-out examples. Group means from per-pair group averages:')
-    lines = [*textwrap.wrap(text, 110),
-             f'{"group":<12}{"examples":>8}  {"mean":>7}  {pct + " CI":<18}  {"p":>6}  {"sig. +":>6}  {"sig. -":>6}']
+    out = [*textwrap.wrap(text, 110),
+           f'{"group":<12}{"examples":>8}  {"mean":>7}  {pct + " CI":<18}  {"p":>6}  {"sig. +":>6}  {"sig. -":>6}']
     for name, g in res['group_summary'].items():
         ci = f'[{g["ci_low"]:+.3f}, {g["ci_high"]:+.3f}]'
-        lines.append(f'{name.capitalize():<12}{g["examples"]:>8}  {g["mean"]:>+7.3f}  {ci:<18}  {g["p"]:>6.4f}  '
-                     f'{g["significant_positive"]:>6}  {g["significant_negative"]:>6}')
+        out.append(f'{name.capitalize():<12}{g["examples"]:>8}  {g["mean"]:>+7.3f}  {ci:<18}  {g["p"]:>6.4f}  '
+                   f'{g["significant_positive"]:>6}  {g["significant_negative"]:>6}')
     regression = 'regression_self_influence' in res
-    head = (f'{"index":>6}  {"kept":>7}  {"removed":>7}  {"self-infl":>9}  {pct + " CI":<18}  {"p":>6}    '
-            f'{"Holm":>6}  {"BH":>6}' + (f'  {"regression":>10}  {"reg. p":>6}' if regression else ''))
-    lines += ['', f'Every held-out example. * marks p < {alpha:g}; kept / removed: its mean margin in the run that '
-                  'kept / removed it;', 'regression: the coefficient of its own assignment (see cross-influences).'
-                  if regression else f'(no regression estimate: {res["cross_skipped"]})', head]
-    for name, pos in res['groups']:
-        lines.append(group_title(name))
-        for j in pos:
-            ci = f'[{res["ci_low"][j]:+.3f}, {res["ci_high"][j]:+.3f}]'
-            mark = '*' if res['significant'][j] else ' '
-            line = (f'{res["index"][j]:>6}  {res["mean_kept"][j]:>7.3f}  {res["mean_removed"][j]:>7.3f}  '
-                    f'{res["self_influence"][j]:>+9.3f}  {ci:<18}  {res["p"][j]:>6.4f} {mark}  '
-                    f'{res["p_holm"][j]:>6.4f}  {res["p_bh"][j]:>6.4f}')
-            if regression:
-                line += f'  {res["regression_self_influence"][j]:>+10.3f}  {res["regression_p"][j]:>6.4f}'
-            lines.append(line)
-    lines += controls_section(res) + cross_section(res, top, every)
+    head = example_head('kept', 'removed') + (f'  {"regression":>10}  {"reg. p":>6}' if regression else '')
+
+    def row(j):
+        return example_line(res, j, 'mean_kept', 'mean_removed') + (
+            f'  {res["regression_self_influence"][j]:>+10.3f}  {res["regression_p"][j]:>6.4f}' if regression else '')
+    out += ['', f'Every held-out example. * marks p < {alpha:g}; kept / removed: its mean margin in the run that '
+                'kept / removed it;', 'regression: the coefficient of its own assignment (see cross-influences).'
+                if regression else f'(no regression estimate: {res["cross_skipped"]})', head, *per_group(res, row)]
+    out += controls_section(res) + cross_section(res, top, every)
     if every:
-        lines += viz_controls.all_rows(res)
-    return lines
+        out += viz_controls.all_rows(res)
+    return out
 
 
 def controls_section(res):
@@ -244,22 +239,17 @@ def cross_section(res, top, every):
 
 
 ############################################
-#                 writers                  #
+#                 outputs                  #
 ############################################
 
-EXAMPLE_COLUMNS = ['group', 'index', 'kept_in_a', 'mean_kept', 'mean_removed', 'self_influence', 'se', 'df', 'stat',
-                   'p', 'ci_low', 'ci_high', 'p_holm', 'p_bh', 'significant', 'regression_self_influence',
-                   'regression_se', 'regression_p', *viz_controls.COLUMNS]
+COLUMNS = ['group', 'index', 'kept_in_a', 'mean_kept', 'mean_removed', 'self_influence', 'se', 'df', 'stat', 'p',
+           'ci_low', 'ci_high', 'p_holm', 'p_bh', 'significant', 'regression_self_influence', 'regression_se',
+           'regression_p', *viz_controls.COLUMNS]
 
 
-def write_csv(res, path):
-    rows = rows_of(res, EXAMPLE_COLUMNS)
-    save_csv(rows, list(rows[0]), path)
-
-
-def write_json(res, path):
-    """Settings, group summaries, per-example rows (with each example's controls) and every estimated
-    cross-influence j -> i (j != i) with its CI, p and BH p."""
+def json_doc(res):
+    """Settings, group summaries and every estimated cross-influence j -> i (j != i) with its CI, p and BH p
+    (viz_io.write_json adds the per-example rows)."""
     doc = dict(store=res['path'], trainer=res['trainer'], design='factorial', pairs=res['pairs'], alpha=res['alpha'],
                level=LEVEL, controls_per_example=res['control_k'], groups=res['group_summary'])
     if 'cross' in res:
@@ -272,20 +262,11 @@ def write_json(res, path):
              'p': c['p'][j, i], 'p_bh': res['cross_p_bh'][j, i]} for j, i in zip(*cross_rows(res))]
     else:
         doc['cross_skipped'] = res['cross_skipped']
-    save_json(doc, viz_controls.add_to_json_rows(res, rows_of(res, EXAMPLE_COLUMNS)), path)
+    return doc
 
 
-def write_plot(res, path):
-    plot_forest(res, path, 'self-influence = mean margin kept - removed; diamonds: control-adjusted',
-                f'{res["trainer"]}: factorial design, {res["pairs"]} pairs')
+def plot_labels(res):
+    """x label and title of the forest plot (viz_io.write_plot; diamonds: the control-adjusted estimates)."""
+    return ('self-influence = mean margin kept - removed; diamonds: control-adjusted',
+            f'{res["trainer"]}: factorial design, {res["pairs"]} pairs')
 
-
-def open_factorial(path):
-    """A factorial store and its held-out groups [(name, indices)], with notes on its progress."""
-    store = Store(path)
-    if not is_factorial(store):
-        raise StoreError(f'{path} is not a factorial store (arms: {", ".join(store.arms)}; a factorial store has '
-                         f'{" and ".join(FACTORIAL_ARMS)}). Report it with python viz.py {path}.')
-    groups = held_out_groups(store)
-    note_progress(store)
-    return store, groups

@@ -1,7 +1,10 @@
-"""viz_io.py: what the three reports of viz.py share: reading margins out of a run store (streamed, CHUNK
-runs at a time, only the columns asked for), the notes on stderr, and the CSV / JSON / forest-plot writers.
+"""viz_io.py: what the three reports share: reading margins out of a run store (streamed, CHUNK runs at a
+time, only the columns asked for), the notes on stderr, the group means and per-example table rows of the
+with/without and factorial reports, and the CSV / JSON / forest-plot writers, which take a report's result.
 
-Reports: viz.py (with/without), viz_factorial.py (factorial design), viz_scan.py (scan).
+Reports: viz_with_without.py, viz_factorial.py, viz_scan.py; each offers analyse(store, ...) -> result dict,
+lines(result, ...) -> the printed report, COLUMNS (its per-example CSV / JSON columns) and json_doc(result);
+viz.py is the command line that picks one from the store's arms.
 """
 import csv
 import json
@@ -13,7 +16,7 @@ import textwrap
 import numpy as np
 
 import stats
-from store import Store, StoreError
+from store import StoreError
 
 LEVEL = 0.95  # confidence level of every interval
 CHUNK = 16    # runs mapped at a time (see column_chunks)
@@ -41,13 +44,6 @@ def group_title(name):
 ############################################
 #            reading the store             #
 ############################################
-
-def open_any(path):
-    """The store at `path`, with a note on stderr if it is still being written or holds diverged runs."""
-    store = Store(path)
-    note_progress(store)
-    return store
-
 
 def note_progress(store):
     """Say on stderr if the store is still being written or holds runs that diverged."""
@@ -138,6 +134,52 @@ def mean_margins(store, arm, run_numbers=None):
 
 
 ############################################
+#          tables of two reports           #
+############################################
+
+def group_summary(positions, res, compare, a, b):
+    """Each group's mean self-influence over all its examples, tested on the per-run (per-pair) group
+    average of sides a and b (runs, m), so that the correlation between examples of one run is accounted
+    for; the CI is for these k examples. positions: [(group, columns)]; res: the per-example significant
+    and self_influence; compare(x, y) -> a test dict (diff, se, df, p).
+    -> {group: dict(examples, mean, ci_low, ci_high, p, significant_positive, significant_negative)}."""
+    out = {}
+    for name, pos in positions:
+        g = compare(a[:, pos].mean(1, keepdims=True), b[:, pos].mean(1, keepdims=True))
+        low, high = stats.confidence_interval(g['diff'], g['se'], g['df'], LEVEL)
+        sig, si = res['significant'][pos], res['self_influence'][pos]
+        out[name] = dict(examples=len(pos), mean=g['diff'][0], ci_low=low[0], ci_high=high[0], p=g['p'][0],
+                         significant_positive=int((sig & (si > 0)).sum()),
+                         significant_negative=int((sig & (si < 0)).sum()))
+    return out
+
+
+def example_head(first, second):
+    """Head of the per-example table: first / second name the two sides' mean margin columns."""
+    return (f'{"index":>6}  {first:>7}  {second:>7}  {"self-infl":>9}  {f"{LEVEL:.0%} CI":<18}  {"p":>6}    '
+            f'{"Holm":>6}  {"BH":>6}')
+
+
+def example_line(res, j, first, second):
+    """Example j's row under example_head: res[first][j], res[second][j] (mean margins), self-influence, CI,
+    p with * where p < alpha, Holm and BH p."""
+    ci = f'[{res["ci_low"][j]:+.3f}, {res["ci_high"][j]:+.3f}]'
+    mark = '*' if res['significant'][j] else ' '
+    return (f'{res["index"][j]:>6}  {res[first][j]:>7.3f}  {res[second][j]:>7.3f}  '
+            f'{res["self_influence"][j]:>+9.3f}  {ci:<18}  {res["p"][j]:>6.4f} {mark}  '
+            f'{res["p_holm"][j]:>6.4f}  {res["p_bh"][j]:>6.4f}')
+
+
+def per_group(res, row):
+    """Each group's title, then row(j) for each of its examples (positions j)."""
+    lines = []
+    for name, pos in res['groups']:
+        lines.append(group_title(name))
+        lines += [row(j) for j in pos]
+    return lines
+
+
+############################################
 #                 writers                  #
 ############################################
 
@@ -172,7 +214,11 @@ def write_whole(path, write, mode='w'):
             os.remove(tmp)
 
 
-def save_csv(rows, columns, path):
+def write_csv(res, path, columns):
+    """One row per example (res['index']): the columns of `columns` that res holds."""
+    columns = [c for c in columns if c in res]
+    rows = rows_of(res, columns)
+
     def write(f):
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction='ignore')
         writer.writeheader()
@@ -188,13 +234,17 @@ def _json_safe(v):
     return _finite_or_none(plain(v))
 
 
-def save_json(doc, rows, path):
-    """doc plus one entry per row under 'examples'; NaN/inf written as null."""
+def write_json(res, path, doc, columns):
+    """doc (a report's json_doc) plus one entry per example under 'examples': its `columns` and, where res
+    has them, its controls (index list); NaN/inf written as null."""
+    rows = rows_of(res, columns)
+    for r, c in zip(rows, res.get('controls', ())):
+        r['controls'] = c.tolist()
     doc = _json_safe({**doc, 'examples': rows})
     write_whole(path, lambda f: json.dump(doc, f, indent=1))
 
 
-def plot_forest(res, path, xlabel, title):
+def write_plot(res, path, xlabel, title):
     """Forest plot: res['self_influence'] with its CI per held-out example, one colour per group, filled
     markers for p < alpha; where res has 'control_adjusted', a second marker (a diamond just below) with
     its CI: the control-adjusted estimate."""

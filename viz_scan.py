@@ -26,22 +26,26 @@ import numpy as np
 import stats
 from design import keep_for, kept_mask
 from store import Store, StoreError
-from viz_io import (LEVEL, column_chunks, group_title, listed, note, note_progress, ptext, rows_of, save_csv,
-                    save_json)
+from viz_io import LEVEL, column_chunks, group_title, listed, note, note_progress, ptext
 
 HIGH_MARGIN_QUANTILE = 0.75  # high margin: mean margin when included at or above this quantile of the tested
 NULL_DRAWS = 200             # simulated scans with no effect, for the extremes (stats.null_extremes)
+TOP = 20                     # examples per printed list (--top)
+
+
+def check(store):
+    """Refuse a store without a scan arm, saying how to make a scan."""
+    if 'scan' not in store.arms:
+        trainer = store.settings.get('trainer', 'X')
+        raise StoreError(f'{store.path} is not a scan store: it has no \'scan\' arm (arms: {", ".join(store.arms)}). '
+                         f'Make one with python trainer_{trainer}.py --scan (it writes runs/{trainer}-scan), '
+                         f'then run python viz.py --scan.')
 
 
 def open_scan(path):
-    """The scan store at `path`; refuses a with/without store, saying how to make a scan."""
+    """The scan store at `path`, checked (see check), for analyse."""
     store = Store(path)
-    if 'scan' not in store.arms:
-        trainer = store.settings.get('trainer', 'X')
-        raise StoreError(f'{path} is not a scan store: it has no \'scan\' arm (arms: {", ".join(store.arms)}). '
-                         f'Make one with python trainer_{trainer}.py --scan (it writes runs/{trainer}-scan), '
-                         f'then run python viz.py --scan.')
-    note_progress(store)
+    check(store)
     return store
 
 
@@ -67,11 +71,14 @@ def scan_chunks(store, logits, run_info, left_out):
         yield m[ok], scan_masks(store, seeds[ok]), numbers[ok] % 2 == 1
 
 
-def analyse(store, alpha=0.01, top=20):
-    """Every statistic of the scan report. -> dict: per-example (n_train,) arrays (index, label, n_in,
-    mean_in, ..., rank, high_margin, tested, self_influence_even / _odd: the estimates from the even and
-    the odd run numbers alone), the scan's summary (runs, counts, threshold) and 'reliability' (see
-    reliability; `top`: the length of the lists it compares)."""
+def analyse(store, alpha=0.01, top=TOP):
+    """Every statistic of the scan report, with notes on stderr about the store's progress. -> dict:
+    per-example (n_train,) arrays (index, label, n_in, mean_in, ..., rank, high_margin, tested,
+    self_influence_even / _odd: the estimates from the even and the odd run numbers alone), the scan's
+    summary (runs, counts, threshold) and 'reliability' (see reliability; `top`: the length of the lists
+    it compares)."""
+    check(store)
+    note_progress(store)
     logits, run_info = store.load('scan')  # (N, n_train, 10) float16, memory-mapped
     if len(logits) < 2:
         raise StoreError(f'{store.path} holds {len(logits)} finished scan run(s); comparing runs that '
@@ -186,9 +193,9 @@ def reliability(res, top):
     return out
 
 
-SCAN_COLUMNS = ['index', 'label', 'n_in', 'n_out', 'mean_in', 'mean_out', 'self_influence', 'se', 'df', 'stat',
-                'p', 'ci_low', 'ci_high', 'p_bh', 'rank', 'high_margin', 'tested', 'self_influence_even',
-                'self_influence_odd']
+COLUMNS = ['index', 'label', 'n_in', 'n_out', 'mean_in', 'mean_out', 'self_influence', 'se', 'df', 'stat', 'p',
+           'ci_low', 'ci_high', 'p_bh', 'rank', 'high_margin', 'tested', 'self_influence_even',
+           'self_influence_odd']  # per training example, in CSV and JSON
 
 
 def scan_head():
@@ -207,36 +214,36 @@ def scan_row(res, j):
             f'{ptext(res["p"][j]):>9}  {ptext(res["p_bh"][j]):>9}')
 
 
-def report(res, top=20):
+def lines(res, top=TOP):
     """The scan's printed report: header, the top-k lists and the store's held-out examples."""
     tested, order = res['tested'], res['order']
     counts = res['n_in']
     significant = tested & (res['p_bh'] < res['alpha'])
     si = res['self_influence']
-    lines = [f'Scan {res["path"]} (trainer {res["trainer"]}): {res["runs"]} runs, {len(si)} examples, '
-             f'each run trained on a random half.',
-             f'Runs that included an example: min {counts.min()}, median {np.median(counts):g}, max {counts.max()}'
-             + (f'; {len(si) - tested.sum()} example(s) left out, too rarely in or out (see above).'
-                if not tested.all() else '.'),
-             'Self-influence = mean margin over the runs that included the example - mean over the runs that '
-             'excluded it;',
-             f"Welch's t-test per example, {LEVEL:.0%} CI, BH p: adjusted over all {tested.sum()} tested examples.",
-             f'BH p < {res["alpha"]:g}: {significant.sum()} examples, {(significant & (si < 0)).sum()} negative and '
-             f'{(significant & (si > 0)).sum()} positive. Rank 1 = most negative.',
-             '', f'{min(top, len(order))} most negative self-influence:', scan_head()]
-    lines += [scan_row(res, j) for j in order[:top]]
-    lines += ['', f'{min(top, len(order))} most positive self-influence:', scan_head()]
-    lines += [scan_row(res, j) for j in order[::-1][:top]]
-    lines += ['', f'Most negative among high-margin examples (mean margin when included >= '
-                  f'{res["high_margin_threshold"]:.3f}, the top quartile; {res["high_margin"].sum()} examples), '
-                  f'the candidates for an "easy" held-out set:', scan_head()]
-    lines += [scan_row(res, j) for j in easy_candidates(res, top)]
-    lines += ['', f'Held-out examples of the store, where they fall among the {tested.sum()} tested:']
+    out = [f'Scan {res["path"]} (trainer {res["trainer"]}): {res["runs"]} runs, {len(si)} examples, '
+           f'each run trained on a random half.',
+           f'Runs that included an example: min {counts.min()}, median {np.median(counts):g}, max {counts.max()}'
+           + (f'; {len(si) - tested.sum()} example(s) left out, too rarely in or out (see above).'
+              if not tested.all() else '.'),
+           'Self-influence = mean margin over the runs that included the example - mean over the runs that '
+           'excluded it;',
+           f"Welch's t-test per example, {LEVEL:.0%} CI, BH p: adjusted over all {tested.sum()} tested examples.",
+           f'BH p < {res["alpha"]:g}: {significant.sum()} examples, {(significant & (si < 0)).sum()} negative and '
+           f'{(significant & (si > 0)).sum()} positive. Rank 1 = most negative.',
+           '', f'{min(top, len(order))} most negative self-influence:', scan_head()]
+    out += [scan_row(res, j) for j in order[:top]]
+    out += ['', f'{min(top, len(order))} most positive self-influence:', scan_head()]
+    out += [scan_row(res, j) for j in order[::-1][:top]]
+    out += ['', f'Most negative among high-margin examples (mean margin when included >= '
+                f'{res["high_margin_threshold"]:.3f}, the top quartile; {res["high_margin"].sum()} examples), '
+                f'the candidates for an "easy" held-out set:', scan_head()]
+    out += [scan_row(res, j) for j in easy_candidates(res, top)]
+    out += ['', f'Held-out examples of the store, where they fall among the {tested.sum()} tested:']
     if not res['groups']:
-        lines.append('(the store lists none)')
+        out.append('(the store lists none)')
     for name, ix in res['groups']:
-        lines += [group_title(name), scan_head()] + [scan_row(res, j) for j in ix]
-    return lines + noise_section(res)
+        out += [group_title(name), scan_head()] + [scan_row(res, j) for j in ix]
+    return out + noise_section(res)
 
 
 def noise_section(res):
@@ -265,12 +272,9 @@ def noise_section(res):
     return lines
 
 
-def write_csv(res, path):
-    save_csv(rows_of(res, SCAN_COLUMNS), SCAN_COLUMNS, path)
-
-
-def write_json(res, path):
-    """The scan's summary, its reliability (see reliability) and one row per training example."""
+def json_doc(res):
+    """The scan's summary and its reliability (see reliability); viz_io.write_json adds one row per training
+    example."""
     doc = dict(store=res['path'], trainer=res['trainer'], runs=res['runs'], left_out_runs=res['left_out_runs'],
                level=LEVEL, alpha=res['alpha'], high_margin_threshold=float(res['high_margin_threshold']),
                high_margin_rule='mean margin when included in the top quartile of the tested examples',
@@ -281,6 +285,6 @@ def write_json(res, path):
         split_half_r_high_margin=rel['split_half_high'][0], split_half_examples_high_margin=rel['split_half_high'][2],
         easy_candidates_overlap=rel['overlap'], easy_candidates_compared=rel['overlap_k'],
         easy_candidates_overlap_chance=rel['overlap_chance'], extremes=rel['extremes'])
-    save_json(doc, rows_of(res, SCAN_COLUMNS), path)
+    return doc
 
 

@@ -73,10 +73,10 @@ def child_pack(path):
 
 
 def child_viz(path):
-    import viz
-    store, groups = viz.open_store(path)
-    res = viz.analyse(store, groups, controls=0)  # the held-out columns only; bench_viz_reports.py times controls
-    return '\n'.join(viz.faithful_table(res) + viz.summary(res))
+    import viz_with_without
+    from store import Store
+    res = viz_with_without.analyse(Store(path), controls=0)  # held-out columns only; bench_viz_reports.py times controls
+    return '\n'.join(viz_with_without.faithful_table(res) + viz_with_without.summary(res))
 
 
 def child_baseline(path):

@@ -45,16 +45,17 @@ def make_arms(path, arms, runs, seed_base):
 
 def child(kind, path):
     """One analysis; its text is a summary line to check that it did the work."""
-    import viz
     import viz_factorial
     import viz_scan
+    import viz_with_without
+    from store import Store
     if kind.startswith('with'):
-        res = viz.analyse(*viz.open_store(path), controls=int(kind.split('-')[1]))
+        res = viz_with_without.analyse(Store(path), controls=int(kind.split('-')[1]))
         return f'{res["n_with"]} runs with, controls {res["control_k"]}'
     if kind == 'factorial':
-        res = viz_factorial.analyse_factorial(*viz_factorial.open_factorial(path))
+        res = viz_factorial.analyse(Store(path))
         return f'{res["pairs"]} pairs, controls {res["control_k"]}'
-    res = viz_scan.analyse(viz_scan.open_scan(path))
+    res = viz_scan.analyse(Store(path))
     return f'{res["runs"]} scan runs, split-half r {res["reliability"]["split_half"][0]:.2f}'
 
 

@@ -2,7 +2,8 @@
 far more confident on it, and the same removal moves similar digits that stay in training only a little."""
 import experiment
 import trainer_digits
-import viz
+import viz_with_without
+from store import Store
 
 RUNS = 40                      # per arm: 80 trainings of the full digits MLP, seeds 0 to 39
 HELD_OUT = {'random': [780]}   # one atypical 4, a random pick of the earlier held-out set: leave-one-out
@@ -25,8 +26,7 @@ def test_an_atypical_digit_gains_confidence_when_added_beyond_its_controls(tmp_p
                            ['--runs', str(RUNS), '--out', str(tmp_path), '--device', 'cpu'],
                            load=trainer_digits.load, held_out=HELD_OUT, block=trainer_digits.BLOCK)
     assert code == 0
-    store, groups = viz.open_store(str(tmp_path))
-    g = viz.analyse(store, groups)['group_summary']['random']
+    g = viz_with_without.analyse(Store(str(tmp_path)))['group_summary']['random']
     print(f"780: shift {g['shift']:+.3f}, control shift {g['control_shift']:+.3f} "
           f"[{g['control_shift_ci_low']:+.3f}, {g['control_shift_ci_high']:+.3f}], control-adjusted "
           f"{g['control_adjusted']:+.3f} [{g['control_adjusted_ci_low']:+.3f}, {g['control_adjusted_ci_high']:+.3f}], "
