@@ -92,30 +92,37 @@ def analyse(store, test='welch', alpha=0.01, controls=viz_controls.CONTROLS):
         sig, si = res['significant'][pos], res['self_influence'][pos]
         meta['group_summary'][name]['significant_mean'] = si[sig].mean() if sig.any() else np.nan
 
-    # Seed-matched pairs: run k of both arms is trained with the same seed.
-    _, ia, ib = np.intersect1d(info_with['seed'], info_without['seed'], return_indices=True)
-    meta['n_pairs'] = len(ia)
-    if len(ia) >= 2:
-        pa, pb = a[ia], b[ib]
-        paired = stats.paired_test(pa, pb)
-        res['paired_self_influence'], res['paired_p'] = paired['diff'], paired['p']
-        res['paired_ci_low'], res['paired_ci_high'] = stats.confidence_interval(
-            paired['diff'], paired['se'], paired['df'], LEVEL)
-        res['correlation'] = stats.paired_correlation(pa, pb)
-        res['pairing_ratio'] = stats.pairing_ratio(pa, pb)
-        res['runs_saved'] = len(ia) * (1 - res['pairing_ratio'])  # per arm, at the same standard error
-        # Pairs for the paired t-test: n pairs give se^2 = s_d^2 / n, which is the unpaired formula with a
-        # spread of s_d / sqrt(2) in each arm.
-        sd_half = (pa - pb).std(0, ddof=1) / np.sqrt(2)
-        res['runs_needed_paired'] = stats.runs_needed(paired['diff'], sd_half, sd_half, alpha, POWER)
-        if len(ia) < MIN_RUNS:
-            for key in ('runs_saved', 'runs_needed_paired'):
-                res[key] = np.full(len(idx), np.nan)
+    meta['n_pairs'] = analyse_pairs(res, a, b, info_with, info_without, alpha)
     res.update(meta)
     res['control_k'] = controls
     if controls:
         analyse_controls(store, res, a, b, info_with, info_without)
     return res
+
+
+def analyse_pairs(res, a, b, info_with, info_without, alpha):
+    """The paired design on seed-matched runs (run k of both arms trained with the same seed), added to res
+    where 2 or more runs are matched: paired_self_influence, paired_p, its CI, correlation, pairing_ratio,
+    runs_saved and runs_needed_paired (NaN from fewer than MIN_RUNS pairs). -> the number of pairs."""
+    _, ia, ib = np.intersect1d(info_with['seed'], info_without['seed'], return_indices=True)
+    if len(ia) < 2:
+        return len(ia)
+    pa, pb = a[ia], b[ib]
+    paired = stats.paired_test(pa, pb)
+    res['paired_self_influence'], res['paired_p'] = paired['diff'], paired['p']
+    res['paired_ci_low'], res['paired_ci_high'] = stats.confidence_interval(
+        paired['diff'], paired['se'], paired['df'], LEVEL)
+    res['correlation'] = stats.paired_correlation(pa, pb)
+    res['pairing_ratio'] = stats.pairing_ratio(pa, pb)
+    res['runs_saved'] = len(ia) * (1 - res['pairing_ratio'])  # per arm, at the same standard error
+    # Pairs for the paired t-test: n pairs give se^2 = s_d^2 / n, which is the unpaired formula with a
+    # spread of s_d / sqrt(2) in each arm.
+    sd_half = (pa - pb).std(0, ddof=1) / np.sqrt(2)
+    res['runs_needed_paired'] = stats.runs_needed(paired['diff'], sd_half, sd_half, alpha, POWER)
+    if len(ia) < MIN_RUNS:
+        for key in ('runs_saved', 'runs_needed_paired'):
+            res[key] = np.full(a.shape[1], np.nan)
+    return len(ia)
 
 
 def analyse_controls(store, res, a, b, info_with, info_without):
