@@ -12,10 +12,10 @@ examples of one run cancels.
 The control value of a run is not the plain mean of the controls' margins but the least-squares line
 through them (margin in the run against mean margin), evaluated at the example's own mean margin
 (stats.line_weights: a fixed weighted mean per example, weights summing to 1, whose weighted mean margin
-is the example's). Why: the shift the removal causes depends on margin (on the digits convnet about
--0.012 per margin unit), and an example at the top of its class has its K nearest controls almost all
-below it (on average 0.56 margin units, up to 1.6, for the easy digits). A plain mean then measures the
-shift at the controls' margin, not at the example's, and the adjusted estimate leans by slope x gap.
+is the example's). Why: the shift the removal causes depends on margin, and an example at the top of its
+class has its K nearest controls almost all below it (docs/controls.md gives the measured slope and gaps).
+A plain mean then measures the shift at the controls' margin, not at the example's, and the adjusted
+estimate leans by slope x gap.
 Of the ways to remove that lean this is the simplest: the same K nearest controls, one line per example,
 no bandwidth to choose, exact for any shift linear in margin over the controls' range, and still one
 value per run, so the paired and Welch tests, the group means and every output work as before. Its

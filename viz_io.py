@@ -3,8 +3,8 @@ time, only the columns asked for), the notes on stderr, the group means and per-
 with/without and factorial reports, and the CSV / JSON / forest-plot writers, which take a report's result.
 
 Reports: viz_with_without.py, viz_factorial.py, viz_scan.py; each offers analyse(store, ...) -> result dict,
-lines(result, ...) -> the printed report, COLUMNS (its per-example CSV / JSON columns) and json_doc(result);
-viz.py is the command line that picks one from the store's arms.
+lines(result, ...) -> the printed report, COLUMNS (its per-example CSV / JSON columns), json_doc(result) and,
+but for the scan, plot_labels(result); viz.py is the command line that picks one from the store's arms.
 """
 import csv
 import json

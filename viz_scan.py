@@ -14,10 +14,9 @@ extreme estimates next to what estimates with no effect anywhere would give (sim
 A scan estimates the effect of adding an example to models trained on half the data, not leave-one-out
 on the full set: confirm its picks on other seeds with a with/without or factorial store.
 
-Cost: streams over the runs, CHUNK at a time, all runs and both halves in one pass: 100 runs x 50000
-examples took 2.1 s and 263 MB peak resident memory on a shared 2-core VM, of which about 0.4 s is the
-no-effect simulation, whatever the number of runs (python bench/bench_viz_reports.py; about 17 ms per
-run, so about 3 min for 10,000 runs with the store in page cache).
+How: one streamed pass over the runs, CHUNK at a time, all runs and both halves together, so memory does
+not grow with the number of runs; the no-effect simulation draws NULL_DRAWS scans whatever the number of
+runs (bench/bench_viz_reports.py measures both).
 """
 import textwrap
 
