@@ -702,7 +702,8 @@ def on_terminal():
 def progress_line(done, total, new, seconds):
     """'14:02:11  250/400 runs (62%), 1,200 runs/h, ETA 8 min': `new` runs finished in `seconds`."""
     rate = new / seconds * 3600 if seconds > 0 else 0.0
-    eta = f', ETA {_duration((total - done) / rate * 3600)}' if rate > 0 and done < total else ''
+    left = (total - done) / rate * 3600 if rate > 0 else 0.0
+    eta = f', ETA {_duration(left) if left >= 60 else "under a minute"}' if left > 0 else ''
     return f'{time.strftime("%H:%M:%S")}  {done}/{total} runs ({done / max(total, 1):.0%}), {rate:,.0f} runs/h{eta}'
 
 
