@@ -339,3 +339,24 @@ def test_a_progress_line_comes_at_most_once_per_interval(monkeypatch, capsys):
         shown.update(done)
     lines = capsys.readouterr().err.splitlines()  # one line, at 50 s then 75 s: the one at 75 s
     assert len(lines) == 1 and lines[0].endswith('250/400 runs (62%), 7,200 runs/h, ETA 1 min')
+
+
+def test_a_multi_gpu_parent_passes_a_signal_on_to_its_workers(tmp_path):
+    worker = tmp_path / 'worker.py'  # stands for a trainer's --worker: says it is up, then what it got
+    worker.write_text('import os, signal, sys, time\n'
+                      'def stop(signum, frame):\n'
+                      '    open(os.path.join(sys.argv[1], f"got-{os.getpid()}"), "w").write(str(signum))\n'
+                      '    sys.exit(128 + signum)\n'
+                      'signal.signal(signal.SIGTERM, stop)\n'
+                      'open(os.path.join(sys.argv[1], f"up-{os.getpid()}"), "w").close()\n'
+                      'time.sleep(60)\n')
+    parent = subprocess.Popen([sys.executable, '-c', 'import sys, experiment; sys.argv = sys.argv[1:]; '
+                               'sys.exit(experiment.launch([0, 1], sys.argv[1] + "/store", 5))', str(worker),
+                               str(tmp_path)], cwd=ROOT)
+    deadline = time.time() + 60
+    while len([n for n in os.listdir(tmp_path) if n.startswith('up-')]) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    got = [(tmp_path / n).read_text() for n in os.listdir(tmp_path) if n.startswith('got-')]
+    assert got == [str(int(signal.SIGTERM))] * 2
