@@ -418,14 +418,19 @@ def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=T
     finally:
         shown.close()
     store.clean_leftovers()  # claims of workers that died after finishing their runs
+    print(summary(store, runs, seconds), flush=True)
+
+
+def summary(store, runs, seconds):
+    """The last line of a worker: the store's runs per arm, failures, and this worker's runs."""
     counts = store.counts(runs)
     failed = sum(r < runs for _, r in store.failed())
-    summary = f'{store.path}: ' + ', '.join(f'{counts[a]}/{runs} runs {a}' for a in store.arms)
+    line = f'{store.path}: ' + ', '.join(f'{counts[a]}/{runs} runs {a}' for a in store.arms)
     if failed:
-        summary += f', {failed} failed (see failed/)'
+        line += f', {failed} failed (see failed/)'
     if seconds:
-        summary += f'; this worker: {len(seconds)} runs, {np.mean(seconds):.2f} s/run'
-    print(summary, flush=True)
+        line += f'; this worker: {len(seconds)} runs, {np.mean(seconds):.2f} s/run'
+    return line
 
 
 def train_block(store, jobs, train, infer, hyp, data, test, device, log, blocked):

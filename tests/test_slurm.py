@@ -266,6 +266,7 @@ def test_a_cancelled_task_gives_its_runs_back_and_the_others_finish(slurm, out):
     deadline = time.time() + 180
     while time.time() < deadline and held(store) < 300:  # 300 claims: each task holds its block, task 1 too
         time.sleep(0.2)
+    assert held(store) == 300, 'the three tasks never held a block each at once: nothing was tested'
     subprocess.run(['scancel', f'{job}_1'], env=slurm.env, check=True)
     tasks = slurm.wait(job)
     assert tasks['1'][0] == 'CANCELLED' and tasks['0'][0] == tasks['2'][0] == 'COMPLETED', tasks
