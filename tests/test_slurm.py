@@ -263,10 +263,11 @@ def test_a_cancelled_task_gives_its_runs_back_and_the_others_finish(slurm, out):
     store = os.path.join(out, 'digits')
     job = slurm.sbatch(*CPU, '--array=0-2', f'--output={out}/task-%a.out', 'slurm.sbatch', *DIGITS,
                        '--runs', '150', '--out', store)  # three blocks of 100 for three tasks
-    deadline = time.time() + 180
-    while time.time() < deadline and held(store) < 300:  # 300 claims: each task holds its block, task 1 too
+    deadline, claimed = time.time() + 180, 0
+    while time.time() < deadline and claimed < 300:  # 300 claims: each task holds its block, task 1 too
         time.sleep(0.2)
-    assert held(store) == 300, 'the three tasks never held a block each at once: nothing was tested'
+        claimed = held(store)
+    assert claimed == 300, 'the three tasks never held a block each at once: nothing was tested'
     subprocess.run(['scancel', f'{job}_1'], env=slurm.env, check=True)
     tasks = slurm.wait(job)
     assert tasks['1'][0] == 'CANCELLED' and tasks['0'][0] == tasks['2'][0] == 'COMPLETED', tasks
