@@ -34,8 +34,7 @@ MAX_SEED = 2 ** 62     # seeds go to numpy and torch generators: keep seed_base 
 COST_STEPS = 3         # training steps timed before the first full-size run on a CPU
 COST_NOTE_S = 600.0    # say the cost when the runs to do would take longer than this on the CPU (seconds)
 LONG_RUN_S = 60.0      # a block of runs longer than this moves the progress bar step by step
-# seconds between progress lines when stderr is a file (a Slurm log) rather than a terminal
-PROGRESS_S = float(os.environ.get('EXPERIMENT_PROGRESS_S', 60))
+PROGRESS_S = float(os.environ.get('EXPERIMENT_PROGRESS_S', '60'))  # seconds between progress lines in a log
 SAME_SIGNAL_S = 1.0    # a second signal this soon after the first is the same request delivered twice (Slurm
                        # signals every process of a job, and a multi-GPU parent forwards what it gets)
 
