@@ -360,16 +360,19 @@ def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=T
     def finished():
         return sum(store.counts(runs).values()) + sum(r < runs for _, r in store.failed())
 
-    def unclaimed():
-        failed = store.failed()
-        for arm, run in todo:
-            if os.path.exists(store.run_file(arm, run)) or (arm, run) in failed or not store.claim(arm, run):
-                continue
-            # finished by another worker between the look and the claim: nothing to do
-            if os.path.exists(store.run_file(arm, run)) or os.path.exists(store.failure_file(arm, run)):
-                store.release(arm, run)
-                continue
-            yield arm, run
+    def unclaimed():  # pass after pass, until one finds nothing: runs another worker gave back are redone
+        found = True
+        while found:
+            found, failed = False, store.failed()
+            for arm, run in todo:
+                if os.path.exists(store.run_file(arm, run)) or (arm, run) in failed or not store.claim(arm, run):
+                    continue
+                # finished by another worker between the look and the claim: nothing to do
+                if os.path.exists(store.run_file(arm, run)) or os.path.exists(store.failure_file(arm, run)):
+                    store.release(arm, run)
+                    continue
+                found = True
+                yield arm, run
 
     def claim_block():  # what is claimed is in `mine` at once, whatever stops the claiming
         held.clear()

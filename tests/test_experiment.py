@@ -360,3 +360,22 @@ def test_a_multi_gpu_parent_passes_a_signal_on_to_its_workers(tmp_path):
     assert parent.wait(timeout=30) == 128 + signal.SIGTERM
     got = [(tmp_path / n).read_text() for n in os.listdir(tmp_path) if n.startswith('got-')]
     assert got == [str(int(signal.SIGTERM))] * 2
+
+
+def test_a_run_given_back_by_another_worker_is_redone_by_a_worker_already_past_it(tmp_path):
+    labels = torch.arange(40) % 10
+    settings = dict(trainer='toy', hyp={}, held_out={'random': [0, 1]}, n_train=40, data_fingerprint='toy',
+                    seed_base=0, arms=list(experiment.ARMS))
+    store = Store.create(tmp_path, settings, labels.numpy())
+    other = Store(tmp_path)
+    assert other.claim('with', 0)  # another worker's run in progress: this worker's first pass skips it
+
+    def train(images, labels, keep, seed, device):
+        other.release('with', 0)  # ... and the other worker, stopped, gives it back meanwhile
+        return None
+
+    def infer(net, images):
+        return torch.zeros(len(images), 10)
+    images = torch.zeros(40, 1)
+    experiment.work(store, 2, train, infer, {}, (images, labels), (images[:10], labels[:10]), torch.device('cpu'))
+    assert store.stored('with') == store.stored('without') == [0, 1]
