@@ -5,7 +5,7 @@ The cluster is the test's own: Debian's slurmctld, slurmd and munged with a slur
 2 CPUs, every file under a temporary folder, the daemons stopped by their pids at the end. Needs root
 (slurmd runs jobs as their user) and the packages slurmctld slurmd slurm-client munge; .ci/run
 installs them. Without them the tests are skipped, except under CI (the CI variable set), where they
-fail. About 3 minutes on 2 shared cores.
+fail. 3.5 to 4.5 minutes on 2 cores shared with other work.
 """
 import collections
 import glob
