@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = 'slurmctld slurmd slurm-client munge'
 DAEMONS = ('munged', 'slurmctld', 'slurmd', 'sbatch', 'scontrol', 'scancel', 'sinfo')
 SBIN = '/usr/local/sbin:/usr/sbin:/sbin'
-# every task: on the CPU (no GPU asked for, one CPU), the worker's progress line every 5 s rather than 60
+# every task on the CPU: no GPU asked for (the script asks for one), one CPU (it asks for 4)
 CPU = ['--gres=none', '--cpus-per-task=1']
 DIGITS = ['trainer_digits.py', '--smoke', '--device', 'cpu']  # 100 models a block: seconds each
 ENDED = {'COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'PREEMPTED', 'BOOT_FAIL',
@@ -45,7 +45,7 @@ class Cluster:
         self.root = tempfile.mkdtemp(prefix='slurm-test-')  # not under pytest's 0700 folder: munged must reach it
         os.chmod(self.root, 0o755)
         self.conf = os.path.join(self.root, 'slurm.conf')
-        self.env = {**os.environ, 'SLURM_CONF': self.conf, 'EXPERIMENT_PROGRESS_S': '5',
+        self.env = {**os.environ, 'SLURM_CONF': self.conf, 'EXPERIMENT_PROGRESS_S': '5',  # not every minute
                     'PATH': f'{os.path.dirname(sys.executable)}:{os.environ["PATH"]}:{SBIN}'}
         self.pid_files = []
 
@@ -65,8 +65,8 @@ class Cluster:
             if state.stdout.strip() == 'idle':
                 return
             time.sleep(0.5)
-        raise RuntimeError(f'the test Slurm did not come up in 60 s (sinfo: {state.stdout.strip() or state.stderr.strip()}); '
-                           f'logs:\n{self.logs()}')
+        said = state.stdout.strip() or state.stderr.strip()
+        raise RuntimeError(f'the test Slurm did not come up in 60 s (sinfo: {said}); logs:\n{self.logs()}')
 
     def _start_munged(self):
         munge = pwd.getpwnam('munge')
@@ -249,6 +249,7 @@ def test_an_array_of_four_tasks_trains_every_run_once_and_the_report_follows(slu
     assert all(state == 'COMPLETED' for state, _ in tasks.values()), (tasks, logs)
     trained = collections.Counter(m for text in logs.values() for m in RUN_LINE.findall(text))
     assert set(trained.values()) == {1} and len(trained) == 400  # every run once, by whichever task
+    assert not any('\r' in text for text in logs.values())  # lines, no progress-bar frames
     assert sum(bool(RUN_LINE.search(t)) for t in logs.values()) >= 2  # the tasks shared the work
     assert Store(store).stored('with') == Store(store).stored('without') == list(range(200))
     assert leftovers(store) == []
