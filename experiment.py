@@ -310,6 +310,7 @@ def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, h
         return launch(plan['gpus'], out, args.runs)
     import airbench
     try:
+        catch_signals()  # a signal stops the setup at once: nothing is held yet
         import torch
         device = torch.device(args.device or airbench.default_device())
         images, labels, test_images, test_labels = load(args.data_dir)
@@ -327,7 +328,7 @@ def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, h
         settings = dict(trainer=trainer, hyp=hyp, held_out=held_out, n_train=len(labels),
                         data_fingerprint=airbench.fingerprint(images, labels), seed_base=seed_base,
                         arms=arms, versions=_versions())
-        catch_signals()
+        _SIGNALS.abandonable = False  # from here files are written and runs claimed: a signal waits for a check
         store = Store.create(out, settings, labels.numpy())
         work(store, args.runs, train, infer, hyp, (images, labels), (test_images, test_labels), device,
              block=block, progress=not args.worker, steps=n_steps, say_cost=not args.smoke)
@@ -337,9 +338,6 @@ def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, h
     except Stopped as stop:
         print(stop.line(), file=sys.stderr, flush=True)
         return 128 + stop.signum
-    except KeyboardInterrupt:  # before any run was claimed
-        print('stopped by SIGINT before any run was claimed; the same command continues', file=sys.stderr)
-        return 128 + signal.SIGINT
     finally:
         restore_signals()
     return 0
@@ -636,9 +634,11 @@ _SIGNALS = _Signals()
 
 
 def catch_signals():
-    """From here on SIGTERM and SIGINT stop this worker cleanly (see work), until restore_signals()."""
+    """From here on SIGTERM and SIGINT stop this worker cleanly (see work), until restore_signals(); the
+    first raises Stopped at once until the worker holds something (abandonable False)."""
     global _SIGNALS
     _SIGNALS = _Signals()
+    _SIGNALS.abandonable = True
     _SIGNALS.before = {signum: signal.signal(signum, _SIGNALS.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
 
 

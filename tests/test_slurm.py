@@ -286,9 +286,11 @@ def test_a_task_stopped_by_its_time_limit_is_continued_by_resubmitting(slurm, ou
     # the time limits, about 30 s after the start, when a block or two are stored
     first = slurm.sbatch('--time=1', f'--output={out}/first-%a.out', *command)
     tasks = slurm.wait(first)
-    logs = read_logs(f'{out}/first-*.out')
-    assert all(code == '143:0' for _, code in tasks.values()), (tasks, logs)
-    assert all('stopped by SIGTERM' in text for text in logs.values()), logs
+    for task, (_, code) in tasks.items():  # 0:15: the signal came while Python was still importing torch
+        with open(f'{out}/first-{task}.out') as f:
+            said = f.read()
+        assert code in ('143:0', '0:15') and 'Traceback' not in said, (code, said)
+        assert code == '0:15' or 'stopped by SIGTERM' in said, said
     done = len(Store(store).stored('with')) + len(Store(store).stored('without'))
     assert done < 600 and leftovers(store) == []
 
