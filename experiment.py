@@ -5,11 +5,13 @@ before anything is written), the worker loop that fills a run store (store.py; o
 any number of processes on any number of machines sharing one folder), and what a run will cost.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +34,9 @@ MAX_SEED = 2 ** 62     # seeds go to numpy and torch generators: keep seed_base 
 COST_STEPS = 3         # training steps timed before the first full-size run on a CPU
 COST_NOTE_S = 600.0    # say the cost when the runs to do would take longer than this on the CPU (seconds)
 LONG_RUN_S = 60.0      # a block of runs longer than this moves the progress bar step by step
+PROGRESS_S = float(os.environ.get('EXPERIMENT_PROGRESS_S', '60'))  # seconds between progress lines in a log
+SAME_SIGNAL_S = 1.0    # a second signal this soon after the first is the same request delivered twice (Slurm
+                       # signals every process of a job, and a multi-GPU parent forwards what it gets)
 
 
 class UsageError(Exception):
@@ -309,6 +314,7 @@ def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, h
         return launch(plan['gpus'], out, args.runs)
     import airbench
     try:
+        catch_signals()  # a signal stops the setup at once: nothing is held yet
         import torch
         device = torch.device(args.device or airbench.default_device())
         images, labels, test_images, test_labels = load(args.data_dir)
@@ -326,6 +332,7 @@ def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, h
         settings = dict(trainer=trainer, hyp=hyp, held_out=held_out, n_train=len(labels),
                         data_fingerprint=airbench.fingerprint(images, labels), seed_base=seed_base,
                         arms=arms, versions=_versions())
+        _SIGNALS.abandonable = False  # from here files are written and runs claimed: a signal waits for a check
         store = Store.create(out, settings, labels.numpy())
         if args.smoke:
             print('--smoke: a short run of a small net, to check that everything runs; a test_acc near chance '
@@ -335,87 +342,121 @@ def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, h
     except (airbench.DataError, StoreError, UsageError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(stop.line(), file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    finally:
+        restore_signals()
     return 0
 
 
 def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=True, steps=None, say_cost=False):
     """Train every (arm, run) with run < `runs` that no one has stored, failed or claimed, `block` at a time.
     steps: optimizer steps per run (None: unknown); say_cost: time a few steps first and, on a CPU,
-    say what the runs will cost if that is long."""
-    from tqdm import tqdm
+    say what the runs will cost if that is long. progress: a bar on a terminal, else a line now and then.
+    A first SIGTERM or SIGINT (catch_signals) abandons the block in progress, gives its runs back at once
+    and raises Stopped, naming them."""
     images, labels = (t.to(device) for t in data)  # on the device once, not copied again every run
     todo = [(arm, run) for run in range(runs) for arm in store.arms]  # arms interleaved: both grow together
     store.clean_leftovers()
-    mine = set()
+    mine, held = set(), []  # claims to keep fresh; the block claimed now
     threading.Thread(target=_heartbeat, args=(store, mine), daemon=True).start()
 
     def finished():
         return sum(store.counts(runs).values()) + sum(r < runs for _, r in store.failed())
 
-    def unclaimed():
-        failed = store.failed()
-        for arm, run in todo:
-            if os.path.exists(store.run_file(arm, run)) or (arm, run) in failed or not store.claim(arm, run):
-                continue
-            # finished by another worker between the look and the claim: nothing to do
-            if os.path.exists(store.run_file(arm, run)) or os.path.exists(store.failure_file(arm, run)):
-                store.release(arm, run)
-                continue
-            yield arm, run
+    def unclaimed():  # pass after pass, until one finds nothing: runs another worker gave back are redone
+        found = True
+        while found:
+            found, failed = False, store.failed()
+            for arm, run in todo:
+                if os.path.exists(store.run_file(arm, run)) or (arm, run) in failed or not store.claim(arm, run):
+                    continue
+                # finished by another worker between the look and the claim: nothing to do
+                if os.path.exists(store.run_file(arm, run)) or os.path.exists(store.failure_file(arm, run)):
+                    store.release(arm, run)
+                    continue
+                found = True
+                yield arm, run
+
+    def claim_block():  # what is claimed is in `mine` at once, whatever stops the claiming
+        held.clear()
+        for job in claims:
+            held.append(job)
+            mine.add(job)
+            if len(held) == block:
+                break
+        return list(held)
+
+    def give_back(jobs):
+        for job in jobs:
+            store.release(*job)
+            mine.discard(job)
 
     block_s = None  # seconds per block of runs, once known
     if say_cost and device.type == 'cpu' and steps and finished() < len(todo):
-        block_s = cost_of_runs(train, images, labels, hyp, device, block, steps,
-                               len(images) + len(test[0]), len(todo) - finished())
-    bar = tqdm(total=len(todo), initial=finished(), unit='run', disable=not progress, dynamic_ncols=True)
-    log = bar.write if progress else lambda line: print(line, flush=True)
+        with abandonable():
+            block_s = cost_of_runs(train, images, labels, hyp, device, block, steps,
+                                   len(images) + len(test[0]), len(todo) - finished())
+    shown = Progress(len(todo), finished(), progress)
     seconds = []  # per finished run, this worker
     claims = unclaimed()
     try:  # the bar ends its line before any error message
-        while jobs := [job for _, job in zip(range(block), claims)]:
-            mine.update(jobs)
-            long = progress and steps and block_s and block_s > LONG_RUN_S
-            within = _move_bar_per_step(bar, len(jobs), steps) if long else None
+        while jobs := claim_block():
+            _SIGNALS.check()
+            long = shown.bar is not None and steps and block_s and block_s > LONG_RUN_S
+            within = _move_bar_per_step(shown.bar, len(jobs), steps) if long else None
             start = time.perf_counter()
             try:
-                seconds += train_block(store, jobs, train, infer, hyp, (images, labels), test, device, log,
+                seconds += train_block(store, jobs, train, infer, hyp, (images, labels), test, device, shown.write,
                                        blocked=block > 1)
             finally:
                 if within is not None:
                     within.remove()
-                for job in jobs:
-                    store.release(*job)
-                    mine.discard(job)
+                give_back(jobs)
             block_s = time.perf_counter() - start
-            bar.update(finished() - bar.n)
+            shown.update(finished())
+            _SIGNALS.check()
+    except Stopped as stop:
+        give_back(list(mine))
+        stop.given = [job for job in held if not os.path.exists(store.run_file(*job))
+                      and not os.path.exists(store.failure_file(*job))]
+        raise
     finally:
-        bar.close()
+        shown.close()
     store.clean_leftovers()  # claims of workers that died after finishing their runs
+    print(summary(store, runs, seconds), flush=True)
+
+
+def summary(store, runs, seconds):
+    """The last line of a worker: the store's runs per arm, failures, and this worker's runs."""
     counts = store.counts(runs)
     failed = sum(r < runs for _, r in store.failed())
-    summary = f'{store.path}: ' + ', '.join(f'{counts[a]}/{runs} runs {a}' for a in store.arms)
+    line = f'{store.path}: ' + ', '.join(f'{counts[a]}/{runs} runs {a}' for a in store.arms)
     if failed:
-        summary += f', {failed} failed (see failed/)'
+        line += f', {failed} failed (see failed/)'
     if seconds:
-        summary += f'; this worker: {len(seconds)} runs, {np.mean(seconds):.2f} s/run'
-    print(summary, flush=True)
+        line += f'; this worker: {len(seconds)} runs, {np.mean(seconds):.2f} s/run'
+    return line
 
 
 def train_block(store, jobs, train, infer, hyp, data, test, device, log, blocked):
     """Train the runs `jobs` [(arm, run)] together, store each (or record that it failed) and log one
-    line per run. blocked: train takes lists of keeps and seeds (else one run). -> seconds per stored run."""
+    line per run. blocked: train takes lists of keeps and seeds (else one run). -> seconds per stored run.
+    Training may be abandoned by a signal (Stopped); storing is not: no half-written file is left."""
     import torch
     images, labels = data
     seeds = [seed_for(run, store.settings['seed_base']) for _, run in jobs]
     keeps = [keep_for(arm, seed, len(labels), store.settings['held_out']) for (arm, _), seed in zip(jobs, seeds)]
     start = time.perf_counter()
     try:
-        if blocked:
-            net = train(images, labels, keep=keeps, seed=seeds, device=device, **hyp)
-            logits, test_logits = infer(net, images), infer(net, test[0])
-        else:
-            net = train(images, labels, keep=keeps[0], seed=seeds[0], device=device, **hyp)
-            logits, test_logits = infer(net, images)[None], infer(net, test[0])[None]
+        with abandonable():
+            if blocked:
+                net = train(images, labels, keep=keeps, seed=seeds, device=device, **hyp)
+                logits, test_logits = infer(net, images), infer(net, test[0])
+            else:
+                net = train(images, labels, keep=keeps[0], seed=seeds[0], device=device, **hyp)
+                logits, test_logits = infer(net, images)[None], infer(net, test[0])[None]
     except _diverged() as e:
         for (arm, run), seed in zip(jobs, seeds):
             if store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname()):
@@ -522,22 +563,163 @@ def _move_bar_per_step(bar, share, steps):
 
 
 def launch(gpus, out, runs):
-    """One worker process per GPU on the same store; the parent shows the overall progress."""
-    from tqdm import tqdm
+    """One worker process per GPU on the same store; the parent shows the overall progress and passes
+    SIGTERM and SIGINT on to the workers (a second one: they end at once, and so does the parent)."""
     procs = [subprocess.Popen([sys.executable, sys.argv[0], *sys.argv[1:], '--worker', '--device', f'cuda:{g}'])
              for g in gpus]
-    bar = tqdm(unit='run', dynamic_ncols=True)
+    got = []  # (signal, time) received
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+        got.append((signum, time.monotonic()))
+        if len(got) > 1 and got[-1][1] - got[0][1] > SAME_SIGNAL_S:
+            os._exit(128 + signum)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    shown = None
     while any(p.poll() is None for p in procs):
-        time.sleep(5)
+        time.sleep(0.5 if got else 5)
         try:
             store = Store(out)
         except StoreError:
             continue  # not made yet
-        bar.total = runs * len(store.arms)
-        bar.update(sum(store.counts(runs).values()) - bar.n)
-    bar.close()
+        shown = shown or Progress(runs * len(store.arms), sum(store.counts(runs).values()))
+        shown.update(sum(store.counts(runs).values()))
+    if shown is not None:
+        shown.close()
     codes = [p.wait() for p in procs]
-    return max(codes)
+    return 128 + got[0][0] if got else max(codes)
+
+
+############################################
+#     Signals, and progress for a person   #
+############################################
+
+class Stopped(BaseException):
+    """A worker stopped by SIGTERM or SIGINT; .given: the runs it gave back [(arm, run)]. A BaseException,
+    so that no trainer's `except Exception` takes it for a failed run."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum, self.given = signum, []
+
+    def line(self):
+        name = signal.Signals(self.signum).name
+        if not self.given:
+            return f'stopped by {name}: no run was in progress; the same command continues'
+        runs = '; '.join(f'{arm} {_ranges([r for a, r in self.given if a == arm])}'
+                         for arm in dict.fromkeys(a for a, _ in self.given))
+        return (f'stopped by {name}: gave back {len(self.given)} run(s) in progress for any worker to redo at '
+                f'once ({runs}); the same command continues')
+
+
+class _Signals:
+    """The first SIGTERM or SIGINT raises Stopped at once where work may be dropped (training: see
+    abandonable) and at the next check elsewhere (claiming, storing); a second ends the process at once."""
+
+    def __init__(self):
+        self.first = None        # (signal, time) of the first
+        self.abandonable = False
+
+    def handle(self, signum, frame):
+        now = time.monotonic()
+        if self.first is not None:
+            if now - self.first[1] > SAME_SIGNAL_S:
+                os._exit(128 + signum)  # its claims go stale and are taken over (CLAIM_TIMEOUT)
+            return
+        self.first = (signum, now)
+        if self.abandonable:
+            raise Stopped(signum)
+
+    def check(self):
+        if self.first is not None:
+            raise Stopped(self.first[0])
+
+
+_SIGNALS = _Signals()
+
+
+def catch_signals():
+    """From here on SIGTERM and SIGINT stop this worker cleanly (see work), until restore_signals(); the
+    first raises Stopped at once until the worker holds something (abandonable False)."""
+    global _SIGNALS
+    _SIGNALS = _Signals()
+    _SIGNALS.abandonable = True
+    _SIGNALS.before = {signum: signal.signal(signum, _SIGNALS.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+
+def restore_signals():
+    for signum, handler in getattr(_SIGNALS, 'before', {}).items():
+        signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def abandonable():
+    """Within, a first signal raises Stopped at once: for training, which leaves nothing half-done."""
+    before, _SIGNALS.abandonable = _SIGNALS.abandonable, True
+    try:
+        _SIGNALS.check()
+        yield
+    finally:
+        _SIGNALS.abandonable = before
+
+
+def _ranges(runs):
+    """[0, 1, 2, 5] -> 'runs 0-2, 5'."""
+    runs, parts = sorted(runs), []
+    for r in runs:
+        if parts and parts[-1][1] == r - 1:
+            parts[-1][1] = r
+        else:
+            parts.append([r, r])
+    return ('run ' if len(runs) == 1 else 'runs ') + ', '.join(f'{a}' if a == b else f'{a}-{b}' for a, b in parts)
+
+
+class Progress:
+    """The progress of a store's runs, for a person: a tqdm bar on a terminal; when stderr is a file (a
+    Slurm log) a line at most every PROGRESS_S seconds, as a block finishes (done/total, runs per hour
+    over this process's time, ETA). show=False: neither (a multi-GPU parent shows it)."""
+
+    def __init__(self, total, done, show=True, every=None):
+        from tqdm import tqdm
+        terminal = show and on_terminal()
+        self.bar = tqdm(total=total, initial=done, unit='run', dynamic_ncols=True) if terminal else None
+        self.total, self.first, self.lines = total, done, show and not terminal
+        self.every = PROGRESS_S if every is None else every
+        self.start = self.last = time.monotonic()
+
+    def write(self, line):
+        """One line of the log, above the bar if there is one."""
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def update(self, done):
+        now = time.monotonic()
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+        elif self.lines and now - self.last >= self.every:
+            self.last = now
+            print(progress_line(done, self.total, done - self.first, now - self.start), file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def on_terminal():
+    return sys.stderr.isatty()
+
+
+def progress_line(done, total, new, seconds):
+    """'14:02:11  250/400 runs (62%), 1,200 runs/h, ETA 8 min': `new` runs finished in `seconds`."""
+    rate = new / seconds * 3600 if seconds > 0 else 0.0
+    left = (total - done) / rate * 3600 if rate > 0 else 0.0
+    eta = f', ETA {_duration(left) if left >= 60 else "under a minute"}' if left > 0 else ''
+    return f'{time.strftime("%H:%M:%S")}  {done}/{total} runs ({done / max(total, 1):.0%}), {rate:,.0f} runs/h{eta}'
 
 
 def _heartbeat(store, mine):

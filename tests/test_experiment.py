@@ -1,6 +1,7 @@
 """The experiment harness: arms, pairing, the store, killed and parallel workers (CPU, --smoke scale)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -268,3 +269,113 @@ def test_scan_run_trained_on_another_half_than_its_seed_draws_is_left_out(tmp_pa
     (tmp_path / 'packed' / 'scan.json').unlink()  # force a repack that reads the run files again
     logits, run_info = store.load('scan')
     assert len(run_info['run']) == 0 and 'trained on other examples' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_a_signalled_worker_gives_its_runs_back_at_once_and_names_them(tmp_path, signum):
+    out = tmp_path / 'store'
+    proc = spawn_digits(out, 60)  # 120 runs: a block of 100, then one of 20
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            (out / 'settings.json').exists() and Store(out).in_progress() > 0):
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + signum, output
+    said = [line for line in output.splitlines() if line.startswith('stopped by')]
+    assert said and 'Traceback' not in output, output
+    store = Store(out)
+    assert store.in_progress() == 0 and os.listdir(out / 'claims') == []  # nothing waits for a timeout
+    named = {arm: parts for arm, parts in re.findall(r'(with|without) runs? ([\d, -]+)', said[0])}
+    for arm in experiment.ARMS:  # the line names exactly the runs of its block that are not stored
+        runs = [r for part in named[arm].split(', ') for r in _span(part)]
+        assert runs and sorted(runs + store.stored(arm)) in (list(range(50)), list(range(60)))
+
+
+def _span(text):
+    first, _, last = text.partition('-')
+    return list(range(int(first), int(last or first) + 1))
+
+
+def test_a_second_signal_ends_the_worker_at_once_and_a_repeat_of_the_first_is_one(monkeypatch):
+    exits, now = [], [100.0]
+    monkeypatch.setattr(experiment.os, '_exit', exits.append)
+    monkeypatch.setattr(experiment.time, 'monotonic', lambda: now[0])
+    signals = experiment._Signals()
+    signals.handle(signal.SIGTERM, None)  # while storing: noted, acted on at the next check
+    now[0] += experiment.SAME_SIGNAL_S / 2
+    signals.handle(signal.SIGTERM, None)  # the same request again (Slurm signals every process of the job)
+    assert exits == []
+    with pytest.raises(experiment.Stopped):
+        signals.check()
+    now[0] += experiment.SAME_SIGNAL_S
+    signals.handle(signal.SIGINT, None)
+    assert exits == [128 + signal.SIGINT]
+
+    signals = experiment._Signals()
+    signals.abandonable = True  # while training: stopped at once
+    with pytest.raises(experiment.Stopped):
+        signals.handle(signal.SIGTERM, None)
+
+
+def test_a_log_has_a_line_per_run_and_progress_lines_but_no_bar_frames(tmp_path):
+    env = {**os.environ, 'EXPERIMENT_PROGRESS_S': '0'}  # a progress line after every block
+    done = subprocess.run([sys.executable, os.path.join(ROOT, 'trainer_digits.py'), '--smoke', '--runs', '60',
+                           '--out', str(tmp_path), '--device', 'cpu'], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert '\r' not in done.stdout + done.stderr
+    assert len(re.findall(r'^(?:with|without) +run +\d+ +seed', done.stdout, re.M)) == 120
+    progress = re.findall(r'^\d\d:\d\d:\d\d  (\d+)/120 runs \(\d+%\), [\d,]+ runs/h', done.stderr, re.M)
+    assert progress == ['100', '120']  # blocks of 100 and 20
+
+
+def test_a_progress_line_comes_at_most_once_per_interval(monkeypatch, capsys):
+    now = [0.0]
+    monkeypatch.setattr(experiment.time, 'monotonic', lambda: now[0])
+    monkeypatch.setattr(experiment, 'on_terminal', lambda: False)
+    shown = experiment.Progress(total=400, done=100, every=60)
+    for done in (150, 200, 250):
+        now[0] += 25
+        shown.update(done)
+    lines = capsys.readouterr().err.splitlines()  # one line, at 50 s then 75 s: the one at 75 s
+    assert len(lines) == 1 and lines[0].endswith('250/400 runs (62%), 7,200 runs/h, ETA 1 min')
+
+
+def test_a_multi_gpu_parent_passes_a_signal_on_to_its_workers(tmp_path):
+    worker = tmp_path / 'worker.py'  # stands for a trainer's --worker: says it is up, then what it got
+    worker.write_text('import os, signal, sys, time\n'
+                      'def stop(signum, frame):\n'
+                      '    open(os.path.join(sys.argv[1], f"got-{os.getpid()}"), "w").write(str(signum))\n'
+                      '    sys.exit(128 + signum)\n'
+                      'signal.signal(signal.SIGTERM, stop)\n'
+                      'open(os.path.join(sys.argv[1], f"up-{os.getpid()}"), "w").close()\n'
+                      'time.sleep(60)\n')
+    parent = subprocess.Popen([sys.executable, '-c', 'import sys, experiment; sys.argv = sys.argv[1:]; '
+                               'sys.exit(experiment.launch([0, 1], sys.argv[1] + "/store", 5))', str(worker),
+                               str(tmp_path)], cwd=ROOT)
+    deadline = time.time() + 60
+    while len([n for n in os.listdir(tmp_path) if n.startswith('up-')]) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    got = [(tmp_path / n).read_text() for n in os.listdir(tmp_path) if n.startswith('got-')]
+    assert got == [str(int(signal.SIGTERM))] * 2
+
+
+def test_a_run_given_back_by_another_worker_is_redone_by_a_worker_already_past_it(tmp_path):
+    labels = torch.arange(40) % 10
+    settings = dict(trainer='toy', hyp={}, held_out={'random': [0, 1]}, n_train=40, data_fingerprint='toy',
+                    seed_base=0, arms=list(experiment.ARMS))
+    store = Store.create(tmp_path, settings, labels.numpy())
+    other = Store(tmp_path)
+    assert other.claim('with', 0)  # another worker's run in progress: this worker's first pass skips it
+
+    def train(images, labels, keep, seed, device):
+        other.release('with', 0)  # ... and the other worker, stopped, gives it back meanwhile
+        return None
+
+    def infer(net, images):
+        return torch.zeros(len(images), 10)
+    images = torch.zeros(40, 1)
+    experiment.work(store, 2, train, infer, {}, (images, labels), (images[:10], labels[:10]), torch.device('cpu'))
+    assert store.stored('with') == store.stored('without') == [0, 1]

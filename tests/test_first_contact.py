@@ -82,6 +82,7 @@ def test_the_bar_moves_within_a_long_run_step_by_step(capsys):
 
 def test_a_long_run_moves_the_bar_within_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, 'LONG_RUN_S', 0.0)  # every block counts as long, once one has been timed
+    monkeypatch.setattr(experiment, 'on_terminal', lambda: True)  # the bar is shown on a terminal only
     seen, real = [], experiment._move_bar_per_step
 
     def watched(bar, share, steps):  # record the bar after every step of the blocks that move it
