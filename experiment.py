@@ -1,8 +1,35 @@
-"""experiment.py: the with/without experiment harness shared by the trainer scripts.
+"""experiment.py: the harness every trainer script runs: `raise SystemExit(experiment.main(module))`.
 
-What lives here: the held-out examples, the command line common to every trainer (checked in full
-before anything is written), the worker loop that fills a run store (store.py; one process per GPU,
-any number of processes on any number of machines sharing one folder), and what a run will cost.
+What lives here: the command line common to every trainer (checked in full before anything is
+written), CIFAR-10's held-out examples, the worker loop that fills a run store (store.py; one process per
+GPU, any number of processes on any number of machines sharing one folder), and what a run will cost.
+
+A trainer is a module that defines these names (docs/trainers.md has a worked example):
+
+    NAME       str: the store folder runs/NAME (with -scan, -factorial, -smoke, overrides) and the
+               trainer's name in the store's settings
+    hyp        dict: the hyperparameters, JSON values; --hyp KEY=VALUE overrides any of them, keeping
+               the type of the default
+    train(images, labels, *, keep, seed, device, **hyp) -> net
+               one run: keep None (every example) or the indices of the examples the run may see, seed an
+               int that fixes init, data order and augmentation; raises airbench.Diverged if it diverges
+               (recorded in failed/, not retried). With BLOCK > 1, keep and seed are lists of BLOCK
+               entries, one per model trained at once
+    infer(net, images) -> logits, (N, 10) float, no augmentation; (BLOCK, N, 10) with BLOCK > 1
+  and may define (default in brackets):
+    SMOKE      dict: the values of hyp that --smoke replaces, keys of hyp [{}]
+    make_hyp(**hyp) -> dict: the trainer's own check of a full set of hyperparameters (a choice among
+               names, a range), raising TypeError or ValueError; called on the command line's values
+               before anything is written [no check beyond --hyp's types]
+    load(data_dir) -> (train images, train labels, test images, test labels): tensors, labels int64
+               [load_cifar10: CIFAR-10 from --data-dir]
+    DATA_DIR   bool: whether load reads --data-dir; False: the option is not offered, load gets None [True]
+    HELD_OUT   {group: [training indices]}, each index once [HELD_OUT below: CIFAR-10's]
+    BLOCK      int >= 1: models that train trains at once [1]
+    RUNS       int >= 1: the default of --runs [1000]
+    steps(hyp, n_train) -> int: optimizer steps of one run, for the cost note and the progress bar
+               [default_steps: ceil(epochs x (n_train // batch_size))]
+    __doc__    the top of --help: what the trainer does and how to run it
 """
 import argparse
 import json
@@ -15,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -53,9 +81,9 @@ def parse_args(trainer, doc, argv=None, runs=1000, hyp=None, smoke=None, data_di
     hyp, smoke = hyp or {}, smoke or {}
     p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--runs', type=int, default=runs, help=f'runs per arm (default {runs}); rerun with more to extend')
-    p.add_argument('--out', help=f'store folder (default runs/{trainer}, runs/{trainer}-scan with --scan, runs/{trainer}-factorial '
-                                 'with --design factorial, '
-                                 '-smoke appended with --smoke)')
+    p.add_argument('--out', help=f'store folder (default runs/{trainer}, then -scan with --scan or -factorial with '
+                                 '--design factorial, then -smoke with --smoke, then each --hyp override: e.g. '
+                                 f'runs/{trainer}-factorial-smoke-epochs=2)')
     if data_dir:
         p.add_argument('--data-dir', default='data', help='folder with CIFAR-10 (downloaded there if absent)')
     else:
@@ -122,6 +150,15 @@ def check_command(args, hyp, smoke=None, check=None):
     held_out = read_held_out(args.held_out) if args.held_out is not None else None
     device = check_device(args.device)
     return dict(overrides=overrides, held_out=held_out, gpus=check_gpus(args.gpus, device, args.worker))
+
+
+def override(hyp, overrides):
+    """Where every trainer's make_hyp starts: `hyp` with `overrides` applied -> a new dict; a name that is
+    not in `hyp` is a TypeError naming the known ones."""
+    unknown = set(overrides) - set(hyp)
+    if unknown:
+        raise TypeError(f'unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(hyp)}')
+    return {**hyp, **overrides}
 
 
 def parse_hyp(texts, hyp, smoke=None):
@@ -275,30 +312,53 @@ def load_cifar10(data_dir):
     return (*airbench.load_cifar10(data_dir), *airbench.load_cifar10(data_dir, train=False))
 
 
-def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, held_out=HELD_OUT, block=1,
-         runs=1000, check=None, steps=None, data_dir=True):
-    """Run the with/without experiment (or a scan, or the factorial design) for one trainer; returns the
-    process exit code. Every argument is checked before anything is written.
+# The optional names of a trainer module, at the value the harness takes when the module leaves one out.
+OPTIONAL = dict(SMOKE={}, make_hyp=None, load=load_cifar10, DATA_DIR=True, HELD_OUT=HELD_OUT, BLOCK=1, RUNS=1000,
+                steps=default_steps)
 
-    train(images, labels, keep=, seed=, device=, **hyp) -> net and infer(net, images) -> (N, 10) logits;
-    with block > 1, train takes lists of `block` keeps and seeds and infer returns (block, N, 10):
-    the trainer trains that many models at once. runs: the default of --runs. check(**hyp): the
-    trainer's own check of a full set of hyperparameters (e.g. a choice among names), raising
-    ValueError or TypeError. steps(hyp, n_train): optimizer steps of one run (default_steps if None),
-    for the cost of a full-size run on a CPU and the progress within long runs. data_dir: whether `load`
-    reads the folder of --data-dir (False: the data ship with a package; load gets None, --data-dir is
-    not offered).
-    """
+
+def read_trainer(module):
+    """The trainer protocol's names from `module` (a trainer script's module, or any object with those
+    attributes), the optional ones at their defaults -> SimpleNamespace. A missing or mistyped name is a
+    TypeError naming it: a mistake in the trainer's code, not in the command line."""
+    where = getattr(module, '__name__', type(module).__name__)
+    missing = [name for name in ('NAME', 'hyp', 'train', 'infer') if not hasattr(module, name)]
+    if missing:
+        raise TypeError(f'{where} defines no {", ".join(missing)}: a trainer module defines NAME, hyp, train '
+                        'and infer (docs/trainers.md)')
+    t = SimpleNamespace(NAME=module.NAME, hyp=module.hyp, train=module.train, infer=module.infer,
+                        doc=module.__doc__ or '', **{k: getattr(module, k, v) for k, v in OPTIONAL.items()})
+    wrong = [f'{name} is {value!r}, expected {kind}' for name, value, ok, kind in [
+        ('NAME', t.NAME, isinstance(t.NAME, str) and re.fullmatch(r'[\w.=-]+', t.NAME), 'a folder name'),
+        ('hyp', t.hyp, isinstance(t.hyp, dict), 'a dict'),
+        ('SMOKE', t.SMOKE, isinstance(t.SMOKE, dict) and set(t.SMOKE) <= set(t.hyp), 'a dict of keys of hyp'),
+        ('BLOCK', t.BLOCK, _is_number(t.BLOCK) and t.BLOCK == int(t.BLOCK) >= 1, 'an integer >= 1'),
+        ('RUNS', t.RUNS, _is_number(t.RUNS) and t.RUNS == int(t.RUNS) >= 1, 'an integer >= 1'),
+        ('DATA_DIR', t.DATA_DIR, isinstance(t.DATA_DIR, bool), 'True or False')] if not ok]
+    wrong += [f'{name} is not a function' for name in ('train', 'infer', 'load', 'steps')
+              if not callable(getattr(t, name))]
+    if t.make_hyp is not None and not callable(t.make_hyp):
+        wrong.append('make_hyp is not a function')
+    if wrong:
+        raise TypeError(f'{where}: {"; ".join(wrong)} (docs/trainers.md)')
+    return t
+
+
+def main(trainer, argv=None):
+    """Run the with/without experiment (or a scan, or the factorial design) for one trainer module (the
+    names it defines: the top of this file); returns the process exit code. Every argument is checked
+    before anything is written."""
+    t = read_trainer(trainer)
     try:
-        args = parse_args(trainer, doc, argv, runs, hyp, smoke, data_dir)
-        plan = check_command(args, hyp, smoke, check)
+        args = parse_args(t.NAME, t.doc, argv, t.RUNS, t.hyp, t.SMOKE, t.DATA_DIR)
+        plan = check_command(args, t.hyp, t.SMOKE, t.make_hyp)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    hyp = {**hyp, **(smoke if args.smoke else {}), **plan['overrides']}
+    hyp = {**t.hyp, **(t.SMOKE if args.smoke else {}), **plan['overrides']}
     design = 'scan' if args.scan else args.design
     arms = {'scan': ['scan'], 'factorial': list(FACTORIAL_ARMS), 'with-without': list(ARMS)}[design]
-    name = trainer + ('' if design == 'with-without' else f'-{design}') + ('-smoke' if args.smoke else '')
+    name = t.NAME + ('' if design == 'with-without' else f'-{design}') + ('-smoke' if args.smoke else '')
     out = args.out or os.path.join('runs', '-'.join([name, *args.hyp]))
     seed_base = args.seed_base if args.seed_base is not None else SCAN_SEED_BASE if args.scan else 0
     if len(plan['gpus']) > 1:
@@ -307,24 +367,24 @@ def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, h
     try:
         import torch
         device = torch.device(args.device or airbench.default_device())
-        images, labels, test_images, test_labels = load(args.data_dir)
+        images, labels, test_images, test_labels = t.load(args.data_dir)
         where = f'--held-out {args.held_out}' if args.held_out else 'the held-out set'
-        held_out = plan['held_out'] or check_held_out(held_out, where)
+        held_out = plan['held_out'] or check_held_out(t.HELD_OUT, where)
         bad = [i for g in held_out.values() for i in g if i >= len(labels)]
         if bad:
             raise UsageError(f'{where}: indices {bad} are outside the {len(labels)} training examples (0 to '
                              f'{len(labels) - 1})')
-        n_steps = (steps or default_steps)(hyp, len(labels))
+        n_steps = t.steps(hyp, len(labels))
         if n_steps is not None and n_steps < 1:
             raise UsageError(f'--hyp {" ".join(args.hyp) or "(defaults)"}: a run would take {n_steps} optimizer '
                              f'steps ({len(labels)} examples, batch_size {hyp["batch_size"]}, epochs {hyp["epochs"]}); '
                              'expected at least 1: raise epochs or lower batch_size')
-        settings = dict(trainer=trainer, hyp=hyp, held_out=held_out, n_train=len(labels),
+        settings = dict(trainer=t.NAME, hyp=hyp, held_out=held_out, n_train=len(labels),
                         data_fingerprint=airbench.fingerprint(images, labels), seed_base=seed_base,
                         arms=arms, versions=_versions())
         store = Store.create(out, settings, labels.numpy())
-        work(store, args.runs, train, infer, hyp, (images, labels), (test_images, test_labels), device,
-             block=block, progress=not args.worker, steps=n_steps, say_cost=not args.smoke)
+        work(store, args.runs, t.train, t.infer, hyp, (images, labels), (test_images, test_labels), device,
+             block=t.BLOCK, progress=not args.worker, steps=n_steps, say_cost=not args.smoke)
     except (airbench.DataError, StoreError, UsageError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

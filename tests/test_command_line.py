@@ -79,10 +79,8 @@ def test_bad_command_line_is_refused_in_one_line_and_writes_nothing(args, messag
     monkeypatch.chdir(tmp_path)
     args = [a.format(inputs=inputs) for a in args]
     before = sorted(os.listdir(inputs))
-    code = experiment.main('digits', trainer_digits.hyp, trainer_digits.SMOKE, trainer_digits.train,
-                           trainer_digits.infer, '', ['--smoke', '--runs', '2', *args] if '--runs' not in args else
-                           ['--smoke', *args], load=trainer_digits.load, held_out=trainer_digits.HELD_OUT,
-                           block=trainer_digits.BLOCK, check=trainer_digits.make_hyp)
+    code = experiment.main(trainer_digits, ['--smoke', '--runs', '2', *args] if '--runs' not in args else
+                           ['--smoke', *args])
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], err
@@ -127,3 +125,12 @@ def test_madry_refuses_a_peak_after_the_last_epoch_before_writing(tmp_path):
                              '--device', 'cpu'], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and 'lr_peak_epoch=5 must lie in [0, epochs=4)' in result.stderr, result.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_a_trainer_module_missing_or_mistyping_a_name_is_refused_naming_it():
+    import types
+    with pytest.raises(TypeError, match='defines no infer: a trainer module defines NAME, hyp, train and infer'):
+        experiment.main(types.SimpleNamespace(NAME='x', hyp={}, train=print), [])
+    broken = types.SimpleNamespace(NAME='x', hyp={'lr': 1.0}, train=print, infer=print, SMOKE={'epochs': 1}, BLOCK=0)
+    with pytest.raises(TypeError, match=r"SMOKE is \{'epochs': 1\}, expected a dict of keys of hyp; BLOCK is 0"):
+        experiment.main(broken, [])

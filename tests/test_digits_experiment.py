@@ -1,5 +1,7 @@
 """The real property CI checks: on real digits, adding an atypical training digit makes the retrained net
 far more confident on it, and the same removal moves similar digits that stay in training only a little."""
+import json
+
 import experiment
 import trainer_digits
 import viz
@@ -20,11 +22,12 @@ def test_an_atypical_digit_gains_confidence_when_added_beyond_its_controls(tmp_p
     half-widths from the centre of the control shift's CI; the ratio is 0.035 against the 0.1 asserted.
     At 100 runs per arm: shift +3.430, control shift +0.141, control-adjusted +3.289 [+2.960, +3.618].
     """
-    code = experiment.main('digits', trainer_digits.hyp, {}, trainer_digits.train, trainer_digits.infer, '',
-                           ['--runs', str(RUNS), '--out', str(tmp_path), '--device', 'cpu'],
-                           load=trainer_digits.load, held_out=HELD_OUT, block=trainer_digits.BLOCK)
+    held_out = tmp_path / 'held_out.json'
+    held_out.write_text(json.dumps(HELD_OUT))
+    code = experiment.main(trainer_digits, ['--runs', str(RUNS), '--out', str(tmp_path / 'store'), '--device', 'cpu',
+                                            '--held-out', str(held_out)])
     assert code == 0
-    store, groups = viz.open_store(str(tmp_path))
+    store, groups = viz.open_store(str(tmp_path / 'store'))
     g = viz.analyse(store, groups)['group_summary']['random']
     print(f"780: shift {g['shift']:+.3f}, control shift {g['control_shift']:+.3f} "
           f"[{g['control_shift_ci_low']:+.3f}, {g['control_shift_ci_high']:+.3f}], control-adjusted "

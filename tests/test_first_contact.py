@@ -11,7 +11,6 @@ import pytest
 import torch
 from tqdm import tqdm
 
-import airbench
 import experiment
 import trainer_airbench
 import trainer_digits
@@ -24,11 +23,10 @@ def test_full_size_run_on_a_cpu_says_its_cost_and_the_two_pointers_then_goes_on(
                                                                                 capsys):
     monkeypatch.setattr(experiment, 'COST_STEPS', 2)  # a tiny step budget: two full-width steps timed
     monkeypatch.setattr(Store, 'claim', lambda self, arm, run: False)  # then "go on" without training 2000 runs
-    code = experiment.main('airbench', trainer_airbench.hyp, trainer_airbench.SMOKE, trainer_airbench.train,
-                           trainer_airbench.infer, '', ['--runs', '1000', '--out', str(tmp_path), '--data-dir',
-                                                        cifar_dir, '--device', 'cpu'],
-                           held_out={'random': list(range(20)), 'easy': list(range(900, 920))},
-                           check=airbench.make_hyp)
+    monkeypatch.setattr(trainer_airbench, 'HELD_OUT', {'random': list(range(20)), 'easy': list(range(900, 920))},
+                        raising=False)  # the generated data hold 1000 images
+    code = experiment.main(trainer_airbench, ['--runs', '1000', '--out', str(tmp_path), '--data-dir', cifar_dir,
+                                              '--device', 'cpu'])
     out, err = capsys.readouterr()
     notes = [line for line in err.splitlines() if line.startswith('note: on this CPU')]
     assert code == 0 and len(notes) == 1, err
@@ -40,9 +38,7 @@ def test_full_size_run_on_a_cpu_says_its_cost_and_the_two_pointers_then_goes_on(
 
 
 def test_cheap_runs_on_a_cpu_start_without_a_cost_note(tmp_path, capsys):
-    code = experiment.main('digits', trainer_digits.hyp, trainer_digits.SMOKE, trainer_digits.train,
-                           trainer_digits.infer, '', ['--runs', '1', '--out', str(tmp_path), '--device', 'cpu'],
-                           load=trainer_digits.load, held_out=trainer_digits.HELD_OUT, block=trainer_digits.BLOCK)
+    code = experiment.main(trainer_digits, ['--runs', '1', '--out', str(tmp_path), '--device', 'cpu'])
     assert code == 0 and 'note: on this CPU' not in capsys.readouterr().err  # full size, but seconds per run
 
 
@@ -88,10 +84,8 @@ def test_a_long_run_moves_the_bar_within_the_run(tmp_path, monkeypatch):
         handles = [real(bar, share, steps), experiment._on_every_step(lambda: seen.append(bar.n))]
         return type('Handles', (), {'remove': lambda self: [h.remove() for h in handles]})()
     monkeypatch.setattr(experiment, '_move_bar_per_step', watched)
-    code = experiment.main('digits', trainer_digits.hyp, trainer_digits.SMOKE, trainer_digits.train,
-                           trainer_digits.infer, '', ['--smoke', '--runs', '2', '--out', str(tmp_path),
-                                                      '--device', 'cpu'],
-                           load=trainer_digits.load, held_out=trainer_digits.HELD_OUT, block=2)
+    monkeypatch.setattr(trainer_digits, 'BLOCK', 2)
+    code = experiment.main(trainer_digits, ['--smoke', '--runs', '2', '--out', str(tmp_path), '--device', 'cpu'])
     assert code == 0
     steps = trainer_digits.SMOKE['epochs'] * (1437 // trainer_digits.hyp['batch_size'])
     # the second block, step by step (the first had no time to go by)
