@@ -1,8 +1,8 @@
 """experiment.py: the harness every trainer script runs: `raise SystemExit(experiment.main(module))`.
 
-What lives here: the command line common to every trainer (checked in full before anything is
-written), CIFAR-10's held-out examples, the worker loop that fills a run store (store.py; one process per
-GPU, any number of processes on any number of machines sharing one folder), and what a run will cost.
+What lives here: the trainer protocol (below), CIFAR-10's held-out examples, the worker loop that
+fills a run store (store.py; one process per GPU, any number of processes on any number of machines
+sharing one folder), and what a run will cost. The command line itself: command_line.py.
 
 A trainer is a module that defines these names (docs/trainers.md has a worked example):
 
@@ -31,8 +31,6 @@ A trainer is a module that defines these names (docs/trainers.md has a worked ex
                [default_steps: ceil(epochs x (n_train // batch_size))]
     __doc__    the top of --help: what the trainer does and how to run it
 """
-import argparse
-import json
 import math
 import os
 import platform
@@ -46,8 +44,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from store import (ARMS, CLAIM_REFRESH, FACTORIAL_ARMS, MAX_RUNS, SCAN_SEED_BASE, Store, StoreError, keep_for,
-                   seed_for)
+from command_line import UsageError, is_number, check_command, check_held_out, parse_args
+from store import ARMS, CLAIM_REFRESH, FACTORIAL_ARMS, SCAN_SEED_BASE, Store, StoreError, keep_for, seed_for
 
 # Held-out examples, indices in torchvision's CIFAR-10 training order (data_batch_1 .. data_batch_5).
 HELD_OUT = {
@@ -55,101 +53,10 @@ HELD_OUT = {
     'easy': [45114, 47798, 43746, 49106, 47082, 44095, 49524, 41014, 49159, 44279,
              45927, 40141, 47731, 46440, 49015, 49690, 46836, 43512, 43189, 49320],
 }
-MAX_SEED = 2 ** 62     # seeds go to numpy and torch generators: keep seed_base + run well inside 64 bits
 
 COST_STEPS = 3         # training steps timed before the first full-size run on a CPU
 COST_NOTE_S = 600.0    # say the cost when the runs to do would take longer than this on the CPU (seconds)
 LONG_RUN_S = 60.0      # a block of runs longer than this moves the progress bar step by step
-
-
-class UsageError(Exception):
-    """A command line that cannot be run; the message names the bad value and what is expected."""
-
-
-############################################
-#             The command line             #
-############################################
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-def parse_args(trainer, doc, argv=None, runs=1000, hyp=None, smoke=None, data_dir=True):
-    """The trainer's command line; the help of --smoke and --hyp is taken from its `smoke` and `hyp`
-    dicts, and --data-dir is offered only when the trainer reads a data folder (`data_dir`)."""
-    hyp, smoke = hyp or {}, smoke or {}
-    p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--runs', type=int, default=runs, help=f'runs per arm (default {runs}); rerun with more to extend')
-    p.add_argument('--out', help=f'store folder (default runs/{trainer}, then -scan with --scan or -factorial with '
-                                 '--design factorial, then -smoke with --smoke, then each --hyp override: e.g. '
-                                 f'runs/{trainer}-factorial-smoke-epochs=2)')
-    if data_dir:
-        p.add_argument('--data-dir', default='data', help='folder with CIFAR-10 (downloaded there if absent)')
-    else:
-        p.set_defaults(data_dir=None)  # the data ship with a package
-    p.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda if present)')
-    p.add_argument('--gpus', help='comma-separated GPU ids, one worker each (default: every visible GPU)')
-    p.add_argument('--smoke', action='store_true', help=smoke_help(hyp, smoke))
-    p.add_argument('--scan', action='store_true',
-                   help='instead of the with/without arms: runs on a random half of the training set each '
-                        '(arm "scan"), to estimate the self-influence of every example (python viz.py --scan)')
-    p.add_argument('--design', choices=('with-without', 'factorial'), default='with-without',
-                   help='with-without: arms with (all examples) and without (all but the held-out ones); '
-                        'factorial: arms a and b, run k of both with seed k, each held-out example removed from '
-                        'one of the two by a coin drawn from the seed (separates self- from cross-influence)')
-    p.add_argument('--seed-base', type=int, help=f'run k uses seed seed_base + k (default 0; '
-                                                 f'{SCAN_SEED_BASE} with --scan, so the ranges are disjoint)')
-    p.add_argument('--held-out', help='JSON file {"random": [...], "easy": [...]} replacing the default indices')
-    p.add_argument('--hyp', action='append', default=[], metavar='KEY=VALUE',
-                   help='override a hyperparameter of the trainer\'s hyp dict (repeatable)' + hyp_example(hyp) +
-                        '; VALUE must have the type and sign of the default; the default --out then names '
-                        'the overrides' + (f'. KEY one of: {", ".join(hyp)}' if hyp else ''))
-    p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)  # a child of a multi-GPU launch
-    return p.parse_args(argv)
-
-
-def smoke_help(hyp, smoke):
-    """What --smoke changes, from the trainer's SMOKE dict: 'widths=[32, 32] (default [256, 256]), ...'."""
-    if not smoke:
-        return 'a short training to check the plumbing'
-    changes = ', '.join(f'{k}={json.dumps(v)}' + (f' (default {json.dumps(hyp[k])})' if k in hyp else '')
-                        for k, v in smoke.items())
-    return f'check the plumbing in seconds per run: {changes}'
-
-
-def hyp_example(hyp):
-    """', e.g. --hyp epochs=30' with twice the trainer's epochs (any trainer accepts more epochs), else
-    its first key at its default."""
-    if 'epochs' in hyp:
-        return f', e.g. --hyp epochs={json.dumps(hyp["epochs"] * 2)}'
-    if hyp:
-        key = next(iter(hyp))
-        value = hyp[key] if isinstance(hyp[key], str) else json.dumps(hyp[key])
-        return f', e.g. --hyp {key}={value}'
-    return ''
-
-
-def check_command(args, hyp, smoke=None, check=None):
-    """Every check that needs no dataset, before anything is written. -> dict: the overrides of `hyp`,
-    held_out (None: the trainer's), gpus. Raises UsageError."""
-    if args.scan and args.design != 'with-without':
-        raise UsageError('--scan and --design factorial are two designs; choose one')
-    if not 1 <= args.runs <= MAX_RUNS:
-        raise UsageError(f'--runs {args.runs}: expected a number of runs per arm from 1 to {MAX_RUNS:,}')
-    if args.seed_base is not None and not 0 <= args.seed_base <= MAX_SEED - MAX_RUNS:
-        raise UsageError(f'--seed-base {args.seed_base}: expected an integer from 0 to {MAX_SEED - MAX_RUNS}')
-    overrides = parse_hyp(args.hyp, hyp, smoke)
-    if check is not None:
-        try:
-            check(**{**hyp, **(smoke if args.smoke else {}), **overrides})
-        except (ValueError, TypeError) as e:
-            raise UsageError(f'--hyp {" ".join(args.hyp)}: {e}') from None
-    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f'--out {args.out}: that is a file; expected a store folder (new, empty or a store)')
-    held_out = read_held_out(args.held_out) if args.held_out is not None else None
-    device = check_device(args.device)
-    return dict(overrides=overrides, held_out=held_out, gpus=check_gpus(args.gpus, device, args.worker))
 
 
 def override(hyp, overrides):
@@ -159,140 +66,6 @@ def override(hyp, overrides):
     if unknown:
         raise TypeError(f'unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(hyp)}')
     return {**hyp, **overrides}
-
-
-def parse_hyp(texts, hyp, smoke=None):
-    """['KEY=VALUE', ...] -> {key: value}, each value read and checked against the type and range of
-    the default (or of the --smoke value): numbers keep their kind and may not turn negative, integers
-    in a list or tuple (sizes) stay >= 1, booleans are true or false, a tuple keeps its length, a list
-    holds items like the default's first. batch_size, which every trainer's step count divides by, is >= 1."""
-    out = {}
-    for text in texts:
-        key, sep, value = text.partition('=')
-        if not sep or key not in hyp:
-            raise UsageError(f'--hyp {text}: expected KEY=VALUE with KEY one of {", ".join(sorted(hyp))}')
-        if key in out:
-            raise UsageError(f'--hyp {key}= given twice; give each hyperparameter once')
-        likes = [hyp[key]] + ([smoke[key]] if smoke and key in smoke else [])
-        if isinstance(hyp[key], str):
-            parsed = value  # names are taken as written
-        else:
-            try:
-                parsed = json.loads(value)
-            except ValueError:
-                raise UsageError(f'--hyp {text}: {value!r} is not {_unlike(None, hyp[key])}') from None
-        problems = [_unlike(parsed, like) for like in likes]
-        if key == 'batch_size' and _is_number(parsed) and parsed < 1:
-            problems = ['an integer >= 1']
-        if all(problems):
-            raise UsageError(f'--hyp {text}: expected {problems[0]} (the default is {json.dumps(hyp[key])})')
-        out[key] = tuple(parsed) if isinstance(hyp[key], tuple) else parsed
-    return out
-
-
-def _is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _unlike(value, like, size=False):
-    """What `value` should have been to match `like` in type and range (None if it does).
-    size: an integer inside a list or tuple, such as a layer width: >= 1."""
-    if isinstance(like, bool):
-        return None if isinstance(value, bool) else 'true or false'
-    if isinstance(like, int):
-        low = 1 if size and like >= 1 else 0 if like >= 0 else None
-        ok = _is_number(value) and value == int(value) and (low is None or value >= low)
-        return None if ok and isinstance(value, int) else 'an integer' + ('' if low is None else f' >= {low}')
-    if isinstance(like, float):
-        ok = _is_number(value) and math.isfinite(value) and (like < 0 or value >= 0)
-        return None if ok else 'a finite number' + ('' if like < 0 else ' >= 0')
-    if isinstance(like, str):
-        return None if isinstance(value, str) and value else 'a name'
-    if isinstance(like, (tuple, list)):
-        fixed = isinstance(like, tuple)
-        if not isinstance(value, list) or not value or (fixed and len(value) != len(like)):
-            return f'a JSON list of {len(like)} values' if fixed else 'a non-empty JSON list'
-        items = zip(value, like) if fixed else ((v, like[0]) for v in value) if like else ()
-        problem = next((p for p in (_unlike(v, d, size=True) for v, d in items) if p), None)
-        return None if problem is None else f'a JSON list of {"%d " % len(like) if fixed else ""}items, each {problem}'
-    if isinstance(like, dict):
-        return None if isinstance(value, dict) else 'a JSON object'
-    return None
-
-
-def read_held_out(path):
-    """--held-out FILE -> {group: [indices]}, checked but for the range (that needs the dataset)."""
-    example = '{"random": [0, 1], "easy": [45114]}'
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise UsageError(f'--held-out {path}: {e.strerror or e}; expected a JSON file like {example}') from None
-    try:
-        groups = json.loads(text)
-    except ValueError as e:
-        raise UsageError(f'--held-out {path}: not valid JSON ({e}); expected an object like {example}') from None
-    return check_held_out(groups, f'--held-out {path}')
-
-
-def check_held_out(groups, where):
-    example = '{"random": [0, 1], "easy": [45114]}'
-    if not isinstance(groups, dict) or not groups:
-        raise UsageError(f'{where}: expected a JSON object of groups of example indices, like {example}')
-    for name, group in groups.items():
-        if not isinstance(group, list) or not group:
-            raise UsageError(f'{where}: group {name!r} is {json.dumps(group)}, expected a non-empty list of indices')
-        wrong = [i for i in group if not isinstance(i, int) or isinstance(i, bool) or i < 0]
-        if wrong:
-            raise UsageError(f'{where}: group {name!r} holds {json.dumps(wrong)}, expected example indices '
-                             '(integers >= 0)')
-    every = [i for g in groups.values() for i in g]
-    twice = sorted({i for i in every if every.count(i) > 1})
-    if twice:
-        raise UsageError(f'{where}: {twice} listed more than once; list each example once (each is one test, '
-                         'and Holm / BH count the tests)')
-    return groups
-
-
-def check_device(text):
-    """--device -> the device name, or None for the default; refuses a device this machine lacks."""
-    if text is None:
-        return None
-    if not re.fullmatch(r'cpu|mps|cuda(:\d+)?', text):
-        raise UsageError(f'--device {text}: expected cpu, cuda or cuda:N (N a GPU index)')
-    import torch
-    if text.startswith('cuda'):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UsageError(f'--device {text}: no CUDA device is visible here; use --device cpu')
-        if ':' in text and int(text[5:]) >= count:
-            raise UsageError(f'--device {text}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}')
-    if text == 'mps' and not torch.backends.mps.is_available():
-        raise UsageError('--device mps: the MPS backend is not available here; use --device cpu')
-    return text
-
-
-def check_gpus(text, device, worker):
-    """--gpus -> the GPU indices to start one worker each on ([] or one: this process works alone)."""
-    if worker:
-        return []
-    import torch
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if text is None:
-        return list(range(count)) if device in (None, 'cuda') else []
-    try:
-        ids = [int(g) for g in text.split(',')]
-    except ValueError:
-        raise UsageError(f'--gpus {text}: expected comma-separated GPU indices, e.g. 0,2') from None
-    if any(g < 0 for g in ids) or len(set(ids)) < len(ids):
-        raise UsageError(f'--gpus {text}: expected distinct GPU indices >= 0, e.g. 0,2')
-    if device in ('cpu', 'mps'):
-        raise UsageError(f'--gpus {text} with --device {device}: choose GPUs or the {device}')
-    if count == 0:
-        raise UsageError(f'--gpus {text}: no CUDA device is visible here; leave out --gpus and use --device cpu')
-    if max(ids) >= count:
-        raise UsageError(f'--gpus {text}: this machine has {count} CUDA device(s), 0 to {count - 1}')
-    return ids
 
 
 def default_steps(hyp, n_train):
@@ -332,8 +105,8 @@ def read_trainer(module):
         ('NAME', t.NAME, isinstance(t.NAME, str) and re.fullmatch(r'[\w.=-]+', t.NAME), 'a folder name'),
         ('hyp', t.hyp, isinstance(t.hyp, dict), 'a dict'),
         ('SMOKE', t.SMOKE, isinstance(t.SMOKE, dict) and set(t.SMOKE) <= set(t.hyp), 'a dict of keys of hyp'),
-        ('BLOCK', t.BLOCK, _is_number(t.BLOCK) and t.BLOCK == int(t.BLOCK) >= 1, 'an integer >= 1'),
-        ('RUNS', t.RUNS, _is_number(t.RUNS) and t.RUNS == int(t.RUNS) >= 1, 'an integer >= 1'),
+        ('BLOCK', t.BLOCK, is_number(t.BLOCK) and t.BLOCK == int(t.BLOCK) >= 1, 'an integer >= 1'),
+        ('RUNS', t.RUNS, is_number(t.RUNS) and t.RUNS == int(t.RUNS) >= 1, 'an integer >= 1'),
         ('DATA_DIR', t.DATA_DIR, isinstance(t.DATA_DIR, bool), 'True or False')] if not ok]
     wrong += [f'{name} is not a function' for name in ('train', 'infer', 'load', 'steps')
               if not callable(getattr(t, name))]

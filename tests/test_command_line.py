@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import command_line
 import experiment
 import trainer_digits
 
@@ -90,14 +91,14 @@ def test_bad_command_line_is_refused_in_one_line_and_writes_nothing(args, messag
 def test_hyp_values_keep_the_type_of_the_default():
     hyp = {'lr': 0.2, 'epochs': 15, 'widths': [256, 256], 'sizes': (1, 2, 3), 'norm': 'batch', 'flag': True,
            'schedule': [[0.0, 0.1], [1.0, 0.0]], 'shift': -1.0}
-    got = experiment.parse_hyp(['lr=1', 'epochs=3', 'widths=[8]', 'sizes=[4, 5, 6]', 'norm=layer', 'flag=false',
+    got = command_line.parse_hyp(['lr=1', 'epochs=3', 'widths=[8]', 'sizes=[4, 5, 6]', 'norm=layer', 'flag=false',
                                 'schedule=[[0, 1], [0.5, 0.2]]', 'shift=-3'], hyp)
     assert got == {'lr': 1, 'epochs': 3, 'widths': [8], 'sizes': (4, 5, 6), 'norm': 'layer', 'flag': False,
                    'schedule': [[0, 1], [0.5, 0.2]], 'shift': -3}
-    assert experiment.parse_hyp(['epochs=0.5'], hyp, smoke={'epochs': 0.1}) == {'epochs': 0.5}  # fractional in --smoke
+    assert command_line.parse_hyp(['epochs=0.5'], hyp, smoke={'epochs': 0.1}) == {'epochs': 0.5}  # fractional in --smoke
     for bad in ('sizes=[1, 2]', 'schedule=[1, 2]', 'flag=yes', 'epochs=true'):
-        with pytest.raises(experiment.UsageError, match=bad.split('=')[0]):
-            experiment.parse_hyp([bad], hyp)
+        with pytest.raises(command_line.UsageError, match=bad.split('=')[0]):
+            command_line.parse_hyp([bad], hyp)
 
 
 TRAINERS = ['trainer_airbench', 'trainer_madry', 'trainer_digits', 'trainer_digits_conv']
@@ -116,7 +117,7 @@ def test_each_trainers_help_says_what_that_trainer_does(name):
         assert f'{key}={json.dumps(value)} (default {json.dumps(module.hyp[key])})' in lines['--smoke']
     example = re.search(r'e\.g\. --hyp (\w+)=(\S+);', lines['--hyp'])
     assert example and example[1] in module.hyp
-    experiment.parse_hyp([f'{example[1]}={example[2]}'], module.hyp)  # a value the trainer accepts
+    command_line.parse_hyp([f'{example[1]}={example[2]}'], module.hyp)  # a value the trainer accepts
     assert ('--data-dir' in lines) == (name in ('trainer_airbench', 'trainer_madry'))
 
 
