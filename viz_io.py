@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 import stats
-from store import Store, StoreError
+from store import StoreError
 
 LEVEL = 0.95  # confidence level of every interval
 CHUNK = 16    # runs mapped at a time (see column_chunks)
@@ -38,13 +38,6 @@ def group_title(name):
 ############################################
 #            reading the store             #
 ############################################
-
-def open_any(path):
-    """The store at `path`, with a note on stderr if it is still being written or holds diverged runs."""
-    store = Store(path)
-    note_progress(store)
-    return store
-
 
 def note_progress(store):
     """Say on stderr if the store is still being written or holds runs that diverged."""

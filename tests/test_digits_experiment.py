@@ -8,17 +8,17 @@ import viz
 
 RUNS = 40                      # per arm: 80 trainings of the full digits MLP, seeds 0 to 39
 HELD_OUT = {'random': [780]}   # one atypical 4, a random pick of the earlier held-out set: leave-one-out
-CONTROL_SHIFT = 0.141          # README: its controls' shift with - without at 100 runs per arm, [+0.106, +0.175]
+CONTROL_SHIFT = 0.141          # docs/results.md: its controls' shift with - without at 100 runs per arm, [+0.106, +0.175]
 
 
 def test_an_atypical_digit_gains_confidence_when_added_beyond_its_controls(tmp_path):
     """Leave-one-out self-influence of digit 780, adjusted by its 50 controls (4s never held out with the
     nearest mean margin in `with`), is positive at p < 0.01; the controls' own shift is positive, its 95%
-    CI holds the README's figure, and it is under a tenth of the control-adjusted self-influence.
+    CI holds the figure of docs/results.md, and it is under a tenth of the control-adjusted self-influence.
 
     Margin of safety, measured on these 40 runs per arm: shift +3.597, control shift +0.121
     [+0.056, +0.187], control-adjusted +3.476 [+3.009, +3.944] (t about 15 where p < 0.01 needs 2.7: the
-    first assertion fails only if the effect were 5 times smaller); the README's +0.141 sits 0.3
+    first assertion fails only if the effect were 5 times smaller); docs/results.md's +0.141 sits 0.3
     half-widths from the centre of the control shift's CI; the ratio is 0.035 against the 0.1 asserted.
     At 100 runs per arm: shift +3.430, control shift +0.141, control-adjusted +3.289 [+2.960, +3.618].
     """

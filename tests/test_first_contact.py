@@ -114,3 +114,31 @@ def test_slurm_script_starts_on_a_fresh_clone(tmp_path):
     first, last = map(int, options['array'].split('-'))
     runs = 2 * int(re.search(r'--runs (\d+)', script)[1])
     assert h * 3600 + m * 60 + s >= runs * 4.2 / (last - first + 1)  # the measured 4.2 s per run on one H200
+
+
+def test_every_trainer_command_in_the_readme_and_docs_parses(tmp_path, monkeypatch):
+    """A newcomer copies commands from the README and docs/: each `python trainer_X.py ...` names a trainer
+    that exists and options it accepts, with values that pass the checks made before anything is written."""
+    import shlex
+    import types
+    import command_line
+    monkeypatch.chdir(tmp_path)
+    command = re.compile(r'(?:^|`)(?:OMP_NUM_THREADS=1 )?python (trainer_\w+\.py(?: [^`|&#\n\\]*)?)', re.M)
+    commands = []
+    for page in ['README.md', *(os.path.join('docs', n) for n in sorted(os.listdir(os.path.join(ROOT, 'docs'))))]:
+        with open(os.path.join(ROOT, page)) as f:
+            commands += [(page, m[1]) for m in command.finditer(f.read())]
+    assert len(commands) > 10
+    for page, text in commands:
+        script, *args = shlex.split(text.strip())
+        if script == 'trainer_resnet18.py':  # the worked example, run by tests/test_trainer_example.py
+            continue
+        module = __import__(script[:-3])
+        t = experiment.read_trainer(module)
+        try:
+            parsed = command_line.parse_args(t.NAME, t.doc, args, t.RUNS, t.hyp, t.SMOKE, t.DATA_DIR)
+            parsed = types.SimpleNamespace(**{**vars(parsed), 'gpus': None, 'device': None})  # this machine's aside
+            command_line.check_command(parsed, t.hyp, t.SMOKE, t.make_hyp)
+        except command_line.UsageError as e:
+            pytest.fail(f'{page}: python {text}: {e}')
+    assert os.listdir(tmp_path) == []
