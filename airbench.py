@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from design import kept_mask
 from experiment import override
-from store import kept_mask
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -196,6 +196,7 @@ def _download(data_dir, archive):
     from torchvision.datasets.utils import download_url
     print(f'downloading {CIFAR10_URL} (163 MB) to {data_dir}/', file=sys.stderr, flush=True)
     part = f'{archive}.part-{socket.gethostname()}-{os.getpid()}'
+    made = not os.path.exists(data_dir)  # the downloader makes it: a failed download removes it again
     try:
         download_url(CIFAR10_URL, data_dir, os.path.basename(part))
         os.replace(part, archive)
@@ -205,6 +206,11 @@ def _download(data_dir, archive):
     finally:
         if os.path.exists(part):
             os.remove(part)
+        if made and not os.path.exists(archive):
+            try:
+                os.rmdir(data_dir)
+            except OSError:
+                pass  # not empty: something else was put there meanwhile
 
 
 def fingerprint(images, labels):

@@ -9,7 +9,8 @@ import math
 import os
 import re
 
-from store import MAX_RUNS, SCAN_SEED_BASE
+from design import MAX_RUNS, SCAN_SEED_BASE
+from store import parse_json
 
 MAX_SEED = 2 ** 62     # seeds go to numpy and torch generators: keep seed_base + run well inside 64 bits
 
@@ -93,6 +94,9 @@ def check_command(args, hyp, smoke=None, check=None):
             check(**{**hyp, **(smoke if args.smoke else {}), **overrides})
         except (ValueError, TypeError) as e:
             raise UsageError(f'--hyp {" ".join(args.hyp)}: {e}') from None
+    if args.out is not None and not args.out.strip():
+        raise UsageError(f'--out {args.out!r}: empty; expected a store folder (new, empty or a store), or leave '
+                         'out --out for the default')
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f'--out {args.out}: that is a file; expected a store folder (new, empty or a store)')
     held_out = read_held_out(args.held_out) if args.held_out is not None else None
@@ -167,10 +171,9 @@ def read_held_out(path):
             text = f.read()
     except OSError as e:
         raise UsageError(f'--held-out {path}: {e.strerror or e}; expected a JSON file like {example}') from None
-    try:
-        groups = json.loads(text)
-    except ValueError as e:
-        raise UsageError(f'--held-out {path}: not valid JSON ({e}); expected an object like {example}') from None
+    groups, why = parse_json(text)
+    if why:
+        raise UsageError(f'--held-out {path}: not valid JSON ({why}); expected an object like {example}')
     return check_held_out(groups, f'--held-out {path}')
 
 
@@ -179,6 +182,8 @@ def check_held_out(groups, where):
     if not isinstance(groups, dict) or not groups:
         raise UsageError(f'{where}: expected a JSON object of groups of example indices, like {example}')
     for name, group in groups.items():
+        if not re.fullmatch(r'[A-Za-z0-9_-]{1,40}', name):  # printed in the report and the plot as it is
+            raise UsageError(f'{where}: group name {json.dumps(name)[:60]}: expected 1 to 40 letters, digits, _ or -')
         if not isinstance(group, list) or not group:
             raise UsageError(f'{where}: group {name!r} is {json.dumps(group)}, expected a non-empty list of indices')
         wrong = [i for i in group if not isinstance(i, int) or isinstance(i, bool) or i < 0]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 import airbench
-from store import kept_mask
+from design import kept_mask
 
 N_TRAIN = 1437                 # the first 1437 of the 1797 digits; the last 360 are the test set
 PER_CLASS = 2                  # held-out digits per class and group: no class piles up

@@ -44,8 +44,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from command_line import UsageError, is_number, check_command, check_held_out, parse_args
-from store import ARMS, CLAIM_REFRESH, FACTORIAL_ARMS, SCAN_SEED_BASE, Store, StoreError, keep_for, seed_for
+from command_line import UsageError, check_command, check_held_out, is_number, parse_args
+from design import ARMS, FACTORIAL_ARMS, SCAN_SEED_BASE, keep_for, seed_for
+from store import CLAIM_REFRESH, Store, StoreError
 
 # Held-out examples, indices in torchvision's CIFAR-10 training order (data_batch_1 .. data_batch_5).
 HELD_OUT = {
@@ -156,6 +157,9 @@ def main(trainer, argv=None):
                         data_fingerprint=airbench.fingerprint(images, labels), seed_base=seed_base,
                         arms=arms, versions=_versions())
         store = Store.create(out, settings, labels.numpy())
+        if args.smoke:
+            print('--smoke: a short run of a small net, to check that everything runs; a test_acc near chance '
+                  '(0.10) is expected there and says nothing about the experiment.', file=sys.stderr)
         work(store, args.runs, t.train, t.infer, hyp, (images, labels), (test_images, test_labels), device,
              block=t.BLOCK, progress=not args.worker, steps=n_steps, say_cost=not args.smoke)
     except (airbench.DataError, StoreError, UsageError) as e:
@@ -244,8 +248,8 @@ def train_block(store, jobs, train, infer, hyp, data, test, device, log, blocked
             logits, test_logits = infer(net, images)[None], infer(net, test[0])[None]
     except _diverged() as e:
         for (arm, run), seed in zip(jobs, seeds):
-            store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname())
-            log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: {e} (recorded in failed/)')
+            if store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname()):
+                log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: {e} (recorded in failed/)')
         return []
     logits = logits.half()  # (K, n_train, 10): stored as float16
     finite = torch.isfinite(logits).flatten(1).all(1).tolist()
@@ -255,12 +259,13 @@ def train_block(store, jobs, train, infer, hyp, data, test, device, log, blocked
     seconds = []
     for k, ((arm, run), seed) in enumerate(zip(jobs, seeds)):
         if not finite[k]:
-            store.save_failure(arm, run, seed, 'non-finite logits on the training set',
-                               device=str(device), host=socket.gethostname())
-            log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: non-finite logits (recorded in failed/)')
+            if store.save_failure(arm, run, seed, 'non-finite logits on the training set',
+                                  device=str(device), host=socket.gethostname()):
+                log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: non-finite logits (recorded in failed/)')
             continue
-        store.save_run(arm, run, seed, logits[k], took, test_acc[k], device=_device_name(device),
-                       host=socket.gethostname(), torch=torch.__version__)
+        if not store.save_run(arm, run, seed, logits[k], took, test_acc[k], device=_device_name(device),
+                              host=socket.gethostname(), torch=torch.__version__):
+            continue  # its claim was taken over while this worker was stopped: the store said so
         seconds.append(took)
         log(f'{arm:<7} run {run:>5}  seed {seed:>6}  {took:7.2f} s  test_acc {test_acc[k]:.4f}')
     return seconds

@@ -247,7 +247,7 @@ def runs_needed(diff, sd_with, sd_without, alpha=0.01, power=0.8):
     power=0.5 gives z_power = 0: the n at which the observed effect would just reach p = alpha.
     """
     z = sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)
-    with np.errstate(divide='ignore'):
+    with np.errstate(divide='ignore', invalid='ignore'):  # 0 / 0 (no effect, no spread): NaN
         n = z ** 2 * (np.square(sd_with) + np.square(sd_without)) / np.square(diff)
     return np.maximum(2.0, np.ceil(n))
 
@@ -281,6 +281,23 @@ def matched_controls(mean_margin, labels, held_out, target, k):
         order = np.argsort(np.abs(mean_margin[candidates] - t), kind='stable')
         out.append(candidates[order[:k]])
     return out
+
+
+def line_weights(x, x0):
+    """Weights w (k,) that evaluate at x0 the least-squares line through k points (x_c, y_c): the fitted
+    value there is sum_c w_c y_c for any y. w_c = 1/k + (x0 - mean x)(x_c - mean x) / sum (x_c - mean x)^2,
+    so sum w = 1 and sum w x = x0: the weighted mean of x is x0 itself, and any y linear in x is
+    reproduced exactly at x0. With fewer than 3 points or a spread of x below 1e-9, the plain mean (1/k).
+    x (k,) float, x0 float -> (k,) float64."""
+    x = np.asarray(x, dtype=np.float64)
+    k = len(x)
+    if k == 0:
+        return np.zeros(0)
+    d = x - x.mean()
+    spread = (d * d).sum()
+    if k < 3 or spread <= 1e-9 * k:
+        return np.full(k, 1.0 / k)
+    return 1.0 / k + (x0 - x.mean()) * d / spread
 
 
 def cross_influence(y, x):

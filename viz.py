@@ -14,10 +14,11 @@ the report: `with`/`without` the with/without report (this file), `a`/`b` the fa
     python viz.py --scan                   # runs/airbench-scan: every example's self-influence
 
 Controls: for each held-out example, --controls K (default 50) training examples never held out, with
-its label and the nearest mean margin in `with`; their shift is what the removal does to an example
-like it, and the control-adjusted self-influence is shift - control shift. Runs with a non-finite logit
-at a held-out example are left out and named. Notes go to stderr, the report to stdout. What each report
-estimates: docs/analysis.md; its cost: docs/speed.md.
+its label and the nearest mean margin over both arms; their shift, read at the example's own mean margin
+from the line through its controls (viz_controls.py), is what the removal does to an example like it, and
+the control-adjusted self-influence is shift - control shift. Runs with a non-finite logit at a held-out
+example are left out and named. Notes go to stderr, the report to stdout. What each report estimates:
+docs/analysis.md and docs/controls.md; its cost: docs/speed.md.
 """
 import argparse
 import sys
@@ -33,6 +34,7 @@ from viz_io import (LEVEL, drop_nonfinite, group_title, held_out_groups, listed,
                     plot_forest, positions_of, read_margins, rows_of, save_csv, save_json)
 
 POWER = 0.8     # for "runs per arm needed": chance of reaching p < alpha if the observed effect is real
+MIN_RUNS = 10   # runs per arm (or seed-matched pairs) below which no run count is planned from their spread
 
 
 def open_store(path):
@@ -75,6 +77,8 @@ def analyse(store, groups, test='welch', alpha=0.01, controls=viz_controls.CONTR
     res['significant'] = res['p'] < alpha
     res['sd_with'], res['sd_without'] = a.std(0, ddof=1), b.std(0, ddof=1)
     res['runs_needed'] = stats.runs_needed(res['self_influence'], res['sd_with'], res['sd_without'], alpha, POWER)
+    if min(len(a), len(b)) < MIN_RUNS:  # a spread from 2-9 runs is too uncertain to plan from
+        res['runs_needed'] = np.full(len(idx), np.nan)
     res['index'] = idx
     res['group'] = np.array([name for name, ix in groups for _ in ix])
 
@@ -106,6 +110,13 @@ def analyse(store, groups, test='welch', alpha=0.01, controls=viz_controls.CONTR
         res['correlation'] = stats.paired_correlation(pa, pb)
         res['pairing_ratio'] = stats.pairing_ratio(pa, pb)
         res['runs_saved'] = len(ia) * (1 - res['pairing_ratio'])  # per arm, at the same standard error
+        # Pairs for the paired t-test: n pairs give se^2 = s_d^2 / n, which is the unpaired formula with a
+        # spread of s_d / sqrt(2) in each arm.
+        sd_half = (pa - pb).std(0, ddof=1) / np.sqrt(2)
+        res['runs_needed_paired'] = stats.runs_needed(paired['diff'], sd_half, sd_half, alpha, POWER)
+        if len(ia) < MIN_RUNS:
+            for key in ('runs_saved', 'runs_needed_paired'):
+                res[key] = np.full(len(idx), np.nan)
     res.update(meta)
     res['control_k'] = controls
     if controls:
@@ -114,26 +125,23 @@ def analyse(store, groups, test='welch', alpha=0.01, controls=viz_controls.CONTR
 
 
 def analyse_controls(store, res, a, b, info_with, info_without):
-    """Controls of each held-out example: up to res['control_k'] training examples that are never held out,
-    with its label and the nearest mean margin in `with` (one streamed pass over the `with` arm, then only
-    their columns of both arms). Both arms train on them, so their shift with - without is no
-    self-influence: it is what removing the held-out set does to an example like it.
+    """Controls of each held-out example (viz_controls): up to res['control_k'] training examples never held
+    out, with its label and the nearest mean margin over both arms (one streamed pass over each arm, then
+    only the controls' columns); a run's control value is the line through their margins at the example's
+    mean margin. Tested on per-run differences example - control value: paired t-test over seed-matched
+    runs when there are 2 or more, Welch otherwise. Adds to res what viz_controls.analyse lists.
 
-    Tested on per-run differences, example margin - its controls' mean margin in the same run, so that
-    noise shared by the examples of one run cancels: paired t-test over seed-matched runs when there are
-    2 or more, Welch otherwise. Adds to res, per example (m,): shift (with - without on the runs used
-    here), control_shift, control_adjusted = shift - control_shift, their CIs and p-values, Holm and BH of
-    control_adjusted_p, control_count, control_gap (largest |mean margin difference| to a control) and
-    controls (list of index arrays); per group in group_summary: the same from per-run group averages.
-
-    Selecting controls by their `with` mean biases their shift by about se^2 x the slope of the log density
-    of mean margins at the target (se: standard error of a mean margin, about 0.03 at 1000 runs): far
-    below the effects measured."""
+    Why both arms: a control's mean margin in `with` shares its noise with its shift with - without, so
+    controls and line weights chosen on it lean the shift (by about the noise variance of a mean margin /
+    the controls' margin variance x the gap: -0.011 on the planted store of docs/controls.md). The
+    mean of both arms' means shares none with it where the arms hold as many runs of equal spread."""
     mean_with = mean_margins(store, 'with', info_with['run'])  # (n_train,)
-    controls = viz_controls.pick(store, mean_with, res['index'], res['mean_with'], res['control_k'])
-    ca = viz_controls.per_run_means(store, 'with', controls, info_with['run'])  # (n_with, m)
-    cb = viz_controls.per_run_means(store, 'without', controls, info_without['run'])
-    has = np.array([len(c) > 0 for c in controls])
+    mean_without = mean_margins(store, 'without', info_without['run'])
+    matched = viz_controls.match(store, (mean_with + mean_without) / 2, res['index'], res['mean_with'],
+                                 res['control_k'], shift=mean_with - mean_without)
+    ca = viz_controls.per_run_values(store, 'with', matched, info_with['run'])  # (n_with, m)
+    cb = viz_controls.per_run_values(store, 'without', matched, info_without['run'])
+    has = np.array([len(c) > 0 for c in matched['controls']])
     # A run diverged at a control but not at a held-out example: left out of the control analysis only.
     ok_a, ok_b = np.isfinite(ca[:, has]).all(1), np.isfinite(cb[:, has]).all(1)
     for arm, ok, run_info in (('with', ok_a, info_with), ('without', ok_b, info_without)):
@@ -152,14 +160,13 @@ def analyse_controls(store, res, a, b, info_with, info_without):
         res['control_skipped'] = (f'{len(a)} run(s) with and {len(b)} without are left once runs with '
                                   'non-finite control margins are out; at least 2 per arm are needed.')
         return
-    gap = [np.abs(mean_with[c] - t).max() if len(c) else np.nan for c, t in zip(controls, res['mean_with'])]
-    viz_controls.analyse(res, compare, a, b, ca, cb, controls, gap)
+    viz_controls.analyse(res, compare, a, b, ca, cb, matched)
 
 
 EXAMPLE_COLUMNS = ['group', 'index', 'mean_with', 'mean_without', 'self_influence', 'se', 'df', 'stat', 'p',
                    'ci_low', 'ci_high', 'p_holm', 'p_bh', 'significant', 'sd_with', 'sd_without', 'runs_needed',
                    'paired_self_influence', 'paired_p', 'paired_ci_low', 'paired_ci_high', 'correlation',
-                   'pairing_ratio', 'runs_saved', *viz_controls.COLUMNS]
+                   'pairing_ratio', 'runs_saved', 'runs_needed_paired', *viz_controls.COLUMNS]
 
 
 ############################################
@@ -209,29 +216,50 @@ def summary(res):
         lines.append(f'{name.capitalize():<12}{g["examples"]:>8}  {g["mean"]:>+7.3f}  {ci:<18}  '
                      f'{g["significant_positive"]:>6}  {g["significant_negative"]:>6}  {sig_mean:>21}')
 
-    n = res['n_pairs']
-    lines.append('')
-    if 'paired_p' in res:
-        lines += [f'Paired design ({n} seed-matched runs per arm; paired t-test of with - without, '
-                  f'p < {res["alpha"]:g}):',
-                  f'{"group":<12}{"sig. +":>6}  {"sig. -":>6}  {"median r":>8}  {"runs for the same error":>23}  '
-                  f'{"saved per arm":>13}']
-        for name, pos in res['groups']:
-            sig = res['paired_p'][pos] < res['alpha']
-            si = res['paired_self_influence'][pos]
-            ratio = np.nanmedian(res['pairing_ratio'][pos])
-            lines.append(f'{name.capitalize():<12}{int((sig & (si > 0)).sum()):>6}  {int((sig & (si < 0)).sum()):>6}  '
-                         f'{np.nanmedian(res["correlation"][pos]):>8.2f}  {f"{n} -> {n * ratio:.0f}":>23}  '
-                         f'{n * (1 - ratio):>13.0f}')
-        lines.append('(r: correlation of the two arms\' margins over matched seeds; "runs for the same error": '
-                     'pairs giving the standard error of the unpaired design, median over the group)')
-    else:
-        lines.append(f'Paired design: {n} seed-matched run(s) in both arms, at least 2 needed; no paired test.')
+    return lines + paired_table(res) + runs_needed_lines(res)
 
-    lines += ['', f'Runs per arm needed for p < {res["alpha"]:g} with {POWER:.0%} power at the observed effect and '
-                  f'spread (index: runs):']
+
+def paired_table(res):
+    """The paired design: significant counts by the paired t-test, and the pairs that give the standard
+    error of the unpaired design (only from MIN_RUNS pairs on: from fewer, the spread says too little)."""
+    n = res['n_pairs']
+    if 'paired_p' not in res:
+        return ['', f'Paired design: {n} seed-matched run(s) in both arms, at least 2 needed; no paired test.']
+    lines = ['', f'Paired design ({n} seed-matched runs per arm; paired t-test of with - without, p < {res["alpha"]:g}):',
+             f'{"group":<12}{"sig. +":>6}  {"sig. -":>6}  {"median r":>8}  {"runs for the same error":>23}  '
+             f'{"saved per arm":>13}']
+    for name, pos in res['groups']:
+        sig = res['paired_p'][pos] < res['alpha']
+        si = res['paired_self_influence'][pos]
+        same, saved = '-', '-'
+        if n >= MIN_RUNS:
+            fewer = max(2, round(n * np.nanmedian(res['pairing_ratio'][pos])))  # a paired test needs 2 pairs
+            same, saved = f'{n} -> {fewer}', f'{n - fewer}'
+        lines.append(f'{name.capitalize():<12}{int((sig & (si > 0)).sum()):>6}  {int((sig & (si < 0)).sum()):>6}  '
+                     f'{np.nanmedian(res["correlation"][pos]):>8.2f}  {same:>23}  {saved:>13}')
+    lines.append('(r: correlation of the two arms\' margins over matched seeds; "runs for the same error": '
+                 'pairs giving the standard error of the unpaired design, median over the group)')
+    if n < MIN_RUNS:
+        lines.append(f'(runs for the same error: not estimated from {n} pairs; at least {MIN_RUNS} are needed)')
+    return lines
+
+
+def runs_needed_lines(res):
+    """Runs per arm each example needs for the report's test at POWER, and, where runs are seed-matched and
+    the number differs, the pairs the paired t-test needs."""
+    head = (f'Runs per arm needed for p < {res["alpha"]:g} with {POWER:.0%} power at the observed effect and '
+            f'spread\n(index: runs for {describe_test(res).split(" (")[0]}')
+    paired = 'runs_needed_paired' in res and np.isfinite(res['runs_needed_paired']).any()
+    if np.isnan(res['runs_needed']).all():
+        return ['', f'Runs per arm needed for p < {res["alpha"]:g}: not estimated from {res["n_with"]} runs with and '
+                    f'{res["n_without"]} without; at least {MIN_RUNS} per arm are needed to plan from their spread.']
+    lines = ['', *(head + ('; in brackets, seed-matched pairs for the paired t-test where that differs):'
+                           if paired else '):')).split('\n')]
     for name, pos in res['groups']:
         items = [f'{res["index"][j]}: {runs_text(res["runs_needed"][j])}' for j in pos]
+        if paired:
+            items = [item + (f' ({runs_text(q)})' if runs_text(q) != runs_text(n) else '')
+                     for item, n, q in zip(items, res['runs_needed'][pos], res['runs_needed_paired'][pos])]
         lines += wrap_items(items, first=f'{name.capitalize() + ":":<8}', width=100)
     return lines
 
@@ -248,8 +276,9 @@ def wrap_items(items, first, width):
 
 
 def runs_text(n):
-    """Runs per arm as printed: beyond a million (an effect near zero) the number says nothing more."""
-    return 'never' if not np.isfinite(n) else '>1e6' if n > 1e6 else f'{n:.0f}'
+    """Runs per arm as printed: beyond a million (an effect near zero) the number says nothing more; NaN
+    (not estimated: too few runs, or no effect and no spread) is '-'."""
+    return '-' if np.isnan(n) else 'never' if not np.isfinite(n) else '>1e6' if n > 1e6 else f'{n:.0f}'
 
 
 def all_examples(res):
@@ -259,10 +288,12 @@ def all_examples(res):
     head = (f'{"index":>6}  {"with":>7}  {"without":>7}  {"self-infl":>9}  {pct + " CI":<18}  {"p":>6}    '
             f'{"Holm":>6}  {"BH":>6}  {"runs":>7}')
     if paired:
-        head += f'  {"paired p":>8}  {"r":>5}'
-    lines = ['', f'All held-out examples. * marks p < {res["alpha"]:g}; Holm and BH: p adjusted over all '
-                 f'{len(res["index"])} examples; runs: runs per arm needed at {POWER:.0%} power'
-                 + ('; paired p and r: seed-matched runs.' if paired else '.'), head]
+        head += f'  {"paired p":>8}    {"r":>5}'
+    marks = (f'* marks p < {res["alpha"]:g} by the test whose p it follows: p, {describe_test(res).split(" (")[0]}'
+             + ('; paired p, the paired t-test over seed-matched runs' if paired else ''))
+    lines = ['', f'All held-out examples. {marks}. Holm and BH: p adjusted over all {len(res["index"])} examples; '
+                 f'runs: runs per arm needed at {POWER:.0%} power' + ('; r: over seed-matched runs.' if paired else '.'),
+             head]
     for name, pos in res['groups']:
         lines.append(group_title(name))
         for j in pos:
@@ -272,7 +303,8 @@ def all_examples(res):
                     f'{res["self_influence"][j]:>+9.3f}  {ci:<18}  {res["p"][j]:>6.4f} {mark}  '
                     f'{res["p_holm"][j]:>6.4f}  {res["p_bh"][j]:>6.4f}  {runs_text(res["runs_needed"][j]):>7}')
             if paired:
-                line += f'  {res["paired_p"][j]:>8.4f}  {res["correlation"][j]:>5.2f}'
+                star = '*' if res['paired_p'][j] < res['alpha'] else ' '
+                line += f'  {res["paired_p"][j]:>8.4f} {star}  {res["correlation"][j]:>5.2f}'
             lines.append(line)
     return lines
 
@@ -284,10 +316,10 @@ def controls_section(res):
         return viz_controls.section(res, '')
     test = (f'paired t-test over {res["control_runs"]} seed-matched runs' if res['control_test'] == 'paired'
             else "Welch's t-test, {} runs with and {} without".format(*res['control_runs']))
-    return viz_controls.section(res, viz_controls.describe(res, 'in `with`') + (
+    return viz_controls.section(res, viz_controls.describe(res) + (
         ' Both arms train on them, so their shift with - without is no self-influence: it is what removing the '
         'held-out set does to an example like it (cross-influence). Control-adjusted self-influence = shift - '
-        f'control shift, tested on the per-run difference example - mean of its controls ({test}, {LEVEL:.0%} CI):'))
+        f'control shift, tested on the per-run difference example - the line through its controls ({test}, {LEVEL:.0%} CI):'))
 
 
 def write_csv(res, path):
@@ -372,7 +404,7 @@ def main(argv=None):
                        (viz_factorial.write_plot, args.plot))
         else:
             lines = (faithful_table(res) + summary(res) + controls_section(res)
-                     + (all_examples(res) + viz_controls.all_rows(res, 'in `with`') if args.all else []))
+                     + (all_examples(res) + viz_controls.all_rows(res) if args.all else []))
             writers = ((write_csv, args.csv), (write_json, args.json), (write_plot, args.plot))
         print('\n'.join(lines))
     for write, out in writers:

@@ -27,7 +27,8 @@ import numpy as np
 
 import stats
 import viz_controls
-from store import FACTORIAL_ARMS, Store, StoreError, factorial_split
+from design import FACTORIAL_ARMS, factorial_split
+from store import Store, StoreError
 from viz_io import (LEVEL, group_title, held_out_groups, listed, mean_margins, note, note_progress, plot_forest,
                     positions_of, ptext, read_margins, rows_of, save_csv, save_json)
 
@@ -122,14 +123,16 @@ def analyse_factorial(store, groups, alpha=0.01, controls=viz_controls.CONTROLS)
 
 
 def analyse_controls(store, res, ma, mb, kept_in_a, pair_info):
-    """Controls matched on the mean margin when kept: for a held-out example, over the pairs, in the run
-    that kept it; for the others (kept in every run), over the runs of arm a. Compared like the example:
-    kept side against removed side of each pair, paired."""
-    mean_a = mean_margins(store, 'a', pair_info['run_a'])  # (n_train,)
-    controls = viz_controls.pick(store, mean_a, res['index'], res['mean_kept'], res['control_k'])
-    ca = viz_controls.per_run_means(store, 'a', controls, pair_info['run_a'])  # (pairs, m)
-    cb = viz_controls.per_run_means(store, 'b', controls, pair_info['run_b'])
-    has = np.array([len(c) > 0 for c in controls])
+    """Controls matched on their mean margin over both arms (the mean of the two arms' means), which shares
+    no noise with their kept - removed differences (see viz.analyse_controls), against the held-out
+    example's mean margin when kept: like the controls, it is trained on itself and on half the held-out set. A run's control value is the line through the controls'
+    margins at the example's mean margin (viz_controls). Compared like the example: kept side against
+    removed side of each pair, paired."""
+    mean_both = (mean_margins(store, 'a', pair_info['run_a']) + mean_margins(store, 'b', pair_info['run_b'])) / 2
+    matched = viz_controls.match(store, mean_both, res['index'], res['mean_kept'], res['control_k'])
+    ca = viz_controls.per_run_values(store, 'a', matched, pair_info['run_a'])  # (pairs, m)
+    cb = viz_controls.per_run_values(store, 'b', matched, pair_info['run_b'])
+    has = np.array([len(c) > 0 for c in matched['controls']])
     ok = np.isfinite(ca[:, has]).all(1) & np.isfinite(cb[:, has]).all(1)
     if not ok.all():
         note(f'{(~ok).sum()} pair(s) with non-finite logits at a control example, left out of the control '
@@ -141,8 +144,7 @@ def analyse_controls(store, res, ma, mb, kept_in_a, pair_info):
     kept, removed = np.where(k_a, ma, mb), np.where(k_a, mb, ma)
     c_kept, c_removed = np.where(k_a, ca, cb), np.where(k_a, cb, ca)
     res['control_test'], res['control_runs'] = 'paired', int(ok.sum())
-    gap = [np.abs(mean_a[c] - t).max() if len(c) else np.nan for c, t in zip(controls, res['mean_kept'])]
-    viz_controls.analyse(res, stats.paired_test, kept, removed, c_kept, c_removed, controls, gap)
+    viz_controls.analyse(res, stats.paired_test, kept, removed, c_kept, c_removed, matched)
 
 
 ############################################
@@ -170,7 +172,7 @@ def report(res, top=TOP, every=False):
             f'{"Holm":>6}  {"BH":>6}' + (f'  {"regression":>10}  {"reg. p":>6}' if regression else ''))
     lines += ['', f'Every held-out example. * marks p < {alpha:g}; kept / removed: its mean margin in the run that '
                   'kept / removed it;', 'regression: the coefficient of its own assignment (see cross-influences).'
-                  if regression else '(no regression estimate: see cross-influences)', head]
+                  if regression else f'(no regression estimate: {res["cross_skipped"]})', head]
     for name, pos in res['groups']:
         lines.append(group_title(name))
         for j in pos:
@@ -184,18 +186,18 @@ def report(res, top=TOP, every=False):
             lines.append(line)
     lines += controls_section(res) + cross_section(res, top, every)
     if every:
-        lines += viz_controls.all_rows(res, 'when kept')
+        lines += viz_controls.all_rows(res)
     return lines
 
 
 def controls_section(res):
     if 'control_adjusted' not in res:
         return viz_controls.section(res, '')
-    return viz_controls.section(res, viz_controls.describe(res, 'when kept') + (
+    return viz_controls.section(res, viz_controls.describe(res) + (
         ' Every run trains on them, so their margin difference between the runs of a pair has no self part: signed '
         'by the example\'s coin (run that kept it - run that removed it), its mean is what adding the example does '
         'to examples like it (its cross-influence on look-alikes). Control-adjusted = shift - control shift, tested '
-        f'on the per-pair difference example - mean of its controls (paired t-test over {res["control_runs"]} '
+        f'on the per-pair difference example - the line through its controls (paired t-test over {res["control_runs"]} '
         f'pairs, {LEVEL:.0%} CI):'))
 
 

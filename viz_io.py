@@ -5,7 +5,10 @@ Reports: viz.py (with/without), viz_factorial.py (factorial design), viz_scan.py
 """
 import csv
 import json
+import os
+import secrets
 import sys
+import textwrap
 
 import numpy as np
 
@@ -147,11 +150,27 @@ def rows_of(res, columns):
     return [{c: res[c][j].item() for c in columns} for j in range(len(res['index']))]
 
 
+def write_whole(path, write, mode='w'):
+    """Write a report file through a temporary name beside it, then rename it into place: a full disk or
+    a kill leaves the previous file or none, never a partial one. write(f) fills the open file."""
+    tmp = f'{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}'
+    try:
+        with open(tmp, mode, **({'newline': ''} if 'b' not in mode else {})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
 def save_csv(rows, columns, path):
-    with open(path, 'w', newline='') as f:
+    def write(f):
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction='ignore')
         writer.writeheader()
         writer.writerows(rows)
+    write_whole(path, write)
 
 
 def _json_safe(v):
@@ -165,8 +184,7 @@ def _json_safe(v):
 def save_json(doc, rows, path):
     """doc plus one entry per row under 'examples'; NaN/inf written as null."""
     doc = _json_safe({**doc, 'examples': rows})
-    with open(path, 'w') as f:
-        json.dump(doc, f, indent=1)
+    write_whole(path, lambda f: json.dump(doc, f, indent=1))
 
 
 def plot_forest(res, path, xlabel, title):
@@ -187,23 +205,30 @@ def plot_forest(res, path, xlabel, title):
             si, lo, hi = res['self_influence'][j], res['ci_low'][j], res['ci_high'][j]
             ax.errorbar(si, y, xerr=[[si - lo], [hi - si]], fmt='o', color=colour, capsize=2, markersize=4,
                         markerfacecolor=colour if res['significant'][j] else 'white',
-                        label=f'{name} examples' if i == 0 else None)
+                        label=f'{_literal(name)} examples' if i == 0 else None)
             if adjusted and np.isfinite(res['control_adjusted'][j]):
                 ca, lo, hi = (res[c][j] for c in ('control_adjusted', 'control_adjusted_ci_low',
                                                   'control_adjusted_ci_high'))
                 filled = res['control_adjusted_p'][j] < res['alpha']
                 ax.errorbar(ca, y - 0.35, xerr=[[ca - lo], [hi - ca]], fmt='D', color=colour, capsize=2,
                             markersize=3.5, alpha=0.7, markerfacecolor=colour if filled else 'white',
-                            label=f'{name}, control-adjusted' if i == 0 else None)
+                            label=f'{_literal(name)}, control-adjusted' if i == 0 else None)
             ticks.append(y)
             labels.append(str(res['index'][j]))
             y -= 1
         y -= 1.5  # gap between groups
     ax.axvline(0, color='grey', linewidth=0.8)
     ax.set_yticks(ticks, labels, fontsize=7)
-    ax.set_xlabel(xlabel + f' ({LEVEL:.0%} CI; filled: p < {res["alpha"]:g})')
-    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(textwrap.fill(xlabel + f' ({LEVEL:.0%} CI; filled: p < {res["alpha"]:g})', 70,
+                                break_on_hyphens=False))  # fits 7 inches
+    ax.set_title(_literal(title), fontsize=10)
     ax.legend(loc='best', fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    kind = os.path.splitext(path)[1][1:].lower() or 'png'
+    write_whole(path, lambda f: fig.savefig(f, dpi=120, format=kind), mode='wb')
     plt.close(fig)
+
+
+def _literal(text):
+    """Text shown as it is in a plot: a '$' would start matplotlib's math mode (and fail on '$\\foo$')."""
+    return str(text).replace('$', r'\$')

@@ -24,7 +24,8 @@ import textwrap
 import numpy as np
 
 import stats
-from store import Store, StoreError, keep_for, kept_mask
+from design import keep_for, kept_mask
+from store import Store, StoreError
 from viz_io import (LEVEL, column_chunks, group_title, listed, note, note_progress, ptext, rows_of, save_csv,
                     save_json)
 
@@ -191,7 +192,8 @@ SCAN_COLUMNS = ['index', 'label', 'n_in', 'n_out', 'mean_in', 'mean_out', 'self_
 
 
 def scan_head():
-    return (f'{"rank":>6}  {"index":>6}  {"label":>5}  {"included":>8}  {"excluded":>8}  {"self-infl":>9}  '
+    """mean margin in / out: over the runs that included / excluded the example."""
+    return (f'{"rank":>6}  {"index":>6}  {"label":>5}  {"mean margin in":>14}  {"mean margin out":>15}  {"self-infl":>9}  '
             f'{f"{LEVEL:.0%} CI":<18}  {"p":>9}  {"BH p":>9}')
 
 
@@ -200,8 +202,8 @@ def scan_row(res, j):
         return (f'{"-":>6}  {j:>6}  {res["label"][j]:>5}  left out: included in {res["n_in"][j]} run(s), '
                 f'excluded from {res["n_out"][j]}')
     ci = f'[{res["ci_low"][j]:+.3f}, {res["ci_high"][j]:+.3f}]'
-    return (f'{res["rank"][j]:>6.0f}  {j:>6}  {res["label"][j]:>5}  {res["mean_in"][j]:>8.3f}  '
-            f'{res["mean_out"][j]:>8.3f}  {res["self_influence"][j]:>+9.3f}  {ci:<18}  '
+    return (f'{res["rank"][j]:>6.0f}  {j:>6}  {res["label"][j]:>5}  {res["mean_in"][j]:>14.3f}  '
+            f'{res["mean_out"][j]:>15.3f}  {res["self_influence"][j]:>+9.3f}  {ci:<18}  '
             f'{ptext(res["p"][j]):>9}  {ptext(res["p_bh"][j]):>9}')
 
 

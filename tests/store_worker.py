@@ -12,6 +12,8 @@ GO_FILE appears, so that several processes start at one instant. Environment:
                             rename, remove) or of open whose path arguments contain TEXT, before the call runs
     LOAD_REPEAT=K           load: repeat K times
     RENDEZVOUS=DIR:N        train: before its first training, wait until N workers have started one
+    PAUSE_IN_TRAIN=FILE     train: in its first training, write FILE and wait until FILE.go appears (the
+                            test stops it meanwhile with SIGSTOP, as a suspended job or a paused machine)
 """
 import os
 import signal
@@ -56,6 +58,11 @@ def dataset(k=0):
 def fake_train(images, labels, *, keep, seed, device, **hyp):
     """No training: the 'net' is its seed and the logits are drawn from it."""
     meet()
+    pause = os.environ.pop('PAUSE_IN_TRAIN', None)
+    if pause:
+        open(pause, 'w').close()
+        while not os.path.exists(f'{pause}.go'):
+            time.sleep(0.01)
     return seed
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import airbench
+import design
 import experiment
-import store as store_module
 import trainer_airbench
 from store import Store, StoreError
 
@@ -267,8 +267,8 @@ def test_scan_run_trained_on_another_half_than_its_seed_draws_is_left_out(tmp_pa
         store.save_run('scan', run, experiment.seed_for(run, experiment.SCAN_SEED_BASE),
                        np.zeros((1000, 10), np.float16), 1.0, 0.5)
     assert list(store.load('scan')[1]['run']) == [0, 1]
-    real_keep_for = store_module.keep_for
-    monkeypatch.setattr(store_module, 'keep_for', lambda arm, seed, n, held: real_keep_for(arm, seed + 1, n, held))
+    real_keep_for = design.keep_for
+    monkeypatch.setattr(design, 'keep_for', lambda arm, seed, n, held: real_keep_for(arm, seed + 1, n, held))
     (tmp_path / 'packed' / 'scan.json').unlink()  # force a repack that reads the run files again
     logits, run_info = store.load('scan')
     assert len(run_info['run']) == 0 and 'trained on other examples' in capsys.readouterr().err

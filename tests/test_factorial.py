@@ -165,6 +165,8 @@ def test_too_few_pairs_for_the_regression_says_so(tmp_path, capsys):
     assert 'cross' not in res and res['pairs'] == M + 1
     assert f'Cross-influences: not estimated; {M + 1} pairs for {M} examples: the regression needs more than ' \
            f'm + 1 = {M + 1} pairs.' in lines
+    assert f'(no regression estimate: {M + 1} pairs for {M} examples: the regression needs more than m + 1 = ' \
+           f'{M + 1} pairs)' in lines  # the reason where the column is missing
     assert np.all(np.isfinite(res['self_influence']))
 
 

@@ -215,6 +215,8 @@ def test_csv_and_json_hold_the_numbers_printed(planted, capsys, tmp_path):
         doc = json.load(f)
     assert len(from_csv) == len(doc['examples']) == N_TRAIN and doc['runs'] == RUNS
     printed = section(lines, '20 most negative') + section(lines, '20 most positive')
+    head = lines[next(k for k, line in enumerate(lines) if line.startswith('20 most negative')) + 1].split('  ')
+    assert [h.strip() for h in head if h.strip()][3:5] == ['mean margin in', 'mean margin out']  # named as what they hold
     for r in printed:
         row, ex = from_csv[int(r[1])], doc['examples'][int(r[1])]
         assert int(row['index']) == ex['index'] == int(r[1])

@@ -166,6 +166,19 @@ def test_matched_controls_share_the_label_skip_held_out_and_nonfinite_and_take_t
     assert [len(c) for c in stats.matched_controls(mean, labels, held_out, [5.0, 4.0], k=10)] == [4, 4]
 
 
+def test_line_weights_evaluate_the_least_squares_line_at_the_point():
+    rng = np.random.default_rng(9)
+    x, y = rng.uniform(5, 7, 20), rng.normal(0, 1, 20)
+    w = stats.line_weights(x, 7.8)  # beyond every x, as for an example at the top of its class
+    fit = sps.linregress(x, y)
+    np.testing.assert_allclose(w @ y, fit.intercept + fit.slope * 7.8, rtol=1e-10)
+    np.testing.assert_allclose([w.sum(), w @ x], [1.0, 7.8], rtol=1e-12)  # weighted mean margin = the point
+    np.testing.assert_allclose(w @ (0.3 - 0.15 * x), 0.3 - 0.15 * 7.8, rtol=1e-12)  # a linear shift, exactly
+    np.testing.assert_array_equal(stats.line_weights([1.0, 2.0], 5.0), [0.5, 0.5])  # no line through 2 points
+    np.testing.assert_array_equal(stats.line_weights([3.0, 3.0, 3.0], 5.0), np.full(3, 1 / 3))
+    assert stats.line_weights([], 1.0).shape == (0,)
+
+
 def test_cross_influence_matches_scipy_linregress_for_one_example():
     rng = np.random.default_rng(4)
     x = rng.choice([-1.0, 1.0], (30, 1))

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+import design
 import store as store_module
 import viz
 from store import Store, StoreError
@@ -321,15 +323,15 @@ def test_two_processes_creating_one_store_with_different_data_leave_a_consistent
 # ---------------------------------------------------------------------------------------------------
 
 def test_kept_mask_marks_exactly_the_kept_examples_and_every_one_for_none():
-    assert store_module.kept_mask(None, 5).tolist() == [True] * 5
-    assert store_module.kept_mask([3, 0], 5).tolist() == [True, False, False, True, False]
-    assert store_module.kept_mask(np.zeros(0, np.int64), 3).tolist() == [False] * 3
+    assert design.kept_mask(None, 5).tolist() == [True] * 5
+    assert design.kept_mask([3, 0], 5).tolist() == [True, False, False, True, False]
+    assert design.kept_mask(np.zeros(0, np.int64), 3).tolist() == [False] * 3
     held_out = {'random': [1, 4], 'easy': [7]}
     for arm, seed in (('without', 0), ('a', 3), ('b', 3), ('scan', 5)):
-        keep = store_module.keep_for(arm, seed, 10, held_out)
-        mask = store_module.kept_mask(keep, 10)
+        keep = design.keep_for(arm, seed, 10, held_out)
+        mask = design.kept_mask(keep, 10)
         assert np.array_equal(np.flatnonzero(mask), np.unique(keep))
-        assert np.array_equal(store_module.kept_bits(arm, seed, 10, held_out), np.packbits(mask))
+        assert np.array_equal(design.kept_bits(arm, seed, 10, held_out), np.packbits(mask))
 
 
 TOY_HELD = {'random': [0, 1], 'easy': [30, 31]}
@@ -504,7 +506,7 @@ def test_truncated_or_shuffled_labels_are_refused(tmp_path):
         Store(tmp_path)
 
 
-def test_garbage_and_stray_files_in_failed_are_named_and_moved_aside(tmp_path, capsys):
+def test_garbage_records_in_failed_are_moved_aside_and_a_stray_file_is_named_and_left_alone(tmp_path, capsys):
     s = toy_store(tmp_path, 2)
     s.save_failure('with', 7, 7, 'diverged')
     (tmp_path / 'failed' / 'with-000008.json').write_text('{not json')
@@ -514,7 +516,7 @@ def test_garbage_and_stray_files_in_failed_are_named_and_moved_aside(tmp_path, c
     err = capsys.readouterr().err
     assert 'with-000008.json: not a JSON object' in err and 'notes.txt: not a failure record' in err
     assert 'with-000009.json: run is 7, expected 9' in err
-    assert sorted(os.listdir(tmp_path / 'failed')) == ['with-000007.json'] and len(moved(tmp_path)) == 3
+    assert sorted(os.listdir(tmp_path / 'failed')) == ['notes.txt', 'with-000007.json'] and len(moved(tmp_path)) == 2
 
 
 def test_missing_subfolders_are_recreated_and_a_bad_run_is_still_moved_aside(tmp_path, capsys):
@@ -664,3 +666,54 @@ def test_the_store_module_imports_without_torch_and_viz_does_not_import_it():
     subprocess.run([sys.executable, '-c', without, ROOT], check=True)
     viz_only = "import sys; sys.path.insert(0, sys.argv[1]); import viz; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, '-c', viz_only, ROOT], check=True)
+
+
+def _child_of(pid):
+    """The pid (in this namespace) of the only child of process `pid`."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with open(f'/proc/{pid}/task/{pid}/children') as f:
+            children = f.read().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.05)
+    raise AssertionError(f'process {pid} started no child')
+
+
+def test_a_worker_stopped_past_the_claim_timeout_discards_its_result_and_the_run_is_stored_once(tmp_path):
+    """A worker in another pid namespace stopped (SIGSTOP: a suspended job, a paused machine) in its
+    first training, longer than the claim timeout; its claim goes silent, a second worker takes the run
+    over and stores it. On SIGCONT the first finds its claim gone, discards its result with one line,
+    and stores nothing."""
+    if subprocess.run(['unshare', '--pid', '--fork', '--mount-proc', 'true'], capture_output=True).returncode:
+        pytest.skip('unshare --pid needs CAP_SYS_ADMIN')
+    out, paused = tmp_path / 'store', tmp_path / 'paused'
+    fake_store(out)
+    cmd = [sys.executable, WORKER, 'train', str(out), '1']
+    first = subprocess.Popen(['unshare', '--pid', '--fork', '--mount-proc', '--kill-child', *cmd],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, 'PAUSE_IN_TRAIN': str(paused)})
+    try:
+        deadline = time.time() + 120
+        while not paused.exists():
+            assert time.time() < deadline and first.poll() is None, finish([first])
+            time.sleep(0.05)
+        worker = _child_of(first.pid)
+        os.kill(worker, signal.SIGSTOP)  # from this (the parent) namespace even its pid 1 stops
+        (tmp_path / 'paused.go').touch()  # seen once it runs again
+        old = time.time() - store_module.CLAIM_TIMEOUT - 1
+        os.utime(out / 'claims' / 'with-000000', (old, old))  # stopped for longer than the timeout
+        [(code, stdout, err)] = finish([start('train', out, 1)])
+        assert code == 0 and sorted(trainings(stdout)) == [('with', 0), ('without', 0)], err[-2000:]
+        stored = os.stat(Store(out).run_file('with', 0)).st_ino
+        os.kill(worker, signal.SIGCONT)
+        [(code, stdout, err)] = finish([first])
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert code == 0 and trainings(stdout) == [], err[-2000:]
+    said = "store: with run 0: this worker's claim was taken over while it was stopped or slow; its result is discarded"
+    assert [said in line for line in err.splitlines() if 'taken over' in line] == [True]
+    assert os.stat(Store(out).run_file('with', 0)).st_ino == stored  # stored once, by the second worker
+    assert_exactly(out, 1)
+    assert leftovers(out) == []

@@ -7,12 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 
-import stats
 import viz
 import viz_io
 from conftest import report
-from planted_stores import write_arms
 from store import Store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +91,59 @@ def test_paired_test_finds_the_planted_examples_and_saves_runs(planted, capsys):
     assert np.all(res['correlation'] > 0.5)  # shared seed noise sd 0.4 against independent 0.2
     assert np.all(res['runs_saved'] > 0)
     assert any(line.startswith('Paired design (30 seed-matched runs per arm') for line in lines)
+
+
+def test_runs_needed_follow_the_paired_test_where_runs_are_seed_matched(planted, capsys):
+    res, lines, _ = report([planted], capsys)
+    z2 = (sps.norm.ppf(1 - 0.01 / 2) + sps.norm.ppf(0.8)) ** 2
+    with np.errstate(divide='ignore'):  # example 64: no effect at all in float16
+        welch = z2 * (res['sd_with'] ** 2 + res['sd_without'] ** 2) / res['self_influence'] ** 2  # unrounded
+    finite = np.isfinite(welch)
+    # n pairs: se^2 = s_d^2 / n = (s1^2 + s2^2) x pairing ratio / n
+    np.testing.assert_array_equal(res['runs_needed_paired'][finite],
+                                  np.maximum(2, np.ceil(welch * res['pairing_ratio'])[finite]))
+    assert np.all(res['runs_needed_paired'][finite] < res['runs_needed'][finite])  # shared seed noise: r 0.8
+    start = next(k for k, line in enumerate(lines) if line.startswith('Runs per arm needed'))
+    assert lines[start + 1] == ("(index: runs for Welch's t-test; in brackets, seed-matched pairs for the paired "
+                                't-test where that differs):')
+    assert '61: 8 (2)' in ' '.join(lines[start:])
+
+
+def test_two_to_four_runs_give_no_run_estimates_and_never_zero(tmp_path, capsys):
+    rng = np.random.default_rng(12)
+    shared = rng.normal(3, 1, (3, 2))
+    make_store(tmp_path / 's', {'random': [0], 'easy': [9]}, shared + rng.normal(0, 0.01, (3, 2)), shared)
+    res, lines, _ = report([tmp_path / 's', '--controls', '0'], capsys)
+    rows = [line.split() for line in lines if line.startswith(('Random ', 'Easy ')) and line[-1] in '-0123456789']
+    assert [r[-2:] for r in rows] == [['-', '-'], ['-', '-']]
+    assert '(runs for the same error: not estimated from 3 pairs; at least 10 are needed)' in lines
+    assert lines[-1] == ('Runs per arm needed for p < 0.01: not estimated from 3 runs with and 3 without; at least '
+                         '10 per arm are needed to plan from their spread.')
+    assert not any('-> 0' in line for line in lines)
+    assert np.isnan(res['runs_needed']).all() and np.isnan(res['runs_saved']).all()
+
+
+def test_all_marks_each_p_by_its_own_test(planted, capsys):
+    res, lines, _ = report([planted, '--all', '--controls', '0'], capsys)
+    start = next(k for k, line in enumerate(lines) if line.startswith('All held-out examples.'))
+    assert "* marks p < 0.01 by the test whose p it follows: p, Welch's t-test; paired p, the paired t-test" in lines[start]
+    rows = [line for line in lines[start:] if line.strip()[:1].isdigit()]
+    for row, j in zip(rows, range(40)):
+        assert row[57:63] == f'{res["p"][j]:.4f}' and row[92:100].strip() == f'{res["paired_p"][j]:.4f}'
+        assert (row[64] == '*') == (res['p'][j] < 0.01) and (row[101] == '*') == (res['paired_p'][j] < 0.01)
+
+
+def test_plot_axis_label_fits_in_the_figure(planted, capsys, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, 'close', figures.append)  # keep the figure to measure it
+    report([planted, '--plot', tmp_path / 'forest.png'], capsys)
+    fig = figures[0]
+    fig.canvas.draw()
+    label = fig.axes[0].xaxis.label
+    box = label.get_window_extent(fig.canvas.get_renderer())
+    assert 'control-adjusted' in label.get_text()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y0 >= 0
 
 
 # The published sample (RECIPE.md), rows kept verbatim: the formatter must reproduce them.
@@ -277,7 +329,7 @@ def test_chunked_reading_matches_indexing_the_whole_array(planted, monkeypatch):
     np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), np.asarray(logits)[:, idx, :])
 
 
-# ---- controls: examples never held out, same label, nearest mean margin in `with` ----
+# ---- controls (more in test_controls.py) ----
 
 GOLDEN = os.path.join(ROOT, 'tests', 'golden', 'viz_default.txt')
 
@@ -292,98 +344,6 @@ def test_default_report_is_unchanged_above_the_controls(planted, capsys):
     assert out.startswith(golden) and out[len(golden):].startswith('\nControls: ')
     viz.main([str(planted), '--controls', '0'])
     assert capsys.readouterr().out == golden
-
-
-CROSS_N, CROSS_RUNS = 1000, 40
-CROSS_HELD = {'random': list(range(0, 100, 10)), 'easy': list(range(505, 605, 10))}
-
-
-@pytest.fixture(scope='module')
-def cross_store(tmp_path_factory):
-    """1000 examples (label = index % 10), 40 seed-matched runs per arm. Removing the held-out set lowers
-    EVERY example's margin by 0.2 + 0.05 x label (a cross-influence); the held-out examples also have a
-    self-influence in -0.6..+0.6. Noise: per seed and example (both arms), per run (all examples of the run
-    alike, sd 0.3: what controls cancel and pairing does not) and independent (sd 0.15)."""
-    rng = np.random.default_rng(8)
-    labels = np.arange(CROSS_N) % 10
-    held = np.array(CROSS_HELD['random'] + CROSS_HELD['easy'])
-    self_effect = np.zeros(CROSS_N)
-    self_effect[held] = np.linspace(-0.6, 0.6, len(held))
-    cross = 0.2 + 0.05 * labels
-    base = rng.uniform(1, 9, CROSS_N)
-    seed_noise = rng.normal(0, 0.3, (CROSS_RUNS, CROSS_N))
-    arm = lambda shift: (base + shift + seed_noise + rng.normal(0, 0.3, (CROSS_RUNS, 1))
-                         + rng.normal(0, 0.15, (CROSS_RUNS, CROSS_N)))
-    path = tmp_path_factory.mktemp('cross') / 'store'
-    write_arms(path, CROSS_HELD, labels, {'with': arm(self_effect + cross), 'without': arm(0.0)})
-    return path, held, self_effect[held], cross[held]
-
-
-def test_controls_recover_self_influence_under_a_global_cross_influence(cross_store, capsys):
-    path, held, self_effect, cross = cross_store
-    res, lines, _ = report([path, '--controls', '30'], capsys)
-    assert res['control_test'] == 'paired' and res['control_runs'] == CROSS_RUNS
-    covered = lambda low, high, truth: ((low <= truth) & (truth <= high)).sum()
-    # Raw with - without carries the cross-influence: its CIs miss the self-effects.
-    assert covered(res['paired_ci_low'], res['paired_ci_high'], self_effect) <= 2
-    # Control-adjusted: within their 95% CIs (at least 17 of 20: P(<= 16 of 20) = 1.6% at 95% coverage).
-    assert covered(res['control_adjusted_ci_low'], res['control_adjusted_ci_high'], self_effect) >= 17
-    assert covered(res['control_shift_ci_low'], res['control_shift_ci_high'], cross) >= 17
-    np.testing.assert_allclose(res['control_adjusted'], res['shift'] - res['control_shift'], atol=1e-12)
-    # Shared run noise cancels against the controls: narrower intervals than the raw paired ones.
-    assert np.median(res['control_adjusted_ci_high'] - res['control_adjusted_ci_low']) < \
-        0.6 * np.median(res['paired_ci_high'] - res['paired_ci_low'])
-    for name, pos in res['groups']:
-        g = res['group_summary'][name]
-        assert g['control_shift_ci_low'] <= cross[pos].mean() <= g['control_shift_ci_high']
-        assert g['control_adjusted_ci_low'] <= self_effect[pos].mean() <= g['control_adjusted_ci_high']
-        np.testing.assert_allclose(g['control_adjusted'], g['shift'] - g['control_shift'], atol=1e-12)
-    rows = [line.split() for line in lines if line.startswith(('Random ', 'Easy ')) and line.count('[') == 2]
-    assert [r[0] for r in rows] == ['Random', 'Easy']
-    for r, (name, _) in zip(rows, res['groups']):
-        g = res['group_summary'][name]
-        assert r[2:5] == [f'{g["shift"]:+.3f}', f'{g["control_shift"]:+.3f}', f'[{g["control_shift_ci_low"]:+.3f},']
-        assert r[6] == f'{g["control_adjusted"]:+.3f}' and r[9] == f'{g["control_adjusted_p"]:.4f}'
-
-
-def test_controls_share_the_label_are_never_held_out_and_have_the_nearest_margins(cross_store, capsys):
-    path, held, _, _ = cross_store
-    res, _, _ = report([path, '--controls', '30'], capsys)
-    store = Store(path)
-    logits, _ = store.load('with')
-    mean = stats.margins(np.asarray(logits), store.labels).mean(0)  # (1000,): small enough to hold
-    for i, target, c in zip(held, res['mean_with'], res['controls']):
-        assert len(c) == 30 and not set(c) & set(held) and np.all(store.labels[c] == store.labels[i])
-        others = np.setdiff1d(np.flatnonzero(store.labels == store.labels[i]), np.concatenate([held, c]))
-        assert np.abs(mean[c] - target).max() <= np.abs(mean[others] - target).min() + 1e-9
-    np.testing.assert_allclose(res['control_gap'], [np.abs(mean[c] - t).max() for c, t in
-                                                    zip(res['controls'], res['mean_with'])], atol=1e-9)
-
-
-def test_control_columns_are_in_csv_json_all_and_plot(cross_store, capsys, tmp_path):
-    path, held, _, _ = cross_store
-    res, lines, _ = report([path, '--controls', '30', '--all', '--csv', tmp_path / 'si.csv',
-                            '--json', tmp_path / 'si.json', '--plot', tmp_path / 'si.png'], capsys)
-    with open(tmp_path / 'si.csv') as f:
-        from_csv = list(csv.DictReader(f))
-    with open(tmp_path / 'si.json') as f:
-        doc = json.load(f)
-    keys = ['control_shift', 'control_shift_ci_low', 'control_shift_ci_high', 'control_adjusted',
-            'control_adjusted_ci_low', 'control_adjusted_ci_high', 'control_adjusted_p']
-    for j, (row, ex) in enumerate(zip(from_csv, doc['examples'])):
-        for k in keys:
-            assert float(row[k]) == ex[k] == res[k][j]
-        assert ex['controls'] == res['controls'][j].tolist() and len(ex['controls']) == 30
-    assert doc['controls_per_example'] == 30 and doc['control_test'] == 'paired'
-    assert doc['groups']['easy']['control_adjusted'] == res['group_summary']['easy']['control_adjusted']
-    start = lines.index(next(line for line in lines if line.startswith('All held-out examples, control-adjusted')))
-    rows = [line.split() for line in lines[start:] if line.strip()[:1].isdigit()]
-    assert [int(r[0]) for r in rows] == list(held)
-    for r, j in zip(rows, range(len(held))):
-        assert r[5] == f'{res["control_adjusted"][j]:+.3f}'
-        assert (r[9] == '*') == (res['control_adjusted_p'][j] < 0.01)
-    with open(tmp_path / 'si.png', 'rb') as f:
-        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
 def test_few_candidates_are_said_and_used(planted, capsys):

@@ -1,0 +1,250 @@
+"""Packing the runs of an arm into one memory-mapped array for the analysis, rebuilt whenever a run file
+or the data file differs from its index."""
+import atexit
+import json
+import os
+import struct
+
+import numpy as np
+
+from store.files import (OWN_TEMP, StoreError, Unreadable, _Vanished, _read_json, _remove, _tag, _why, fsync_dir,
+                         open_file, publish)
+from store.runs import RUN_NAME
+
+HEADER_BYTES = 128  # of a pack's .npy header: fixed, so the shape can be rewritten in place
+
+
+class Pack:
+    """The packing part of Store: packed/<arm>.npy and its index packed/<arm>.json."""
+
+    def load(self, arm):
+        """(logits, run_info): logits (N, n_train, 10) float16, every valid run of `arm` in run order
+        (memory-mapped from the pack; in memory when the store cannot be written); run_info: 'run', 'seed',
+        'seconds', 'test_acc' arrays of length N."""
+        if arm not in self.arms:
+            raise ValueError(f'arm {arm!r}, expected one of {self.arms}')
+        for name in self._names(arm):  # anything but a six-digit run file, a write in progress or a hidden file
+            if not RUN_NAME.fullmatch(name) and not OWN_TEMP.fullmatch(name) and not name.startswith('.'):
+                self._note_once(('name', arm, name), f'{os.path.join(self.path, arm, name)}: not a run file name '
+                                '(expected six digits, e.g. 000042.npz); left out and left alone')
+        self.clean_leftovers(['packed'])
+        for attempt in range(3):
+            files = self._stats(arm)
+            if not files:
+                return self._empty()
+            got = self._open_pack(arm, files)
+            if got is not None:
+                return got
+            if attempt < 2:
+                got = self._pack(arm, files)
+                if got is not None:
+                    return got
+        return self._from_files(arm, self._stats(arm), 'the pack kept changing while it was read')
+
+    def _stats(self, arm):
+        """{run: [size, mtime_ns, inode]} of the run files of `arm`."""
+        out = {}
+        for run in self.stored(arm):
+            try:
+                st = os.stat(self.run_file(arm, run))
+            except FileNotFoundError:
+                continue
+            out[run] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        return out
+
+    def _empty(self):
+        return (np.zeros((0, self.settings['n_train'], 10), np.float16),
+                {'run': np.zeros(0, int), 'seed': np.zeros(0, int), 'seconds': np.zeros(0), 'test_acc': np.zeros(0)})
+
+    def _pack_paths(self, arm):
+        return (os.path.join(self.path, 'packed', f'{arm}.npy'), os.path.join(self.path, 'packed', f'{arm}.json'))
+
+    def _read_index(self, arm):
+        """The pack's index if well-formed and of this store, else None."""
+        index = _read_json(self._pack_paths(arm)[1])
+        keys = ('run', 'seed', 'seconds', 'test_acc', 'files')
+        # the groups' order too: the binding hash ignores it, and it decides a factorial run's examples
+        if not isinstance(index, dict) or index.get('binding') != self.binding or \
+                index.get('groups') != list(self.settings['held_out']) or \
+                not all(isinstance(index.get(k), list) for k in keys) or \
+                len({len(index[k]) for k in keys}) != 1 or not isinstance(index.get('data'), list):
+            return None
+        return index
+
+    def _map_pack(self, arm, index, private):
+        """Map the data file if it is the one the index was built with and holds its rows; else None.
+        private: map a link only this process uses, so that a rebuild by another process cannot
+        change the file under the mapping."""
+        data = self._pack_paths(arm)[0]
+        try:
+            f = open_file(data)
+        except (OSError, StoreError):  # absent, unreadable, or no file (a FIFO, a link): rebuilt
+            return None
+        with f:
+            st = os.fstat(f.fileno())
+            if [st.st_size, st.st_mtime_ns, st.st_ino] != index['data']:
+                return None
+            try:
+                np.lib.format.read_magic(f)
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            except (ValueError, OSError):
+                return None
+            offset = f.tell()
+            n = len(index['run'])
+            if shape != (n, self.settings['n_train'], 10) or fortran or dtype != np.float16 or \
+                    offset + n * self.settings['n_train'] * 20 != st.st_size or n == 0:
+                return None
+            if not private:  # mapped through the file checked above, whatever its name holds by now
+                return np.memmap(f, np.float16, 'r', offset=offset, shape=shape)
+            path = _reader_link(data, st)
+            return None if path is None else np.memmap(path, np.float16, 'r', offset=offset, shape=shape)
+
+    def _open_pack(self, arm, files):
+        index = self._read_index(arm)
+        if index is None or dict(zip(index['run'], index['files'])) != files or len(index['run']) != len(files):
+            return None
+        logits = self._map_pack(arm, index, private=True)
+        if logits is None:
+            return None
+        return logits, {k: np.asarray(index[k]) for k in ('run', 'seed', 'seconds', 'test_acc')}
+
+    def _pack(self, arm, files):
+        """Write the pack of every valid run, sequentially, reusing the rows of the previous pack for
+        run files that did not change; bad run files are moved aside. Returns (logits, run_info) or None
+        if the store changed meanwhile; analyses from the run files if the pack cannot be written."""
+        n_train = self.settings['n_train']
+        data, index_file = self._pack_paths(arm)
+        old_index = self._read_index(arm)
+        old = self._map_pack(arm, old_index, private=False) if old_index else None
+        reuse = {} if old is None else {r: (i, f) for i, (r, f) in enumerate(zip(old_index['run'], old_index['files']))}
+        tmp = f'{data}.tmp-{_tag()}'
+        keys = ('run', 'seed', 'seconds', 'test_acc', 'files')
+        index = {k: [] for k in keys}
+        bad = []
+        try:
+            with open(tmp, 'xb') as out:
+                out.write(_npy_header((len(files), n_train, 10)))
+                for run in sorted(files):
+                    if run in reuse and reuse[run][1] == files[run]:
+                        i = reuse[run][0]
+                        logits, rec = old[i], {k: old_index[k][i] for k in keys}
+                    else:
+                        got = self._read_valid(arm, run, files, bad)
+                        if got is None:
+                            continue
+                        found, stat = got
+                        logits = found['logits']
+                        rec = dict(run=run, seed=found['seed'].item(), seconds=found['seconds'].item(),
+                                   test_acc=found['test_acc'].item(), files=stat)
+                    # written in order, never through a mapping: a full disk is an OSError, not a SIGBUS
+                    out.write(np.ascontiguousarray(logits, dtype='<f2').tobytes())
+                    for k in keys:
+                        index[k].append(rec[k])
+                if len(index['run']) < len(files):  # some runs were bad: the header says how many are here
+                    out.seek(0)
+                    out.write(_npy_header((len(index['run']), n_train, 10)))
+                    out.truncate(HEADER_BYTES + len(index['run']) * n_train * 20)
+                out.flush()
+                os.fsync(out.fileno())
+                st = os.fstat(out.fileno())
+            del old
+            self._set_aside_runs(arm, bad, good=len(index['run']))
+            if not index['run']:
+                return self._empty()
+            private = _reader_link(tmp, st)
+            index.update(binding=self.binding, groups=list(self.settings['held_out']),
+                         data=[st.st_size, st.st_mtime_ns, st.st_ino])
+            try:  # publish for the next reader; this one maps its own link whatever happens here
+                os.replace(tmp, data)
+                fsync_dir(os.path.dirname(data))
+                publish(index_file, json.dumps(index).encode())
+            except (OSError, StoreError):
+                pass
+        except OSError as e:  # disk full, read-only store, no packed/ folder
+            return self._from_files(arm, self._stats(arm), f'could not write {data} ({_why(e)})')
+        finally:
+            _remove(tmp)
+        if private in (None, tmp):  # the file changed, or no hard links here: map what was published
+            return None
+        shape = (len(index['run']), n_train, 10)
+        return (np.memmap(private, np.float16, 'r', offset=HEADER_BYTES, shape=shape),
+                {k: np.asarray(index[k]) for k in ('run', 'seed', 'seconds', 'test_acc')})
+
+    def _read_valid(self, arm, run, files, bad):
+        """(record, stat) of one run file for packing, or None if it vanished or failed its checks (then
+        appended to `bad` with the reason, to be moved aside). An unreadable file stops the reading."""
+        try:
+            return self._read_run(arm, run)
+        except _Vanished:
+            return None
+        except Unreadable:
+            raise
+        except StoreError as e:
+            bad.append((run, str(e), files[run]))
+            return None
+
+    def _set_aside_runs(self, arm, bad, good):
+        """Move bad run files aside, unless every file of the arm is foreign: then settings.json is
+        what changed, and nothing is moved."""
+        # In a factorial store the held-out groups' order decides each run's examples: a reordered
+        # settings.json (a tidy-up with sorted keys) makes every run look trained on other examples.
+        reordered = ': trained on other examples' if self.settings['arms'] == ['a', 'b'] else ': binding is'
+        foreign = [b for b in bad if ': binding is' in b[1] or reordered in b[1]]
+        if len(bad) >= 2 and good == 0 and len(foreign) == len(bad):
+            raise StoreError(f'every run file of {os.path.join(self.path, arm)} ({len(bad)}) was made with other '
+                             f'settings than settings.json records (e.g. {bad[0][1]}). Was settings.json replaced, '
+                             'or its held-out groups reordered? Nothing was moved: restore it, or use another --out.')
+        for run, reason, stat in bad:
+            self.quarantine(arm, run, reason, stat)
+
+    def _from_files(self, arm, files, reason):
+        """Every valid run read straight from its file, in memory (no pack is written)."""
+        self._note_once(('from files', arm), f'{reason}; analysing the {len(files)} run files of '
+                                             f'{os.path.join(self.path, arm)} directly, in memory')
+        n_train = self.settings['n_train']
+        logits = np.empty((len(files), n_train, 10), np.float16)
+        run_info = {k: [] for k in ('run', 'seed', 'seconds', 'test_acc')}
+        bad = []
+        for run in sorted(files):
+            got = self._read_valid(arm, run, files, bad)
+            if got is None:
+                continue
+            rec, stat = got
+            logits[len(run_info['run'])] = rec['logits']
+            for k in run_info:
+                run_info[k].append(rec[k].item())
+        self._set_aside_runs(arm, bad, good=len(run_info['run']))
+        return logits[:len(run_info['run'])], {k: np.asarray(v) for k, v in run_info.items()}
+
+
+def _npy_header(shape):
+    """A .npy (version 1.0) header of exactly HEADER_BYTES for a C-ordered float16 array of `shape`."""
+    text = "{'descr': '<f2', 'fortran_order': False, 'shape': %r, }" % (tuple(shape),)
+    body = text.ljust(HEADER_BYTES - 11) + '\n'
+    return b'\x93NUMPY\x01\x00' + struct.pack('<H', len(body)) + body.encode('latin1')
+
+
+_READERS = {}  # inode -> this process's private link to a pack
+
+
+def _reader_link(path, st):
+    """A hard link to the pack data `path` (whose stat is `st`) that only this process uses and removes
+    at exit: a rebuild by another process replaces the pack's name, never the file this process maps.
+    Falls back to `path` itself on a file system without hard links; None if `path` changed."""
+    if st.st_ino in _READERS and os.path.exists(_READERS[st.st_ino]):
+        return _READERS[st.st_ino]
+    base = path.split('.tmp-')[0]
+    link = f'{base}.reader-{_tag()}'
+    try:
+        os.link(path, link)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return path
+    if os.stat(link).st_ino != st.st_ino:
+        _remove(link)
+        return None
+    if not _READERS:
+        atexit.register(lambda: [_remove(p) for p in _READERS.values()])
+    _READERS[st.st_ino] = link
+    return link
