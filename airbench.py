@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from design import kept_mask
+from experiment import override
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -471,10 +472,7 @@ class Lookahead:
 def make_hyp(**overrides):
     """The library defaults with `overrides` applied; unknown names and choices are an error (before
     anything is trained: the harness calls it on the command line's --hyp)."""
-    unknown = set(overrides) - set(hyp)
-    if unknown:
-        raise TypeError(f'unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(hyp)}')
-    h = {**hyp, **overrides}
+    h = override(hyp, overrides)
     if h['flip'] not in FLIPS:
         raise ValueError(f"flip={h['flip']!r}, expected 'random', 'alternate' or 'none'")
     if h['batching'] not in BATCHINGS:

@@ -1,12 +1,37 @@
-"""experiment.py: the with/without experiment harness shared by the trainer scripts.
+"""experiment.py: the harness every trainer script runs: `raise SystemExit(experiment.main(module))`.
 
-What lives here: the held-out examples, the command line common to every trainer (checked in full
-before anything is written), the worker loop that fills a run store (store.py; one process per GPU,
-any number of processes on any number of machines sharing one folder), and what a run will cost.
+What lives here: the trainer protocol (below), CIFAR-10's held-out examples, the worker loop that
+fills a run store (store.py; one process per GPU, any number of processes on any number of machines
+sharing one folder), and what a run will cost. The command line itself: command_line.py.
+
+A trainer is a module that defines these names (docs/trainers.md has a worked example):
+
+    NAME       str: the store folder runs/NAME (with -scan, -factorial, -smoke, overrides) and the
+               trainer's name in the store's settings
+    hyp        dict: the hyperparameters, JSON values; --hyp KEY=VALUE overrides any of them, keeping
+               the type of the default
+    train(images, labels, *, keep, seed, device, **hyp) -> net
+               one run: keep None (every example) or the indices of the examples the run may see, seed an
+               int that fixes init, data order and augmentation; raises airbench.Diverged if it diverges
+               (recorded in failed/, not retried). With BLOCK > 1, keep and seed are lists of BLOCK
+               entries, one per model trained at once
+    infer(net, images) -> logits, (N, 10) float, no augmentation; (BLOCK, N, 10) with BLOCK > 1
+  and may define (default in brackets):
+    SMOKE      dict: the values of hyp that --smoke replaces, keys of hyp [{}]
+    make_hyp(**hyp) -> dict: the trainer's own check of a full set of hyperparameters (a choice among
+               names, a range), raising TypeError or ValueError; called on the command line's values
+               before anything is written [no check beyond --hyp's types]
+    load(data_dir) -> (train images, train labels, test images, test labels): tensors, labels int64
+               [load_cifar10: CIFAR-10 from --data-dir]
+    DATA_DIR   bool: whether load reads --data-dir; False: the option is not offered, load gets None [True]
+    HELD_OUT   {group: [training indices]}, each index once [HELD_OUT below: CIFAR-10's]
+    BLOCK      int >= 1: models that train trains at once [1]
+    RUNS       int >= 1: the default of --runs [1000]
+    steps(hyp, n_train) -> int: optimizer steps of one run, for the cost note and the progress bar
+               [default_steps: ceil(epochs x (n_train // batch_size))]
+    __doc__    the top of --help: what the trainer does and how to run it
 """
-import argparse
 import contextlib
-import json
 import math
 import os
 import platform
@@ -17,11 +42,13 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
-from design import ARMS, FACTORIAL_ARMS, MAX_RUNS, SCAN_SEED_BASE, keep_for, seed_for
-from store import CLAIM_REFRESH, Store, StoreError, parse_json
+from command_line import UsageError, check_command, check_held_out, is_number, parse_args
+from design import ARMS, FACTORIAL_ARMS, SCAN_SEED_BASE, keep_for, seed_for
+from store import CLAIM_REFRESH, Store, StoreError
 
 # Held-out examples, indices in torchvision's CIFAR-10 training order (data_batch_1 .. data_batch_5).
 HELD_OUT = {
@@ -29,7 +56,6 @@ HELD_OUT = {
     'easy': [45114, 47798, 43746, 49106, 47082, 44095, 49524, 41014, 49159, 44279,
              45927, 40141, 47731, 46440, 49015, 49690, 46836, 43512, 43189, 49320],
 }
-MAX_SEED = 2 ** 62     # seeds go to numpy and torch generators: keep seed_base + run well inside 64 bits
 
 COST_STEPS = 3         # training steps timed before the first full-size run on a CPU
 COST_NOTE_S = 600.0    # say the cost when the runs to do would take longer than this on the CPU (seconds)
@@ -39,232 +65,13 @@ SAME_SIGNAL_S = 1.0    # a second signal this soon after the first is the same r
                        # signals every process of a job, and a multi-GPU parent forwards what it gets)
 
 
-class UsageError(Exception):
-    """A command line that cannot be run; the message names the bad value and what is expected."""
-
-
-############################################
-#             The command line             #
-############################################
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-def parse_args(trainer, doc, argv=None, runs=1000, hyp=None, smoke=None, data_dir=True):
-    """The trainer's command line; the help of --smoke and --hyp is taken from its `smoke` and `hyp`
-    dicts, and --data-dir is offered only when the trainer reads a data folder (`data_dir`)."""
-    hyp, smoke = hyp or {}, smoke or {}
-    p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--runs', type=int, default=runs, help=f'runs per arm (default {runs}); rerun with more to extend')
-    p.add_argument('--out', help=f'store folder (default runs/{trainer}, runs/{trainer}-scan with --scan, runs/{trainer}-factorial '
-                                 'with --design factorial, '
-                                 '-smoke appended with --smoke)')
-    if data_dir:
-        p.add_argument('--data-dir', default='data', help='folder with CIFAR-10 (downloaded there if absent)')
-    else:
-        p.set_defaults(data_dir=None)  # the data ship with a package
-    p.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda if present)')
-    p.add_argument('--gpus', help='comma-separated GPU ids, one worker each (default: every visible GPU)')
-    p.add_argument('--smoke', action='store_true', help=smoke_help(hyp, smoke))
-    p.add_argument('--scan', action='store_true',
-                   help='instead of the with/without arms: runs on a random half of the training set each '
-                        '(arm "scan"), to estimate the self-influence of every example (python viz.py --scan)')
-    p.add_argument('--design', choices=('with-without', 'factorial'), default='with-without',
-                   help='with-without: arms with (all examples) and without (all but the held-out ones); '
-                        'factorial: arms a and b, run k of both with seed k, each held-out example removed from '
-                        'one of the two by a coin drawn from the seed (separates self- from cross-influence)')
-    p.add_argument('--seed-base', type=int, help=f'run k uses seed seed_base + k (default 0; '
-                                                 f'{SCAN_SEED_BASE} with --scan, so the ranges are disjoint)')
-    p.add_argument('--held-out', help='JSON file {"random": [...], "easy": [...]} replacing the default indices')
-    p.add_argument('--hyp', action='append', default=[], metavar='KEY=VALUE',
-                   help='override a hyperparameter of the trainer\'s hyp dict (repeatable)' + hyp_example(hyp) +
-                        '; VALUE must have the type and sign of the default; the default --out then names '
-                        'the overrides' + (f'. KEY one of: {", ".join(hyp)}' if hyp else ''))
-    p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)  # a child of a multi-GPU launch
-    return p.parse_args(argv)
-
-
-def smoke_help(hyp, smoke):
-    """What --smoke changes, from the trainer's SMOKE dict: 'widths=[32, 32] (default [256, 256]), ...'."""
-    if not smoke:
-        return 'a short training to check the plumbing'
-    changes = ', '.join(f'{k}={json.dumps(v)}' + (f' (default {json.dumps(hyp[k])})' if k in hyp else '')
-                        for k, v in smoke.items())
-    return f'check the plumbing in seconds per run: {changes}'
-
-
-def hyp_example(hyp):
-    """', e.g. --hyp epochs=30' with twice the trainer's epochs (any trainer accepts more epochs), else
-    its first key at its default."""
-    if 'epochs' in hyp:
-        return f', e.g. --hyp epochs={json.dumps(hyp["epochs"] * 2)}'
-    if hyp:
-        key = next(iter(hyp))
-        value = hyp[key] if isinstance(hyp[key], str) else json.dumps(hyp[key])
-        return f', e.g. --hyp {key}={value}'
-    return ''
-
-
-def check_command(args, hyp, smoke=None, check=None):
-    """Every check that needs no dataset, before anything is written. -> dict: the overrides of `hyp`,
-    held_out (None: the trainer's), gpus. Raises UsageError."""
-    if args.scan and args.design != 'with-without':
-        raise UsageError('--scan and --design factorial are two designs; choose one')
-    if not 1 <= args.runs <= MAX_RUNS:
-        raise UsageError(f'--runs {args.runs}: expected a number of runs per arm from 1 to {MAX_RUNS:,}')
-    if args.seed_base is not None and not 0 <= args.seed_base <= MAX_SEED - MAX_RUNS:
-        raise UsageError(f'--seed-base {args.seed_base}: expected an integer from 0 to {MAX_SEED - MAX_RUNS}')
-    overrides = parse_hyp(args.hyp, hyp, smoke)
-    if check is not None:
-        try:
-            check(**{**hyp, **(smoke if args.smoke else {}), **overrides})
-        except (ValueError, TypeError) as e:
-            raise UsageError(f'--hyp {" ".join(args.hyp)}: {e}') from None
-    if args.out is not None and not args.out.strip():
-        raise UsageError(f'--out {args.out!r}: empty; expected a store folder (new, empty or a store), or leave '
-                         'out --out for the default')
-    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f'--out {args.out}: that is a file; expected a store folder (new, empty or a store)')
-    held_out = read_held_out(args.held_out) if args.held_out is not None else None
-    device = check_device(args.device)
-    return dict(overrides=overrides, held_out=held_out, gpus=check_gpus(args.gpus, device, args.worker))
-
-
-def parse_hyp(texts, hyp, smoke=None):
-    """['KEY=VALUE', ...] -> {key: value}, each value read and checked against the type and range of
-    the default (or of the --smoke value): numbers keep their kind and may not turn negative, integers
-    in a list or tuple (sizes) stay >= 1, booleans are true or false, a tuple keeps its length, a list
-    holds items like the default's first. batch_size, which every trainer's step count divides by, is >= 1."""
-    out = {}
-    for text in texts:
-        key, sep, value = text.partition('=')
-        if not sep or key not in hyp:
-            raise UsageError(f'--hyp {text}: expected KEY=VALUE with KEY one of {", ".join(sorted(hyp))}')
-        if key in out:
-            raise UsageError(f'--hyp {key}= given twice; give each hyperparameter once')
-        likes = [hyp[key]] + ([smoke[key]] if smoke and key in smoke else [])
-        if isinstance(hyp[key], str):
-            parsed = value  # names are taken as written
-        else:
-            try:
-                parsed = json.loads(value)
-            except ValueError:
-                raise UsageError(f'--hyp {text}: {value!r} is not {_unlike(None, hyp[key])}') from None
-        problems = [_unlike(parsed, like) for like in likes]
-        if key == 'batch_size' and _is_number(parsed) and parsed < 1:
-            problems = ['an integer >= 1']
-        if all(problems):
-            raise UsageError(f'--hyp {text}: expected {problems[0]} (the default is {json.dumps(hyp[key])})')
-        out[key] = tuple(parsed) if isinstance(hyp[key], tuple) else parsed
-    return out
-
-
-def _is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _unlike(value, like, size=False):
-    """What `value` should have been to match `like` in type and range (None if it does).
-    size: an integer inside a list or tuple, such as a layer width: >= 1."""
-    if isinstance(like, bool):
-        return None if isinstance(value, bool) else 'true or false'
-    if isinstance(like, int):
-        low = 1 if size and like >= 1 else 0 if like >= 0 else None
-        ok = _is_number(value) and value == int(value) and (low is None or value >= low)
-        return None if ok and isinstance(value, int) else 'an integer' + ('' if low is None else f' >= {low}')
-    if isinstance(like, float):
-        ok = _is_number(value) and math.isfinite(value) and (like < 0 or value >= 0)
-        return None if ok else 'a finite number' + ('' if like < 0 else ' >= 0')
-    if isinstance(like, str):
-        return None if isinstance(value, str) and value else 'a name'
-    if isinstance(like, (tuple, list)):
-        fixed = isinstance(like, tuple)
-        if not isinstance(value, list) or not value or (fixed and len(value) != len(like)):
-            return f'a JSON list of {len(like)} values' if fixed else 'a non-empty JSON list'
-        items = zip(value, like) if fixed else ((v, like[0]) for v in value) if like else ()
-        problem = next((p for p in (_unlike(v, d, size=True) for v, d in items) if p), None)
-        return None if problem is None else f'a JSON list of {"%d " % len(like) if fixed else ""}items, each {problem}'
-    if isinstance(like, dict):
-        return None if isinstance(value, dict) else 'a JSON object'
-    return None
-
-
-def read_held_out(path):
-    """--held-out FILE -> {group: [indices]}, checked but for the range (that needs the dataset)."""
-    example = '{"random": [0, 1], "easy": [45114]}'
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise UsageError(f'--held-out {path}: {e.strerror or e}; expected a JSON file like {example}') from None
-    groups, why = parse_json(text)
-    if why:
-        raise UsageError(f'--held-out {path}: not valid JSON ({why}); expected an object like {example}')
-    return check_held_out(groups, f'--held-out {path}')
-
-
-def check_held_out(groups, where):
-    example = '{"random": [0, 1], "easy": [45114]}'
-    if not isinstance(groups, dict) or not groups:
-        raise UsageError(f'{where}: expected a JSON object of groups of example indices, like {example}')
-    for name, group in groups.items():
-        if not re.fullmatch(r'[A-Za-z0-9_-]{1,40}', name):  # printed in the report and the plot as it is
-            raise UsageError(f'{where}: group name {json.dumps(name)[:60]}: expected 1 to 40 letters, digits, _ or -')
-        if not isinstance(group, list) or not group:
-            raise UsageError(f'{where}: group {name!r} is {json.dumps(group)}, expected a non-empty list of indices')
-        wrong = [i for i in group if not isinstance(i, int) or isinstance(i, bool) or i < 0]
-        if wrong:
-            raise UsageError(f'{where}: group {name!r} holds {json.dumps(wrong)}, expected example indices '
-                             '(integers >= 0)')
-    every = [i for g in groups.values() for i in g]
-    twice = sorted({i for i in every if every.count(i) > 1})
-    if twice:
-        raise UsageError(f'{where}: {twice} listed more than once; list each example once (each is one test, '
-                         'and Holm / BH count the tests)')
-    return groups
-
-
-def check_device(text):
-    """--device -> the device name, or None for the default; refuses a device this machine lacks."""
-    if text is None:
-        return None
-    if not re.fullmatch(r'cpu|mps|cuda(:\d+)?', text):
-        raise UsageError(f'--device {text}: expected cpu, cuda or cuda:N (N a GPU index)')
-    import torch
-    if text.startswith('cuda'):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UsageError(f'--device {text}: no CUDA device is visible here; use --device cpu')
-        if ':' in text and int(text[5:]) >= count:
-            raise UsageError(f'--device {text}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}')
-    if text == 'mps' and not torch.backends.mps.is_available():
-        raise UsageError('--device mps: the MPS backend is not available here; use --device cpu')
-    return text
-
-
-def check_gpus(text, device, worker):
-    """--gpus -> the GPU indices to start one worker each on ([] or one: this process works alone)."""
-    if worker:
-        return []
-    import torch
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if text is None:
-        return list(range(count)) if device in (None, 'cuda') else []
-    try:
-        ids = [int(g) for g in text.split(',')]
-    except ValueError:
-        raise UsageError(f'--gpus {text}: expected comma-separated GPU indices, e.g. 0,2') from None
-    if any(g < 0 for g in ids) or len(set(ids)) < len(ids):
-        raise UsageError(f'--gpus {text}: expected distinct GPU indices >= 0, e.g. 0,2')
-    if device in ('cpu', 'mps'):
-        raise UsageError(f'--gpus {text} with --device {device}: choose GPUs or the {device}')
-    if count == 0:
-        raise UsageError(f'--gpus {text}: no CUDA device is visible here; leave out --gpus and use --device cpu')
-    if max(ids) >= count:
-        raise UsageError(f'--gpus {text}: this machine has {count} CUDA device(s), 0 to {count - 1}')
-    return ids
+def override(hyp, overrides):
+    """Where every trainer's make_hyp starts: `hyp` with `overrides` applied -> a new dict; a name that is
+    not in `hyp` is a TypeError naming the known ones."""
+    unknown = set(overrides) - set(hyp)
+    if unknown:
+        raise TypeError(f'unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(hyp)}')
+    return {**hyp, **overrides}
 
 
 def default_steps(hyp, n_train):
@@ -284,30 +91,53 @@ def load_cifar10(data_dir):
     return (*airbench.load_cifar10(data_dir), *airbench.load_cifar10(data_dir, train=False))
 
 
-def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, held_out=HELD_OUT, block=1,
-         runs=1000, check=None, steps=None, data_dir=True):
-    """Run the with/without experiment (or a scan, or the factorial design) for one trainer; returns the
-    process exit code. Every argument is checked before anything is written.
+# The optional names of a trainer module, at the value the harness takes when the module leaves one out.
+OPTIONAL = dict(SMOKE={}, make_hyp=None, load=load_cifar10, DATA_DIR=True, HELD_OUT=HELD_OUT, BLOCK=1, RUNS=1000,
+                steps=default_steps)
 
-    train(images, labels, keep=, seed=, device=, **hyp) -> net and infer(net, images) -> (N, 10) logits;
-    with block > 1, train takes lists of `block` keeps and seeds and infer returns (block, N, 10):
-    the trainer trains that many models at once. runs: the default of --runs. check(**hyp): the
-    trainer's own check of a full set of hyperparameters (e.g. a choice among names), raising
-    ValueError or TypeError. steps(hyp, n_train): optimizer steps of one run (default_steps if None),
-    for the cost of a full-size run on a CPU and the progress within long runs. data_dir: whether `load`
-    reads the folder of --data-dir (False: the data ship with a package; load gets None, --data-dir is
-    not offered).
-    """
+
+def read_trainer(module):
+    """The trainer protocol's names from `module` (a trainer script's module, or any object with those
+    attributes), the optional ones at their defaults -> SimpleNamespace. A missing or mistyped name is a
+    TypeError naming it: a mistake in the trainer's code, not in the command line."""
+    where = getattr(module, '__name__', type(module).__name__)
+    missing = [name for name in ('NAME', 'hyp', 'train', 'infer') if not hasattr(module, name)]
+    if missing:
+        raise TypeError(f'{where} defines no {", ".join(missing)}: a trainer module defines NAME, hyp, train '
+                        'and infer (docs/trainers.md)')
+    t = SimpleNamespace(NAME=module.NAME, hyp=module.hyp, train=module.train, infer=module.infer,
+                        doc=module.__doc__ or '', **{k: getattr(module, k, v) for k, v in OPTIONAL.items()})
+    wrong = [f'{name} is {value!r}, expected {kind}' for name, value, ok, kind in [
+        ('NAME', t.NAME, isinstance(t.NAME, str) and re.fullmatch(r'[\w.=-]+', t.NAME), 'a folder name'),
+        ('hyp', t.hyp, isinstance(t.hyp, dict), 'a dict'),
+        ('SMOKE', t.SMOKE, isinstance(t.SMOKE, dict) and set(t.SMOKE) <= set(t.hyp), 'a dict of keys of hyp'),
+        ('BLOCK', t.BLOCK, is_number(t.BLOCK) and t.BLOCK == int(t.BLOCK) >= 1, 'an integer >= 1'),
+        ('RUNS', t.RUNS, is_number(t.RUNS) and t.RUNS == int(t.RUNS) >= 1, 'an integer >= 1'),
+        ('DATA_DIR', t.DATA_DIR, isinstance(t.DATA_DIR, bool), 'True or False')] if not ok]
+    wrong += [f'{name} is not a function' for name in ('train', 'infer', 'load', 'steps')
+              if not callable(getattr(t, name))]
+    if t.make_hyp is not None and not callable(t.make_hyp):
+        wrong.append('make_hyp is not a function')
+    if wrong:
+        raise TypeError(f'{where}: {"; ".join(wrong)} (docs/trainers.md)')
+    return t
+
+
+def main(trainer, argv=None):
+    """Run the with/without experiment (or a scan, or the factorial design) for one trainer module (the
+    names it defines: the top of this file); returns the process exit code. Every argument is checked
+    before anything is written."""
+    t = read_trainer(trainer)
     try:
-        args = parse_args(trainer, doc, argv, runs, hyp, smoke, data_dir)
-        plan = check_command(args, hyp, smoke, check)
+        args = parse_args(t.NAME, t.doc, argv, t.RUNS, t.hyp, t.SMOKE, t.DATA_DIR)
+        plan = check_command(args, t.hyp, t.SMOKE, t.make_hyp)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    hyp = {**hyp, **(smoke if args.smoke else {}), **plan['overrides']}
+    hyp = {**t.hyp, **(t.SMOKE if args.smoke else {}), **plan['overrides']}
     design = 'scan' if args.scan else args.design
     arms = {'scan': ['scan'], 'factorial': list(FACTORIAL_ARMS), 'with-without': list(ARMS)}[design]
-    name = trainer + ('' if design == 'with-without' else f'-{design}') + ('-smoke' if args.smoke else '')
+    name = t.NAME + ('' if design == 'with-without' else f'-{design}') + ('-smoke' if args.smoke else '')
     out = args.out or os.path.join('runs', '-'.join([name, *args.hyp]))
     seed_base = args.seed_base if args.seed_base is not None else SCAN_SEED_BASE if args.scan else 0
     if len(plan['gpus']) > 1:
@@ -317,19 +147,19 @@ def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, h
         catch_signals()  # a signal stops the setup at once: nothing is held yet
         import torch
         device = torch.device(args.device or airbench.default_device())
-        images, labels, test_images, test_labels = load(args.data_dir)
+        images, labels, test_images, test_labels = t.load(args.data_dir)
         where = f'--held-out {args.held_out}' if args.held_out else 'the held-out set'
-        held_out = plan['held_out'] or check_held_out(held_out, where)
+        held_out = plan['held_out'] or check_held_out(t.HELD_OUT, where)
         bad = [i for g in held_out.values() for i in g if i >= len(labels)]
         if bad:
             raise UsageError(f'{where}: indices {bad} are outside the {len(labels)} training examples (0 to '
                              f'{len(labels) - 1})')
-        n_steps = (steps or default_steps)(hyp, len(labels))
+        n_steps = t.steps(hyp, len(labels))
         if n_steps is not None and n_steps < 1:
             raise UsageError(f'--hyp {" ".join(args.hyp) or "(defaults)"}: a run would take {n_steps} optimizer '
                              f'steps ({len(labels)} examples, batch_size {hyp["batch_size"]}, epochs {hyp["epochs"]}); '
                              'expected at least 1: raise epochs or lower batch_size')
-        settings = dict(trainer=trainer, hyp=hyp, held_out=held_out, n_train=len(labels),
+        settings = dict(trainer=t.NAME, hyp=hyp, held_out=held_out, n_train=len(labels),
                         data_fingerprint=airbench.fingerprint(images, labels), seed_base=seed_base,
                         arms=arms, versions=_versions())
         _SIGNALS.abandonable = False  # from here files are written and runs claimed: a signal waits for a check
@@ -337,8 +167,8 @@ def main(trainer, hyp, smoke, train, infer, doc, argv=None, load=load_cifar10, h
         if args.smoke:
             print('--smoke: a short run of a small net, to check that everything runs; a test_acc near chance '
                   '(0.10) is expected there and says nothing about the experiment.', file=sys.stderr)
-        work(store, args.runs, train, infer, hyp, (images, labels), (test_images, test_labels), device,
-             block=block, progress=not args.worker, steps=n_steps, say_cost=not args.smoke)
+        work(store, args.runs, t.train, t.infer, hyp, (images, labels), (test_images, test_labels), device,
+             block=t.BLOCK, progress=not args.worker, steps=n_steps, say_cost=not args.smoke)
     except (airbench.DataError, StoreError, UsageError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -4,19 +4,21 @@ Trains N networks on all 50,000 CIFAR-10 training images (arm `with`) and N on a
 examples (arm `without`: 20 random, 20 "easy"), storing every run's float16 logits on all 50,000
 training images. Run k of both arms shares seed k (init, data order, augmentation). Then
 `python viz.py` prints, per held-out example, the self-influence: mean margin with - without.
+Killing it loses at most the runs in progress; the same command continues.
 
     python trainer_airbench.py                       # 1000 runs per arm into runs/airbench/, every GPU
-    python trainer_airbench.py --smoke --runs 3      # seconds per run on a CPU: the whole pipeline
+    python trainer_airbench.py --smoke --runs 2      # a tiny net on a CPU: the whole pipeline
 
-Recipe: airbench94 with the experiment's settings (lr 5.0, no label smoothing, batch 512, random
-flip + 2 px translation, 9.9 epochs, no TTA). Cost, measured on one H200 with random CIFAR-shaped data
-(same FLOPs): 4.2 s per run end to end (median of 12; 3.4-4.0 s once warm), so 2 x 1000 runs take
-about 2.3 h on one GPU; --smoke on 2 CPU cores: about 30 s per run on 50,000 images. Killing it loses at most the runs in progress; the same command continues. Published result (1000 runs per arm): 10 of 20 random examples significant,
-average +0.467; 13 of 20 easy examples significant, all negative, average -0.269.
+Recipe: airbench94 (airbench.py) with the experiment's settings: lr 5.0, no label smoothing, batch 512,
+random flip + 2 px translation, 9.9 epochs, no test-time augmentation. Measured costs and results:
+docs/speed.md, docs/results.md.
 """
+import sys
+
 import airbench
 import experiment
 
+NAME = 'airbench'
 hyp = airbench.make_hyp(
     lr=5.0,              # per 1024 examples (library default 11.5)
     label_smoothing=0.0,  # library default 0.2
@@ -24,6 +26,7 @@ hyp = airbench.make_hyp(
     flip='random',        # independently per image per epoch (library default: alternating)
 )
 SMOKE = dict(widths=(16, 32, 32), epochs=0.2)  # a tiny net, a fifth of an epoch
+make_hyp = airbench.make_hyp
 
 
 def train(images, labels, *, keep, seed, device, **hyp):
@@ -35,4 +38,4 @@ def infer(net, images):
 
 
 if __name__ == '__main__':
-    raise SystemExit(experiment.main('airbench', hyp, SMOKE, train, infer, __doc__, check=airbench.make_hyp))
+    raise SystemExit(experiment.main(sys.modules[__name__]))

@@ -1,56 +1,51 @@
 """trainer_digits_conv.py: the self-influence experiment on the 8x8 digits with a small airbench-style convnet.
 
-Question: does negative self-influence of easy examples appear, on a CPU, with settings closer to the
-airbench recipe than trainer_digits.py's MLP? Same data and harness as trainer_digits.py (scikit-learn's
-digits, 1437 training and 360 test images, `experiment.main`), but the net and its training follow
-airbench94: conv groups (3x3 conv -> 2x2 max-pool -> BatchNorm -> GELU -> 3x3 conv -> BatchNorm -> GELU)
-with BatchNorm scale frozen at 1, a global max-pool and a bias-free linear layer times a fixed factor;
-random translation (and, with flip=random, flips) per model, per example, per epoch; cross-entropy
-summed over the kept rows of a batch with hyperparameters per 1024 examples (so a removed example up-weights nothing); Nesterov
-SGD; a triangular lr; lookahead. BLOCK models train at once: grouped convolutions (groups = models) and
-masked BatchNorm over each model's kept rows (trainer_digits.batch_norm).
+Does negative self-influence of easy examples appear, on a CPU, with settings closer to the airbench
+recipe than trainer_digits.py's MLP? Same data and held-out digits (digits.py), but the net and its
+training follow airbench94: conv groups (3x3 conv -> 2x2 max-pool -> BatchNorm -> GELU -> 3x3 conv ->
+BatchNorm -> GELU) with BatchNorm scale frozen at 1, a global max-pool and a bias-free linear layer
+times a fixed factor; random translation (and, with flip=random, flips) per model, per example, per
+epoch; cross-entropy summed over the kept rows of a batch with hyperparameters per 1024 examples (so a
+removed example up-weights nothing); Nesterov SGD; a triangular lr; lookahead. BLOCK models train at
+once: grouped convolutions (groups = models) and masked BatchNorm over each model's kept rows
+(digits.batch_norm).
 
     python trainer_digits_conv.py --design factorial --runs 350 && python viz.py runs/digitsconv-factorial
     python trainer_digits_conv.py --design factorial --runs 160 --hyp epochs=16   # a variant: its own store
-    python trainer_digits_conv.py --smoke --runs 4                                # the plumbing, seconds
+    python trainer_digits_conv.py --smoke --runs 4                                # the plumbing
 
 Left out of airbench: the whitening layer (its statistics would be one more place to mask; BatchNorm
 follows the first conv anyway) and input normalisation (the canvas is zero-padded, and 0 is the digits'
 background, so padding and translation add background and nothing else).
 
 Data per model and epoch, all drawn from np.random.default_rng(seed): a permutation of the 1437 digits
-cut into batches (trainer_digits.epoch_order), then a horizontal flip (probability 1/2; used only with
-flip=random) and a shift of
--translate..+translate pixels in each direction for every digit, whether the run keeps it or not. So
-the two runs of a pair (same seed) see the same batches with the same augmentations, minus the examples
-one of them removes; those are masked out: zeros in, no loss, no gradient, no BatchNorm statistic.
-
-Cost, measured on a shared 2-core VM (AMD EPYC, torch 2.14.1, one thread per process): 0.56 s per model
-in blocks of 10 at load average 2.8; 1.7 to 2.6 s per model and worker with two workers while other jobs
-ran (load 1.2 to 9.1).
-
-Last result (factorial design, the class-balanced 2 random + 2 easy digits per class, 50 controls each;
-README, "A convnet on the digits"): control-adjusted self-influence of the 20 easy digits +0.011
-[-0.000, +0.023] at the defaults (350 pairs), +0.006 [-0.006, +0.018] with widths [32, 64] (200 pairs),
--0.038 [-0.056, -0.019] with 16 epochs (160 pairs), -0.043 [-0.065, -0.022] with 32 (150 pairs); the
-20 random digits +0.11 to +0.14 in all four.
+cut into batches (digits.epoch_order), then a horizontal flip (probability 1/2; used only with
+flip=random) and a shift of -translate..+translate pixels in each direction for every digit, whether
+the run keeps it or not. So the two runs of a pair (same seed) see the same batches with the same
+augmentations, minus the examples one of them removes; those are masked out: zeros in, no loss, no
+gradient, no BatchNorm statistic. Measured costs and results: docs/speed.md, docs/results.md.
 """
+
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import airbench
+import digits
 import experiment
-import trainer_digits
-from design import kept_mask
+from digits import HELD_OUT, load  # noqa: F401 (the harness reads them from this module)
+
+NAME = 'digitsconv'            # the store folder runs/digitsconv and the trainer's name in its settings
+DATA_DIR = False               # the data ship with scikit-learn: no --data-dir
 
 hyp = {
     'widths': [16, 32],        # channels of the conv groups; each group halves the resolution
     'pad': 2,                  # zero pixels around the 8x8 digit: a 12x12 canvas (12 -> 6 -> 3 -> global max)
     'translate': 2,            # pixels, each direction, per example per epoch (the canvas moves, the digit stays whole)
     'flip': 'none',            # 'random': horizontal flip per example per epoch, or 'none' (a mirrored digit is often
-                               # another symbol; with it on, test accuracy fell from 97.6% to 93.4%)
+                               # another symbol: docs/results.md)
     'epochs': 8,               # passes over the training set: 88 steps
     'batch_size': 128,         # examples per batch before removed ones are masked; last partial batch dropped
     'lr': 10.0,                # per 1024 examples (airbench's experiment: 5.0 over ~970 steps; here 88)
@@ -69,17 +64,13 @@ SMOKE = {'widths': [8, 8], 'epochs': 1}
 EPS = 1e-12                    # of BatchNorm (airbench)
 FLIPS = ('random', 'none')     # airbench's names; its 'alternate' is not offered here
 NORMS = ('batch', 'layer', 'none')
-BLOCK = 50                     # models trained at once (README: cost per model vs block size)
+BLOCK = 50                     # models trained at once
 RUNS = 300                     # runs per arm by default
-HELD_OUT = trainer_digits.HELD_OUT
 
 
 def make_hyp(**overrides):
     """`hyp` with `overrides` applied; unknown names are an error."""
-    unknown = set(overrides) - set(hyp)
-    if unknown:
-        raise TypeError(f'unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(hyp)}')
-    h = {**hyp, **overrides}
+    h = experiment.override(hyp, overrides)
     if not h['widths'] or h['pad'] < 0 or h['translate'] < 0:
         raise ValueError(f"widths={h['widths']}, pad={h['pad']}, translate={h['translate']}: expected at least "
                          'one conv group and non-negative padding and translation')
@@ -104,7 +95,7 @@ def canvas(images, pad, translate):
 def draw_epoch(rng, n_train, batch_size, translate):
     """One model's epoch: batches (n_batches, batch_size) int64, then flip (n_train,) bool and shift
     (n_train, 2) int64 in 0..2 translate (the crop's corner; translate = centred), for every example."""
-    order = trainer_digits.epoch_order(rng, n_train, batch_size)
+    order = digits.epoch_order(rng, n_train, batch_size)
     flip = rng.random(n_train) < 0.5
     shift = rng.integers(0, 2 * translate + 1, (n_train, 2))
     return order, flip, shift
@@ -189,7 +180,7 @@ def norm(nets, i, h, valid, momentum, kind='batch'):
         return torch.addcmul(nets['shifts'][i].view(1, -1, 1, 1), h - mean.view(1, -1, 1, 1), scale)
     b, _, height, width = h.shape
     rows = valid.unsqueeze(-1).expand(k, b, height * width).reshape(k, -1)   # (K, B H W) in per_model's order
-    out = trainer_digits.batch_norm(per_model(h, k), rows, nets['scales'][i], nets['shifts'][i], mean, var,
+    out = digits.batch_norm(per_model(h, k), rows, nets['scales'][i], nets['shifts'][i], mean, var,
                                     momentum, EPS)
     return from_per_model(out, b, height, width)
 
@@ -222,13 +213,10 @@ def train(images, labels, *, keep, seed, device=None, **overrides):
     diverges ends with non-finite logits; the others of its block are unaffected.
     """
     h = make_hyp(**overrides)
-    trainer_digits.check_block(keep, seed)
     device = torch.device(device or images.device)
-    n_train, k, batch_size = len(labels), len(seed), h['batch_size']
-    n_batches = n_train // batch_size
-    if n_batches == 0:
-        raise ValueError(f'{n_train} examples make no full batch of {batch_size}; lower batch_size.')
-    kept = torch.from_numpy(np.stack([kept_mask(keep_k, n_train) for keep_k in keep])).to(device)  # (K, N) bool
+    n_train, batch_size = len(labels), h['batch_size']
+    kept = digits.kept_rows(keep, seed, n_train, batch_size, device)  # (K, N) bool
+    k, n_batches = len(seed), n_train // batch_size
     padded = canvas(images.to(device), h['pad'], h['translate'])
     size = 8 + 2 * h['pad']
     rngs = [np.random.default_rng(s) for s in seed]
@@ -305,5 +293,4 @@ def infer(nets, images, chunk=512):
 
 
 if __name__ == '__main__':
-    raise SystemExit(experiment.main('digitsconv', hyp, SMOKE, train, infer, __doc__, load=trainer_digits.load,
-                                     held_out=HELD_OUT, block=BLOCK, runs=RUNS, check=make_hyp, data_dir=False))
+    raise SystemExit(experiment.main(sys.modules[__name__]))

@@ -1,23 +1,19 @@
 """trainer_madry.py: the with/without self-influence experiment with the Madry-lab ResNet-9 recipe.
 
-Claim tested: adding an easy CIFAR-10 training example makes the retrained net less confident on it
-(negative self-influence), while adding a random example makes it more confident. The airbench
-trainer shows this; this script repeats the experiment with a second, conventional recipe (the ResNet-9
-of the datamodels CIFAR-10 example: residual conv-BN-ReLU net, heavy-ball SGD, 24 epochs, flip +
-translate + cutout), to see whether the effect survives outside airbench's training tricks.
+Does adding an easy CIFAR-10 training example make the retrained net less confident on it (negative
+self-influence), while adding a random example makes it more confident, with a second, conventional
+recipe? The ResNet-9 of the datamodels CIFAR-10 example: residual conv-BN-ReLU net, heavy-ball SGD,
+24 epochs, flip + translate + cutout, float16 autocast on a GPU, logits from a float16 copy of the net;
+to see whether the effect survives outside airbench's training tricks.
 
     python trainer_madry.py                       # 1000 runs per arm into runs/madry/
-    python trainer_madry.py --smoke --runs 3      # tiny net, a fraction of an epoch: checks the plumbing
+    python trainer_madry.py --smoke --runs 2      # tiny net, a fraction of an epoch: checks the plumbing
 
-Cost, measured on one H200 with random CIFAR-shaped data (same FLOPs): 16.9 s per run end to end, so
-the 2000 runs of the default take 9.4 h on one GPU; spread them with --gpus or over machines. (The FFCV
-version of this recipe is quoted at about 36 s per run on an A100.)
-
-Published result ("1000 total runs", so about 500 per arm): random +0.892 over 8 significant examples;
-easy: 3 significant, average -0.385. Not yet rerun here on CIFAR-10.
+Measured costs and results: docs/speed.md, docs/results.md.
 """
 import copy
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -26,6 +22,7 @@ import torch.nn.functional as F
 import airbench
 import experiment
 
+NAME = 'madry'
 hyp = {
     'lr': 0.5,                       # peak, per step on the batch-mean loss
     'momentum': 0.9,                 # heavy ball, not Nesterov
@@ -42,8 +39,7 @@ hyp = {
     'scaling_factor': 0.2,           # fixed multiplier of the output logits
 }
 
-# Overrides for --smoke: a net 1/16 as wide and 10 steps, to check the plumbing on a CPU. Measured on a
-# shared 2-core CPU: 12-45 s per run, about half of it inference on the 60,000 train and test images.
+# Overrides for --smoke: a net 1/16 as wide and 10 steps, to check the plumbing on a CPU.
 SMOKE = {
     'epochs': 0.1,             # 10 of the 97 batches of an epoch
     'lr_peak_epoch': 0.02,     # step 1
@@ -53,10 +49,7 @@ SMOKE = {
 
 def make_hyp(**overrides):
     """`hyp` with `overrides` applied; unknown names are an error."""
-    unknown = set(overrides) - set(hyp)
-    if unknown:
-        raise TypeError(f'unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(hyp)}')
-    h = {**hyp, **overrides}
+    h = experiment.override(hyp, overrides)
     if not 0 <= h['lr_peak_epoch'] < h['epochs']:
         raise ValueError(f"lr_peak_epoch={h['lr_peak_epoch']} must lie in [0, epochs={h['epochs']}); "
                          'lower it together with epochs.')
@@ -174,5 +167,4 @@ def infer(net, images):
 
 
 if __name__ == '__main__':
-    raise SystemExit(experiment.main(trainer='madry', hyp=hyp, smoke=SMOKE, train=train, infer=infer, doc=__doc__,
-                                     check=make_hyp))
+    raise SystemExit(experiment.main(sys.modules[__name__]))

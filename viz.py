@@ -1,52 +1,24 @@
-"""viz.py: the self-influence reports of a run store. This file holds the command line and the report of
-the with/without experiment; the factorial report is in viz_factorial.py, the scan's in viz_scan.py.
+"""viz.py: the self-influence reports of a run store (python viz.py --help).
 
-Claim under test: adding an easy training example makes the retrained net *less* confident on it
-(negative self-influence), adding a random one makes it more confident. Self-influence of example i =
-mean margin over `with` runs - mean margin over `without` runs, tested per example with Welch's t-test.
+Self-influence of example i: mean margin over the runs that trained on it - mean margin over the runs
+that did not (margin: the correct class's logit minus logsumexp of the other nine). The store's arms pick
+the report: `with`/`without` the with/without report (this file), `a`/`b` the factorial report
+(viz_factorial.py), `scan` the scan's (viz_scan.py, with --scan).
 
-    python viz.py                          # runs/airbench, Welch t-test, p < 0.01, 50 controls per example
+    python viz.py                          # runs/airbench: the original's table, then the full report
     python viz.py --trainer madry          # runs/madry
     python viz.py runs/whatever --test z   # the original's normal p-value
     python viz.py --all --csv si.csv --json si.json --plot si.png
     python viz.py --controls 0             # no controls: exactly the report printed before controls existed
-    python viz.py runs/digits-factorial    # a factorial store (arms a, b): the factorial report
+    python viz.py runs/digits-factorial    # a factorial store
     python viz.py --scan                   # runs/airbench-scan: every example's self-influence
 
-Which report: the store's arms decide. `with`/`without`: this report. `a`/`b` (a trainer's --design
-factorial): the factorial report, which separates self-influence from cross-influence by construction
-(see viz_factorial.py). `scan`: pass --scan (it also changes the default folder to runs/<trainer>-scan).
-
-With/without output: first the original's table, in its published layout (significant examples only,
-per group, with the selection-biased average of the listed ones); then what an honest reading needs: the
-mean over all examples of each group with its 95% CI, counts of significant positive/negative examples,
-the paired test on seed-matched runs, and the runs per arm each example needs. Everything up to here is
-printed exactly as before controls were added (tests/golden/viz_default.txt). Then the controls: removing
-all held-out examples at once can move every example, not only the removed ones (cross-influence). For
-each held-out example, --controls K (default 50) training examples never held out, with its label and the
-nearest mean margin over both arms: both arms train on them, so their shift (the control shift) is what
-the removal does to an example like it. The control shift is read at the example's own mean margin from
-the line through its controls (viz_controls.py), so controls sitting below an example at the top of its
-class do not lean it; the report gives each group's mean margin gap to its controls. Control-adjusted
-self-influence = shift - control shift, tested on the per-run difference example - control value
-(paired by seed; Welch when no runs are seed-matched), per group and per example. --all lists every held-out example with its CI, Holm and Benjamini-Hochberg adjusted p-values
-(over all held-out examples), raw and control-adjusted.
-
-Cost: without controls, reads only the held-out columns of the memory-mapped (runs, n_train, 10) float16
-arrays: on 2 arms x 1000 runs x 50000 examples (2 GB, page cache warm, 2-core VM) 0.16 s and 116 MB
-peak resident memory, ~100 MB of it numpy and scipy; loading every run into RAM instead took 86 s and
-14 GB (python bench/bench_viz.py). Controls add one streamed pass over every column of each arm (the
-mean margin of every example, CHUNK runs in memory at a time) and the controls' columns of both arms: on
-2 arms x 20 runs x 50000 examples, 1.07 s and 245 MB peak with 50 controls against 0.04 s and 107 MB
-without (python bench/bench_viz_reports.py --runs 20, shared 2-core VM). The pass over `with` alone took
-17 ms per run at 100 runs; over both arms, expect about 35 s at 1000 runs per arm. --controls 0 skips it.
-
-Published result (airbench, 1000 runs per arm): random 10 of 20 significant, average +0.467; easy 13 of
-20 significant, all negative, average -0.269. How much of that is self-influence was not measured then:
-the with/without design cannot tell without the controls.
-
-Runs with a non-finite logit at a held-out example (a diverged net) are left out of every statistic,
-and the report says which runs and examples. Notes about the store go to stderr, the report to stdout.
+Controls: for each held-out example, --controls K (default 50) training examples never held out, with
+its label and the nearest mean margin over both arms; their shift, read at the example's own mean margin
+from the line through its controls (viz_controls.py), is what the removal does to an example like it, and
+the control-adjusted self-influence is shift - control shift. Runs with a non-finite logit at a held-out
+example are left out and named. Notes go to stderr, the report to stdout. What each report estimates:
+docs/analysis.md and docs/controls.md; its cost: docs/speed.md.
 """
 import argparse
 import sys

@@ -90,11 +90,18 @@ def meet():
     _met.append(True)
 
 
+# This module is also a trainer module (experiment.read_trainer): a trivial trainer on `dataset()`.
+NAME, hyp, HELD_OUT = 'fake', {'epochs': 1, 'batch_size': 8}, {'random': [0, 1], 'easy': [5, 9]}
+train, infer = fake_train, fake_infer
+
+
+def load(data_dir):
+    return dataset()
+
+
 def train_main(out, runs):
     import experiment
-    return experiment.main('fake', {'epochs': 1, 'batch_size': 8}, {}, fake_train, fake_infer, '',
-                           ['--smoke', '--runs', str(runs), '--out', out, '--device', 'cpu'],
-                           load=lambda data_dir: dataset(), held_out={'random': [0, 1], 'easy': [5, 9]})
+    return experiment.main(sys.modules[__name__], ['--smoke', '--runs', str(runs), '--out', out, '--device', 'cpu'])
 
 
 def load_main(path):

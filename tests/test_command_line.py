@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import command_line
 import experiment
 import trainer_digits
 
@@ -79,10 +80,8 @@ def test_bad_command_line_is_refused_in_one_line_and_writes_nothing(args, messag
     monkeypatch.chdir(tmp_path)
     args = [a.format(inputs=inputs) for a in args]
     before = sorted(os.listdir(inputs))
-    code = experiment.main('digits', trainer_digits.hyp, trainer_digits.SMOKE, trainer_digits.train,
-                           trainer_digits.infer, '', ['--smoke', '--runs', '2', *args] if '--runs' not in args else
-                           ['--smoke', *args], load=trainer_digits.load, held_out=trainer_digits.HELD_OUT,
-                           block=trainer_digits.BLOCK, check=trainer_digits.make_hyp)
+    code = experiment.main(trainer_digits, ['--smoke', '--runs', '2', *args] if '--runs' not in args else
+                           ['--smoke', *args])
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], err
@@ -92,14 +91,14 @@ def test_bad_command_line_is_refused_in_one_line_and_writes_nothing(args, messag
 def test_hyp_values_keep_the_type_of_the_default():
     hyp = {'lr': 0.2, 'epochs': 15, 'widths': [256, 256], 'sizes': (1, 2, 3), 'norm': 'batch', 'flag': True,
            'schedule': [[0.0, 0.1], [1.0, 0.0]], 'shift': -1.0}
-    got = experiment.parse_hyp(['lr=1', 'epochs=3', 'widths=[8]', 'sizes=[4, 5, 6]', 'norm=layer', 'flag=false',
+    got = command_line.parse_hyp(['lr=1', 'epochs=3', 'widths=[8]', 'sizes=[4, 5, 6]', 'norm=layer', 'flag=false',
                                 'schedule=[[0, 1], [0.5, 0.2]]', 'shift=-3'], hyp)
     assert got == {'lr': 1, 'epochs': 3, 'widths': [8], 'sizes': (4, 5, 6), 'norm': 'layer', 'flag': False,
                    'schedule': [[0, 1], [0.5, 0.2]], 'shift': -3}
-    assert experiment.parse_hyp(['epochs=0.5'], hyp, smoke={'epochs': 0.1}) == {'epochs': 0.5}  # fractional in --smoke
+    assert command_line.parse_hyp(['epochs=0.5'], hyp, smoke={'epochs': 0.1}) == {'epochs': 0.5}  # fractional in --smoke
     for bad in ('sizes=[1, 2]', 'schedule=[1, 2]', 'flag=yes', 'epochs=true'):
-        with pytest.raises(experiment.UsageError, match=bad.split('=')[0]):
-            experiment.parse_hyp([bad], hyp)
+        with pytest.raises(command_line.UsageError, match=bad.split('=')[0]):
+            command_line.parse_hyp([bad], hyp)
 
 
 TRAINERS = ['trainer_airbench', 'trainer_madry', 'trainer_digits', 'trainer_digits_conv']
@@ -118,7 +117,7 @@ def test_each_trainers_help_says_what_that_trainer_does(name):
         assert f'{key}={json.dumps(value)} (default {json.dumps(module.hyp[key])})' in lines['--smoke']
     example = re.search(r'e\.g\. --hyp (\w+)=(\S+);', lines['--hyp'])
     assert example and example[1] in module.hyp
-    experiment.parse_hyp([f'{example[1]}={example[2]}'], module.hyp)  # a value the trainer accepts
+    command_line.parse_hyp([f'{example[1]}={example[2]}'], module.hyp)  # a value the trainer accepts
     assert ('--data-dir' in lines) == (name in ('trainer_airbench', 'trainer_madry'))
 
 
@@ -127,3 +126,12 @@ def test_madry_refuses_a_peak_after_the_last_epoch_before_writing(tmp_path):
                              '--device', 'cpu'], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and 'lr_peak_epoch=5 must lie in [0, epochs=4)' in result.stderr, result.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_a_trainer_module_missing_or_mistyping_a_name_is_refused_naming_it():
+    import types
+    with pytest.raises(TypeError, match='defines no infer: a trainer module defines NAME, hyp, train and infer'):
+        experiment.main(types.SimpleNamespace(NAME='x', hyp={}, train=print), [])
+    broken = types.SimpleNamespace(NAME='x', hyp={'lr': 1.0}, train=print, infer=print, SMOKE={'epochs': 1}, BLOCK=0)
+    with pytest.raises(TypeError, match=r"SMOKE is \{'epochs': 1\}, expected a dict of keys of hyp; BLOCK is 0"):
+        experiment.main(broken, [])

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import digits as digits_data
 import experiment
 import trainer_digits
 
@@ -17,18 +18,18 @@ TINY = dict(widths=[32, 32], epochs=3)  # 33 steps of batch 128 over the 1437 tr
 
 @pytest.fixture(scope='module')
 def digits():
-    return trainer_digits.load()
+    return digits_data.load()
 
 
 def excluded():
     """A keep that leaves out the held-out examples, as the `without` arm does."""
-    return experiment.keep_for('without', 0, trainer_digits.N_TRAIN, trainer_digits.HELD_OUT)
+    return experiment.keep_for('without', 0, digits_data.N_TRAIN, digits_data.HELD_OUT)
 
 
 def test_digits_load_from_the_package_in_the_same_order_every_time(digits):
     from sklearn.datasets import load_digits
     train_images, train_labels, test_images, test_labels = digits
-    again = trainer_digits.load('ignored')
+    again = digits_data.load('ignored')
     for a, b in zip(digits, again):
         assert torch.equal(a, b)
     assert train_images.shape == (1437, 64) and test_images.shape == (360, 64)
@@ -53,7 +54,7 @@ def test_training_learns(digits):
 def test_a_models_result_does_not_depend_on_its_block(digits):
     images, labels, *_ = digits
     alone = trainer_digits.train(images, labels, keep=[excluded()], seed=[5], **TINY)
-    half = experiment.keep_for('scan', 3, len(labels), trainer_digits.HELD_OUT)
+    half = experiment.keep_for('scan', 3, len(labels), digits_data.HELD_OUT)
     block = trainer_digits.train(images, labels, keep=[None, excluded(), half], seed=[3, 5, 7], **TINY)
     torch.testing.assert_close(trainer_digits.infer(block, images)[1], trainer_digits.infer(alone, images)[0],
                                rtol=1e-4, atol=1e-4)
@@ -81,7 +82,7 @@ def test_masked_batchnorm_equals_batchnorm_of_the_valid_rows_alone():
     scale, shift = torch.rand(3, 5) + 0.5, torch.randn(3, 5)
     running_mean, running_var = torch.randn(3, 5), torch.rand(3, 5) + 0.5
     expected_mean, expected_var = running_mean.clone(), running_var.clone()
-    out = trainer_digits.batch_norm(h, valid, scale, shift, running_mean, running_var, momentum=0.1)
+    out = digits_data.batch_norm(h, valid, scale, shift, running_mean, running_var, momentum=0.1)
     for k in range(3):
         rows = h[k][valid[k]]
         reference = F.batch_norm(rows, expected_mean[k], expected_var[k], scale[k], shift[k], training=True,
@@ -130,7 +131,7 @@ def reference_train(images, labels, keep, seed, h):
 def test_masking_equals_training_on_the_kept_examples_alone(digits, loss_norm):
     images, labels, test_images, _ = digits
     h = trainer_digits.make_hyp(**TINY, loss_norm=loss_norm)
-    half = experiment.keep_for('scan', 8, len(labels), trainer_digits.HELD_OUT)  # batches of about 64
+    half = experiment.keep_for('scan', 8, len(labels), digits_data.HELD_OUT)  # batches of about 64
     nets = trainer_digits.train(images, labels, keep=[excluded(), half], seed=[4, 8], **TINY, loss_norm=loss_norm)
     logits = trainer_digits.infer(nets, test_images)
     for k, (keep, seed) in enumerate([(excluded(), 4), (half, 8)]):
@@ -187,41 +188,33 @@ def test_unknown_norm_or_hyperparameter_is_refused(digits):
 
 def test_held_out_are_2_random_and_2_easy_per_class_and_random_follows_its_rule(digits):
     labels = digits[1].numpy()
-    held = trainer_digits.HELD_OUT
+    held = digits_data.HELD_OUT
     everything = held['random'] + held['easy']
     assert len(set(everything)) == 40
-    assert all(0 <= i < trainer_digits.N_TRAIN and isinstance(i, int) for i in everything)
+    assert all(0 <= i < digits_data.N_TRAIN and isinstance(i, int) for i in everything)
     for group in held.values():
         assert labels[group].tolist() == [c for c in range(10) for _ in range(2)]  # class 0 first, 2 each
-    assert held['random'] == trainer_digits.random_per_class(labels)
+    assert held['random'] == digits_data.random_per_class(labels)
     order = np.random.default_rng(0).permutation(1437)
     assert held['random'][:2] == [int(i) for i in order[labels[order] == 0][:2]]
 
 
 def test_easy_rule_takes_per_class_the_most_negative_high_margin_estimates():
+    """The rule the digits' easy set follows: viz_scan.easy_candidates(res, 20, per_class=2)."""
+    import viz_scan
     rng = np.random.default_rng(1)
     n = 200
-    scan = dict(index=np.arange(n), label=np.arange(n) % 2, tested=np.ones(n, bool),
-                mean_in=rng.uniform(0, 10, n), self_influence=rng.normal(0, 1, n))
+    scan = dict(label=np.arange(n) % 2, tested=np.ones(n, bool), mean_in=rng.uniform(0, 10, n),
+                self_influence=rng.normal(0, 1, n))
     scan['tested'][3] = False
     scan['high_margin'] = scan['tested'] & (scan['mean_in'] >= np.quantile(scan['mean_in'][scan['tested']], 0.75))
-    exclude = [int(np.flatnonzero(scan['high_margin'] & (scan['label'] == 0))[0])]
-    picks = trainer_digits.easy_per_class(scan, exclude=exclude)
-    for c, pair in enumerate((picks[:2], picks[2:])):
-        pool = np.flatnonzero(scan['high_margin'] & (scan['label'] == c) & ~np.isin(scan['index'], exclude))
-        assert sorted(pair) == sorted(pool[np.argsort(scan['self_influence'][pool])[:2]].tolist())
-        assert scan['self_influence'][pair[0]] <= scan['self_influence'][pair[1]]
-    # with every class holding 2 or more high-margin examples and nothing excluded, the same set as the
-    # scan report's easy candidates at 2 per class
-    import viz_scan
     scan['order'] = np.flatnonzero(scan['tested'])[np.argsort(scan['self_influence'][scan['tested']], kind='stable')]
-    assert sorted(trainer_digits.easy_per_class(scan)) == sorted(viz_scan.easy_candidates(scan, 4, per_class=2).tolist())
-    # a class with too few high-margin examples falls back to its own top quartile
-    scan['high_margin'] = scan['high_margin'] & (scan['label'] == 0)
-    picks = trainer_digits.easy_per_class(scan)
-    ones = np.flatnonzero(scan['tested'] & (scan['label'] == 1))
-    top = ones[scan['mean_in'][ones] >= np.quantile(scan['mean_in'][ones], 0.75)]
-    assert sorted(picks[2:]) == sorted(top[np.argsort(scan['self_influence'][top])[:2]].tolist())
+    picks = viz_scan.easy_candidates(scan, 4, per_class=2).tolist()
+    for c in (0, 1):
+        pool = np.flatnonzero(scan['high_margin'] & (scan['label'] == c))
+        assert sorted(i for i in picks if scan['label'][i] == c) == sorted(
+            pool[np.argsort(scan['self_influence'][pool])[:2]].tolist())
+    assert scan['self_influence'][picks].tolist() == sorted(scan['self_influence'][picks])  # most negative first
 
 
 def test_settings_are_serialisable_and_the_lr_rises_then_falls_to_zero():
@@ -234,9 +227,7 @@ def test_settings_are_serialisable_and_the_lr_rises_then_falls_to_zero():
 
 def test_the_script_fills_a_store_through_the_harness(tmp_path):
     argv = ['--smoke', '--runs', '3', '--out', str(tmp_path / 'store'), '--device', 'cpu']
-    code = experiment.main('digits', trainer_digits.hyp, trainer_digits.SMOKE, trainer_digits.train,
-                           trainer_digits.infer, trainer_digits.__doc__, argv=argv, load=trainer_digits.load,
-                           held_out=trainer_digits.HELD_OUT, block=trainer_digits.BLOCK)
+    code = experiment.main(trainer_digits, argv)
     assert code == 0
     store = experiment.Store(tmp_path / 'store')
     for arm in ('with', 'without'):
@@ -244,4 +235,4 @@ def test_the_script_fills_a_store_through_the_harness(tmp_path):
         assert logits.shape == (3, 1437, 10)
         assert run_info['seed'].tolist() == [0, 1, 2]
         assert (run_info['test_acc'] > 0.5).all()
-    assert store.settings['held_out'] == trainer_digits.HELD_OUT
+    assert store.settings['held_out'] == digits_data.HELD_OUT

@@ -9,9 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import airbench
+import digits as digits_data
 import experiment
 import store
-import trainer_digits
 import trainer_digits_conv as conv
 
 TINY = dict(widths=[8, 8], epochs=2)  # 22 steps of batch 128 over the 1437 training digits
@@ -19,12 +19,12 @@ TINY = dict(widths=[8, 8], epochs=2)  # 22 steps of batch 128 over the 1437 trai
 
 @pytest.fixture(scope='module')
 def digits():
-    return trainer_digits.load()
+    return digits_data.load()
 
 
 def removed(seed=0):
     """The examples run `a` of a factorial pair keeps: all but about half of the held-out ones."""
-    return store.keep_for('a', seed, trainer_digits.N_TRAIN, conv.HELD_OUT)
+    return store.keep_for('a', seed, digits_data.N_TRAIN, conv.HELD_OUT)
 
 
 def tensors(nets):
@@ -204,8 +204,7 @@ def test_unknown_hyperparameter_and_bad_arguments_are_refused(digits):
 
 def test_the_script_fills_a_factorial_store_through_the_harness(tmp_path):
     argv = ['--smoke', '--runs', '2', '--design', 'factorial', '--out', str(tmp_path / 'store'), '--device', 'cpu']
-    code = experiment.main('digitsconv', conv.hyp, conv.SMOKE, conv.train, conv.infer, conv.__doc__, argv=argv,
-                           load=trainer_digits.load, held_out=conv.HELD_OUT, block=conv.BLOCK)
+    code = experiment.main(conv, argv)
     assert code == 0
     made = store.Store(tmp_path / 'store')
     assert made.arms == ('a', 'b')

@@ -1,5 +1,7 @@
 """The real property CI checks: on real digits, adding an atypical training digit makes the retrained net
 far more confident on it, and the same removal moves similar digits that stay in training only a little."""
+import json
+
 import experiment
 import trainer_digits
 import viz_with_without
@@ -22,11 +24,12 @@ def test_an_atypical_digit_gains_confidence_when_added_beyond_its_controls(tmp_p
     was read at the example's margin) gave +0.121 [+0.056, +0.187]: the shift of the 4s grows with margin
     (about 0.00 at margin 7, +0.2 at 8.5, +0.5 at 11), and 780's controls sit above it.
     """
-    code = experiment.main('digits', trainer_digits.hyp, {}, trainer_digits.train, trainer_digits.infer, '',
-                           ['--runs', str(RUNS), '--out', str(tmp_path), '--device', 'cpu'],
-                           load=trainer_digits.load, held_out=HELD_OUT, block=trainer_digits.BLOCK)
+    held_out = tmp_path / 'held_out.json'
+    held_out.write_text(json.dumps(HELD_OUT))
+    code = experiment.main(trainer_digits, ['--runs', str(RUNS), '--out', str(tmp_path / 'store'), '--device', 'cpu',
+                                            '--held-out', str(held_out)])
     assert code == 0
-    g = viz_with_without.analyse(Store(str(tmp_path)))['group_summary']['random']
+    g = viz_with_without.analyse(Store(str(tmp_path / 'store')))['group_summary']['random']
     print(f"780: shift {g['shift']:+.3f}, control shift {g['control_shift']:+.3f} "
           f"[{g['control_shift_ci_low']:+.3f}, {g['control_shift_ci_high']:+.3f}], control-adjusted "
           f"{g['control_adjusted']:+.3f} [{g['control_adjusted_ci_low']:+.3f}, {g['control_adjusted_ci_high']:+.3f}], "

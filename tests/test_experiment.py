@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -33,10 +34,14 @@ def argv(cifar_dir, held_out_file, out, runs, *more):
             '--held-out', held_out_file, '--device', 'cpu', *more]
 
 
+def airbench_with(**changes):
+    """trainer_airbench as a trainer module, with some of its names changed."""
+    return types.SimpleNamespace(**{**vars(trainer_airbench), **changes})
+
+
 def run_main(cifar_dir, held_out_file, out, runs, *more, hyp=None, smoke=None):
-    return experiment.main('airbench', hyp or trainer_airbench.hyp, smoke or trainer_airbench.SMOKE, trainer_airbench.train,
-                           trainer_airbench.infer, trainer_airbench.__doc__,
-                           argv(cifar_dir, held_out_file, out, runs, *more))
+    trainer = airbench_with(hyp=hyp or trainer_airbench.hyp, SMOKE=smoke or trainer_airbench.SMOKE)
+    return experiment.main(trainer, argv(cifar_dir, held_out_file, out, runs, *more))
 
 
 def test_without_arm_never_sees_a_held_out_example_and_takes_as_many_steps(cifar_dir, held_out_file, tmp_path,
@@ -219,8 +224,8 @@ def test_blocks_of_runs_store_the_same_runs_as_one_at_a_time(cifar_dir, held_out
         return torch.stack([trainer_airbench.infer(net, images) for net in nets])
 
     assert run_main(cifar_dir, held_out_file, tmp_path / 'one', 2) == 0
-    assert experiment.main('airbench', trainer_airbench.hyp, trainer_airbench.SMOKE, train_block, infer_block, '',
-                           argv(cifar_dir, held_out_file, tmp_path / 'block', 2), block=3) == 0
+    assert experiment.main(airbench_with(train=train_block, infer=infer_block, BLOCK=3),
+                           argv(cifar_dir, held_out_file, tmp_path / 'block', 2)) == 0
     one, block = Store(tmp_path / 'one'), Store(tmp_path / 'block')
     for arm in experiment.ARMS:
         assert block.stored(arm) == [0, 1]
@@ -249,11 +254,10 @@ def test_hyp_override_reaches_training_and_names_the_default_store(cifar_dir, he
     monkeypatch.chdir(tmp_path)
     args = ['--smoke', '--runs', '1', '--data-dir', cifar_dir, '--held-out', held_out_file, '--device', 'cpu',
             '--hyp', 'lr=6.5', '--hyp', 'flip=none']
-    assert experiment.main('airbench', trainer_airbench.hyp, trainer_airbench.SMOKE, trainer_airbench.train,
-                           trainer_airbench.infer, '', args) == 0
+    assert experiment.main(trainer_airbench, args) == 0
     store = Store(tmp_path / 'runs' / 'airbench-smoke-lr=6.5-flip=none')
     assert store.settings['hyp']['lr'] == 6.5 and store.settings['hyp']['flip'] == 'none'
-    assert experiment.main('airbench', trainer_airbench.hyp, {}, None, None, '', ['--hyp', 'learning_rate=3']) == 2
+    assert experiment.main(trainer_airbench, ['--hyp', 'learning_rate=3']) == 2
 
 
 def test_scan_run_trained_on_another_half_than_its_seed_draws_is_left_out(tmp_path, monkeypatch, capsys):

@@ -11,7 +11,6 @@ import pytest
 import torch
 from tqdm import tqdm
 
-import airbench
 import experiment
 import trainer_airbench
 import trainer_digits
@@ -24,11 +23,10 @@ def test_full_size_run_on_a_cpu_says_its_cost_and_the_two_pointers_then_goes_on(
                                                                                 capsys):
     monkeypatch.setattr(experiment, 'COST_STEPS', 2)  # a tiny step budget: two full-width steps timed
     monkeypatch.setattr(Store, 'claim', lambda self, arm, run: False)  # then "go on" without training 2000 runs
-    code = experiment.main('airbench', trainer_airbench.hyp, trainer_airbench.SMOKE, trainer_airbench.train,
-                           trainer_airbench.infer, '', ['--runs', '1000', '--out', str(tmp_path), '--data-dir',
-                                                        cifar_dir, '--device', 'cpu'],
-                           held_out={'random': list(range(20)), 'easy': list(range(900, 920))},
-                           check=airbench.make_hyp)
+    monkeypatch.setattr(trainer_airbench, 'HELD_OUT', {'random': list(range(20)), 'easy': list(range(900, 920))},
+                        raising=False)  # the generated data hold 1000 images
+    code = experiment.main(trainer_airbench, ['--runs', '1000', '--out', str(tmp_path), '--data-dir', cifar_dir,
+                                              '--device', 'cpu'])
     out, err = capsys.readouterr()
     notes = [line for line in err.splitlines() if line.startswith('note: on this CPU')]
     assert code == 0 and len(notes) == 1, err
@@ -40,9 +38,7 @@ def test_full_size_run_on_a_cpu_says_its_cost_and_the_two_pointers_then_goes_on(
 
 
 def test_cheap_runs_on_a_cpu_start_without_a_cost_note(tmp_path, capsys):
-    code = experiment.main('digits', trainer_digits.hyp, trainer_digits.SMOKE, trainer_digits.train,
-                           trainer_digits.infer, '', ['--runs', '1', '--out', str(tmp_path), '--device', 'cpu'],
-                           load=trainer_digits.load, held_out=trainer_digits.HELD_OUT, block=trainer_digits.BLOCK)
+    code = experiment.main(trainer_digits, ['--runs', '1', '--out', str(tmp_path), '--device', 'cpu'])
     assert code == 0 and 'note: on this CPU' not in capsys.readouterr().err  # full size, but seconds per run
 
 
@@ -89,10 +85,8 @@ def test_a_long_run_moves_the_bar_within_the_run(tmp_path, monkeypatch):
         handles = [real(bar, share, steps), experiment._on_every_step(lambda: seen.append(bar.n))]
         return type('Handles', (), {'remove': lambda self: [h.remove() for h in handles]})()
     monkeypatch.setattr(experiment, '_move_bar_per_step', watched)
-    code = experiment.main('digits', trainer_digits.hyp, trainer_digits.SMOKE, trainer_digits.train,
-                           trainer_digits.infer, '', ['--smoke', '--runs', '2', '--out', str(tmp_path),
-                                                      '--device', 'cpu'],
-                           load=trainer_digits.load, held_out=trainer_digits.HELD_OUT, block=2)
+    monkeypatch.setattr(trainer_digits, 'BLOCK', 2)
+    code = experiment.main(trainer_digits, ['--smoke', '--runs', '2', '--out', str(tmp_path), '--device', 'cpu'])
     assert code == 0
     steps = trainer_digits.SMOKE['epochs'] * (1437 // trainer_digits.hyp['batch_size'])
     # the second block, step by step (the first had no time to go by)
@@ -121,3 +115,31 @@ def test_slurm_script_starts_on_a_fresh_clone(tmp_path):
     first, last = map(int, options['array'].split('-'))
     runs = 2 * int(re.search(r'--runs (\d+)', script)[1])
     assert h * 3600 + m * 60 + s >= runs * 4.2 / (last - first + 1)  # the measured 4.2 s per run on one H200
+
+
+def test_every_trainer_command_in_the_readme_and_docs_parses(tmp_path, monkeypatch):
+    """A newcomer copies commands from the README and docs/: each `python trainer_X.py ...` names a trainer
+    that exists and options it accepts, with values that pass the checks made before anything is written."""
+    import shlex
+    import types
+    import command_line
+    monkeypatch.chdir(tmp_path)
+    command = re.compile(r'(?:^|`)(?:OMP_NUM_THREADS=1 )?python (trainer_\w+\.py(?: [^`|&#\n\\]*)?)', re.M)
+    commands = []
+    for page in ['README.md', *(os.path.join('docs', n) for n in sorted(os.listdir(os.path.join(ROOT, 'docs'))))]:
+        with open(os.path.join(ROOT, page)) as f:
+            commands += [(page, m[1]) for m in command.finditer(f.read())]
+    assert len(commands) > 10
+    for page, text in commands:
+        script, *args = shlex.split(text.strip())
+        if script == 'trainer_resnet18.py':  # the worked example, run by tests/test_trainer_example.py
+            continue
+        module = __import__(script[:-3])
+        t = experiment.read_trainer(module)
+        try:
+            parsed = command_line.parse_args(t.NAME, t.doc, args, t.RUNS, t.hyp, t.SMOKE, t.DATA_DIR)
+            parsed = types.SimpleNamespace(**{**vars(parsed), 'gpus': None, 'device': None})  # this machine's aside
+            command_line.check_command(parsed, t.hyp, t.SMOKE, t.make_hyp)
+        except command_line.UsageError as e:
+            pytest.fail(f'{page}: python {text}: {e}')
+    assert os.listdir(tmp_path) == []

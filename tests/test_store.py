@@ -71,9 +71,7 @@ def release_together(tmp_path, procs_args, env=None):
 def fake_store(path, runs=0):
     """A store of the fake trainer's settings, with `runs` finished runs per arm."""
     import experiment
-    code = experiment.main('fake', {'epochs': 1, 'batch_size': 8}, {}, store_worker.fake_train, store_worker.fake_infer,
-                           '', ['--smoke', '--runs', str(max(runs, 1)), '--out', str(path), '--device', 'cpu'],
-                           load=lambda data_dir: store_worker.dataset(), held_out={'random': [0, 1], 'easy': [5, 9]})
+    code = experiment.main(store_worker, ['--smoke', '--runs', str(max(runs, 1)), '--out', str(path), '--device', 'cpu'])
     assert code == 0
     s = Store(path)
     if runs == 0:
@@ -638,9 +636,7 @@ def test_a_trainer_on_a_store_it_cannot_write_to_says_so(tmp_path, monkeypatch, 
     fake_store(tmp_path)
     patch(monkeypatch, refuse(str(tmp_path), errno.EROFS, ('open', 'link', 'replace', 'rename', 'remove', 'mkdir')))
     import experiment
-    code = experiment.main('fake', {'epochs': 1, 'batch_size': 8}, {}, store_worker.fake_train, store_worker.fake_infer,
-                           '', ['--smoke', '--runs', '2', '--out', str(tmp_path), '--device', 'cpu'],
-                           load=lambda data_dir: store_worker.dataset(), held_out={'random': [0, 1], 'easy': [5, 9]})
+    code = experiment.main(store_worker, ['--smoke', '--runs', '2', '--out', str(tmp_path), '--device', 'cpu'])
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith('error:')]
     assert code == 2 and len(errors) == 1 and 'could not claim a run' in errors[0] and 'not writable' in errors[0]
@@ -650,9 +646,7 @@ def test_a_full_disk_when_a_claim_is_written_stops_the_trainer_with_a_message(tm
     fake_store(tmp_path)
     patch(monkeypatch, refuse(os.path.join(str(tmp_path), 'claims'), errno.ENOSPC))
     import experiment
-    code = experiment.main('fake', {'epochs': 1, 'batch_size': 8}, {}, store_worker.fake_train, store_worker.fake_infer,
-                           '', ['--smoke', '--runs', '2', '--out', str(tmp_path), '--device', 'cpu'],
-                           load=lambda data_dir: store_worker.dataset(), held_out={'random': [0, 1], 'easy': [5, 9]})
+    code = experiment.main(store_worker, ['--smoke', '--runs', '2', '--out', str(tmp_path), '--device', 'cpu'])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
     assert code == 2 and len(errors) == 1 and 'No space left on device' in errors[0] and 'disk is full' in errors[0]
 

@@ -273,9 +273,7 @@ def test_out_of_inodes_after_claiming_says_the_real_cause_and_leaves_no_claim(tm
         patch(monkeypatch, refuse(str(tmp_path), errno.ENOSPC))
         return got
     monkeypatch.setattr(Store, 'claim', claim_then_fill_the_disk)
-    code = experiment.main('fake', {'epochs': 1, 'batch_size': 8}, {}, store_worker.fake_train, store_worker.fake_infer,
-                           '', ['--smoke', '--runs', '2', '--out', str(tmp_path), '--device', 'cpu'],
-                           load=lambda data_dir: store_worker.dataset(), held_out={'random': [0, 1], 'easy': [5, 9]})
+    code = experiment.main(store_worker, ['--smoke', '--runs', '2', '--out', str(tmp_path), '--device', 'cpu'])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
     assert code == 2 and len(errors) == 1, errors
     assert 'could not write' in errors[0] and '000000.npz' in errors[0] and 'No space left on device' in errors[0]
@@ -308,9 +306,7 @@ def test_an_edge_of_the_command_line_is_refused_in_one_line_and_writes_nothing(o
     if len(out_and_file) > 1:
         (inputs / 'held.json').write_text(HELD_OUT_FILES[out_and_file[1]])
         args += ['--held-out', str(inputs / 'held.json')]
-    code = experiment.main('fake', {'epochs': 1, 'batch_size': 8}, {}, store_worker.fake_train, store_worker.fake_infer,
-                           '', ['--smoke', '--runs', '1', '--device', 'cpu', *args],
-                           load=lambda data_dir: store_worker.dataset(), held_out={'random': [0, 1], 'easy': [5, 9]})
+    code = experiment.main(store_worker, ['--smoke', '--runs', '1', '--device', 'cpu', *args])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], lines
     assert os.listdir(tmp_path) == []
@@ -351,9 +347,7 @@ def test_a_failed_download_removes_the_data_folder_it_created(tmp_path, monkeypa
 
 
 def train_fake(path, runs=2):
-    return experiment.main('fake', {'epochs': 1, 'batch_size': 8}, {}, store_worker.fake_train, store_worker.fake_infer,
-                           '', ['--smoke', '--runs', str(runs), '--out', str(path), '--device', 'cpu'],
-                           load=lambda data_dir: store_worker.dataset(), held_out={'random': [0, 1], 'easy': [5, 9]})
+    return experiment.main(store_worker, ['--smoke', '--runs', str(runs), '--out', str(path), '--device', 'cpu'])
 
 
 def test_a_folder_with_a_run_files_name_is_moved_aside_and_the_run_redone_by_the_trainer(tmp_path, capsys):
