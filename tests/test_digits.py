@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import design
 import digits as digits_data
 import experiment
 import trainer_digits
@@ -23,7 +24,7 @@ def digits():
 
 def excluded():
     """A keep that leaves out the held-out examples, as the `without` arm does."""
-    return experiment.keep_for('without', 0, digits_data.N_TRAIN, digits_data.HELD_OUT)
+    return design.keep_for('without', 0, digits_data.N_TRAIN, digits_data.HELD_OUT)
 
 
 def test_digits_load_from_the_package_in_the_same_order_every_time(digits):
@@ -54,7 +55,7 @@ def test_training_learns(digits):
 def test_a_models_result_does_not_depend_on_its_block(digits):
     images, labels, *_ = digits
     alone = trainer_digits.train(images, labels, keep=[excluded()], seed=[5], **TINY)
-    half = experiment.keep_for('scan', 3, len(labels), digits_data.HELD_OUT)
+    half = design.keep_for('scan', 3, len(labels), digits_data.HELD_OUT)
     block = trainer_digits.train(images, labels, keep=[None, excluded(), half], seed=[3, 5, 7], **TINY)
     torch.testing.assert_close(trainer_digits.infer(block, images)[1], trainer_digits.infer(alone, images)[0],
                                rtol=1e-4, atol=1e-4)
@@ -131,7 +132,7 @@ def reference_train(images, labels, keep, seed, h):
 def test_masking_equals_training_on_the_kept_examples_alone(digits, loss_norm):
     images, labels, test_images, _ = digits
     h = trainer_digits.make_hyp(**TINY, loss_norm=loss_norm)
-    half = experiment.keep_for('scan', 8, len(labels), digits_data.HELD_OUT)  # batches of about 64
+    half = design.keep_for('scan', 8, len(labels), digits_data.HELD_OUT)  # batches of about 64
     nets = trainer_digits.train(images, labels, keep=[excluded(), half], seed=[4, 8], **TINY, loss_norm=loss_norm)
     logits = trainer_digits.infer(nets, test_images)
     for k, (keep, seed) in enumerate([(excluded(), 4), (half, 8)]):

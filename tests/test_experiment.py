@@ -16,6 +16,7 @@ import airbench
 import design
 import experiment
 import trainer_airbench
+import workers
 from store import Store, StoreError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +82,7 @@ def test_paired_runs_share_their_seed_and_a_run_is_reproducible(cifar_dir, held_
     a, b = Store(tmp_path / 'a'), Store(tmp_path / 'b')
     for run in range(2):
         ra, rb = a.read_run('with', run), a.read_run('without', run)
-        assert ra['seed'] == rb['seed'] == experiment.seed_for(run)
+        assert ra['seed'] == rb['seed'] == design.seed_for(run)
         assert np.array_equal(ra['logits'], b.read_run('with', run)['logits'])  # bit-identical rerun
     la, run_info = a.load('with')
     assert list(run_info['seed']) == [0, 1] and not np.array_equal(la[0], la[1])
@@ -204,15 +205,15 @@ def test_full_disk_reports_and_keeps_stored_runs(cifar_dir, held_out_file, tmp_p
 
 def test_scan_masks_are_reproducible_halves_and_disjoint_from_the_experiment_seeds():
     n, runs = 500, 200
-    seeds = [experiment.seed_for(r, experiment.SCAN_SEED_BASE) for r in range(runs)]
+    seeds = [design.seed_for(r, experiment.SCAN_SEED_BASE) for r in range(runs)]
     masks = np.zeros((runs, n), bool)
     for k, seed in enumerate(seeds):
-        keep = experiment.keep_for('scan', seed, n, HELD)
-        assert len(keep) == n // 2 and np.array_equal(keep, experiment.keep_for('scan', seed, n, HELD))
+        keep = design.keep_for('scan', seed, n, HELD)
+        assert len(keep) == n // 2 and np.array_equal(keep, design.keep_for('scan', seed, n, HELD))
         masks[k, keep] = True
     counts = masks.sum(0)  # Binomial(200, 1/2) per example: sd about 7
     assert abs(counts.mean() - runs / 2) < 1 and counts.min() > 60 and counts.max() < 140
-    assert not set(seeds) & {experiment.seed_for(r) for r in range(100_000)}
+    assert not set(seeds) & {design.seed_for(r) for r in range(100_000)}
 
 
 def test_blocks_of_runs_store_the_same_runs_as_one_at_a_time(cifar_dir, held_out_file, tmp_path):
@@ -247,7 +248,7 @@ def test_scan_store_trains_each_run_on_its_own_half(cifar_dir, held_out_file, tm
     logits, run_info = store.load('scan')
     assert logits.shape == (2, 1000, 10)
     for k, seed in enumerate(run_info['seed']):
-        assert np.array_equal(kept[k], experiment.keep_for('scan', int(seed), 1000, HELD))
+        assert np.array_equal(kept[k], design.keep_for('scan', int(seed), 1000, HELD))
 
 
 def test_hyp_override_reaches_training_and_names_the_default_store(cifar_dir, held_out_file, tmp_path, monkeypatch):
@@ -265,7 +266,7 @@ def test_scan_run_trained_on_another_half_than_its_seed_draws_is_left_out(tmp_pa
                     seed_base=experiment.SCAN_SEED_BASE, arms=['scan'])
     store = Store.create(tmp_path, settings, np.zeros(1000, np.int64))
     for run in range(2):
-        store.save_run('scan', run, experiment.seed_for(run, experiment.SCAN_SEED_BASE),
+        store.save_run('scan', run, design.seed_for(run, experiment.SCAN_SEED_BASE),
                        np.zeros((1000, 10), np.float16), 1.0, 0.5)
     assert list(store.load('scan')[1]['run']) == [0, 1]
     real_keep_for = design.keep_for
@@ -303,22 +304,22 @@ def _span(text):
 
 def test_a_second_signal_ends_the_worker_at_once_and_a_repeat_of_the_first_is_one(monkeypatch):
     exits, now = [], [100.0]
-    monkeypatch.setattr(experiment.os, '_exit', exits.append)
-    monkeypatch.setattr(experiment.time, 'monotonic', lambda: now[0])
-    signals = experiment._Signals()
+    monkeypatch.setattr(workers.os, '_exit', exits.append)
+    monkeypatch.setattr(workers.time, 'monotonic', lambda: now[0])
+    signals = workers._Signals()
     signals.handle(signal.SIGTERM, None)  # while storing: noted, acted on at the next check
-    now[0] += experiment.SAME_SIGNAL_S / 2
+    now[0] += workers.SAME_SIGNAL_S / 2
     signals.handle(signal.SIGTERM, None)  # the same request again (Slurm signals every process of the job)
     assert exits == []
-    with pytest.raises(experiment.Stopped):
+    with pytest.raises(workers.Stopped):
         signals.check()
-    now[0] += experiment.SAME_SIGNAL_S
+    now[0] += workers.SAME_SIGNAL_S
     signals.handle(signal.SIGINT, None)
     assert exits == [128 + signal.SIGINT]
 
-    signals = experiment._Signals()
+    signals = workers._Signals()
     signals.abandonable = True  # while training: stopped at once
-    with pytest.raises(experiment.Stopped):
+    with pytest.raises(workers.Stopped):
         signals.handle(signal.SIGTERM, None)
 
 
@@ -335,9 +336,9 @@ def test_a_log_has_a_line_per_run_and_progress_lines_but_no_bar_frames(tmp_path)
 
 def test_a_progress_line_comes_at_most_once_per_interval(monkeypatch, capsys):
     now = [0.0]
-    monkeypatch.setattr(experiment.time, 'monotonic', lambda: now[0])
-    monkeypatch.setattr(experiment, 'on_terminal', lambda: False)
-    shown = experiment.Progress(total=400, done=100, every=60)
+    monkeypatch.setattr(workers.time, 'monotonic', lambda: now[0])
+    monkeypatch.setattr(workers, 'on_terminal', lambda: False)
+    shown = workers.Progress(total=400, done=100, every=60)
     for done in (150, 200, 250):
         now[0] += 25
         shown.update(done)
@@ -354,8 +355,8 @@ def test_a_multi_gpu_parent_passes_a_signal_on_to_its_workers(tmp_path):
                       'signal.signal(signal.SIGTERM, stop)\n'
                       'open(os.path.join(sys.argv[1], f"up-{os.getpid()}"), "w").close()\n'
                       'time.sleep(60)\n')
-    parent = subprocess.Popen([sys.executable, '-c', 'import sys, experiment; sys.argv = sys.argv[1:]; '
-                               'sys.exit(experiment.launch([0, 1], sys.argv[1] + "/store", 5))', str(worker),
+    parent = subprocess.Popen([sys.executable, '-c', 'import sys, workers; sys.argv = sys.argv[1:]; '
+                               'sys.exit(workers.launch([0, 1], sys.argv[1] + "/store", 5))', str(worker),
                                str(tmp_path)], cwd=ROOT)
     deadline = time.time() + 60
     while len([n for n in os.listdir(tmp_path) if n.startswith('up-')]) < 2 and time.time() < deadline:
@@ -381,5 +382,5 @@ def test_a_run_given_back_by_another_worker_is_redone_by_a_worker_already_past_i
     def infer(net, images):
         return torch.zeros(len(images), 10)
     images = torch.zeros(40, 1)
-    experiment.work(store, 2, train, infer, {}, (images, labels), (images[:10], labels[:10]), torch.device('cpu'))
+    workers.work(store, 2, train, infer, {}, (images, labels), (images[:10], labels[:10]), torch.device('cpu'))
     assert store.stored('with') == store.stored('without') == [0, 1]

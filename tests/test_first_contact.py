@@ -14,6 +14,7 @@ from tqdm import tqdm
 import experiment
 import trainer_airbench
 import trainer_digits
+import workers
 from store import Store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_full_size_run_on_a_cpu_says_its_cost_and_the_two_pointers_then_goes_on(cifar_dir, tmp_path, monkeypatch,
                                                                                 capsys):
-    monkeypatch.setattr(experiment, 'COST_STEPS', 2)  # a tiny step budget: two full-width steps timed
+    monkeypatch.setattr(workers, 'COST_STEPS', 2)  # a tiny step budget: two full-width steps timed
     monkeypatch.setattr(Store, 'claim', lambda self, arm, run: False)  # then "go on" without training 2000 runs
     monkeypatch.setattr(trainer_airbench, 'HELD_OUT', {'random': list(range(20)), 'easy': list(range(900, 920))},
                         raising=False)  # the generated data hold 1000 images
@@ -44,7 +45,7 @@ def test_cheap_runs_on_a_cpu_start_without_a_cost_note(tmp_path, capsys):
 
 def test_the_cost_of_a_run_is_extrapolated_from_the_timed_steps(monkeypatch, capsys):
     clock = [0.0]
-    monkeypatch.setattr(experiment.time, 'perf_counter', lambda: clock[0])
+    monkeypatch.setattr(workers.time, 'perf_counter', lambda: clock[0])
 
     def train(images, labels, *, keep, seed, device, **hyp):  # 5 s of set-up, then 2 s per step
         clock[0] += 5
@@ -55,7 +56,7 @@ def test_the_cost_of_a_run_is_extrapolated_from_the_timed_steps(monkeypatch, cap
             w.sum().backward()
             optimizer.step()
     images = torch.zeros(10, 1)
-    per_block = experiment.cost_of_runs(train, images, images, {'batch_size': 30}, 'cpu', 1, steps=50,
+    per_block = workers.cost_of_runs(train, images, images, {'batch_size': 30}, 'cpu', 1, steps=50,
                                         n_infer=90, left=20)
     assert per_block == pytest.approx(5 + 50 * 2 + 2 / 3 * 90 / 30)  # set-up, steps, inference as forwards
     assert 'about 1.8 min (50 steps at 2.00 s' in capsys.readouterr().err  # 107 s
@@ -65,7 +66,7 @@ def test_the_bar_moves_within_a_long_run_step_by_step(capsys):
     bar = tqdm(total=4, file=io.StringIO())
     w = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.SGD([w], lr=0.1)
-    handle = experiment._move_bar_per_step(bar, share=2, steps=4)  # a block of 2 runs, 4 steps each
+    handle = workers._move_bar_per_step(bar, share=2, steps=4)  # a block of 2 runs, 4 steps each
     seen = []
     for _ in range(5):
         w.sum().backward()
@@ -77,14 +78,14 @@ def test_the_bar_moves_within_a_long_run_step_by_step(capsys):
 
 
 def test_a_long_run_moves_the_bar_within_the_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiment, 'LONG_RUN_S', 0.0)  # every block counts as long, once one has been timed
-    monkeypatch.setattr(experiment, 'on_terminal', lambda: True)  # the bar is shown on a terminal only
-    seen, real = [], experiment._move_bar_per_step
+    monkeypatch.setattr(workers, 'LONG_RUN_S', 0.0)  # every block counts as long, once one has been timed
+    monkeypatch.setattr(workers, 'on_terminal', lambda: True)  # the bar is shown on a terminal only
+    seen, real = [], workers._move_bar_per_step
 
     def watched(bar, share, steps):  # record the bar after every step of the blocks that move it
-        handles = [real(bar, share, steps), experiment._on_every_step(lambda: seen.append(bar.n))]
+        handles = [real(bar, share, steps), workers._on_every_step(lambda: seen.append(bar.n))]
         return type('Handles', (), {'remove': lambda self: [h.remove() for h in handles]})()
-    monkeypatch.setattr(experiment, '_move_bar_per_step', watched)
+    monkeypatch.setattr(workers, '_move_bar_per_step', watched)
     monkeypatch.setattr(trainer_digits, 'BLOCK', 2)
     code = experiment.main(trainer_digits, ['--smoke', '--runs', '2', '--out', str(tmp_path), '--device', 'cpu'])
     assert code == 0
