@@ -92,3 +92,13 @@ def report(argv, capsys):
     res = viz.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return res, out.splitlines(), err
+
+
+def written(csv_path, json_path):
+    """What a report wrote with --csv and --json: (the CSV's rows as dicts, the JSON document)."""
+    import csv
+    import json
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    with open(json_path) as f:
+        return rows, json.load(f)

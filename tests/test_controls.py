@@ -2,14 +2,12 @@
 planted stores written in the store format: they recover self-influence under a cross-influence, they are
 what they claim to be, they reach every output, and they do not lean where the control shift depends on
 margin and the examples sit at the top of their class."""
-import csv
-import json
 
 import numpy as np
 import pytest
 
 import stats
-from conftest import report
+from conftest import report, written
 from planted_stores import TOP_K, plain_mean_controls, top_of_class_store, write_arms
 from store import Store
 
@@ -85,10 +83,7 @@ def test_control_columns_are_in_csv_json_all_and_plot(cross_store, capsys, tmp_p
     path, held, _, _ = cross_store
     res, lines, _ = report([path, '--controls', '30', '--all', '--csv', tmp_path / 'si.csv',
                             '--json', tmp_path / 'si.json', '--plot', tmp_path / 'si.png'], capsys)
-    with open(tmp_path / 'si.csv') as f:
-        from_csv = list(csv.DictReader(f))
-    with open(tmp_path / 'si.json') as f:
-        doc = json.load(f)
+    from_csv, doc = written(tmp_path / 'si.csv', tmp_path / 'si.json')
     keys = ['control_shift', 'control_shift_ci_low', 'control_shift_ci_high', 'control_adjusted',
             'control_adjusted_ci_low', 'control_adjusted_ci_high', 'control_adjusted_p']
     for j, (row, ex) in enumerate(zip(from_csv, doc['examples'])):

@@ -1,8 +1,6 @@
 """Claims about the factorial report (python viz.py PATH on a store with arms a and b): self-influence and
 cross-influence recovered from planted stores written in the store format, intervals that cover at
 their nominal rate, and the pairs it leaves out."""
-import csv
-import json
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ from scipy import stats as sps
 import viz
 import viz_factorial
 import viz_io
-from conftest import report
+from conftest import report, written
 from planted_stores import write_arms
 from store import Store, factorial_split, held_out_indices, keep_for
 
@@ -173,10 +171,7 @@ def test_too_few_pairs_for_the_regression_says_so(tmp_path, capsys):
 def test_csv_json_and_plot_hold_the_numbers(planted, capsys, tmp_path):
     res, _, _ = report([planted, '--controls', '20', '--all', '--csv', tmp_path / 'f.csv',
                         '--json', tmp_path / 'f.json', '--plot', tmp_path / 'f.png'], capsys)
-    with open(tmp_path / 'f.csv') as f:
-        rows = list(csv.DictReader(f))
-    with open(tmp_path / 'f.json') as f:
-        doc = json.load(f)
+    rows, doc = written(tmp_path / 'f.csv', tmp_path / 'f.json')
     assert len(rows) == len(doc['examples']) == M and doc['pairs'] == PAIRS and doc['design'] == 'factorial'
     for j, (row, ex) in enumerate(zip(rows, doc['examples'])):
         for k in ('self_influence', 'p_bh', 'control_adjusted', 'control_shift', 'regression_self_influence'):

@@ -1,7 +1,5 @@
 """Claims about the scan (python viz.py --scan): every example's self-influence from runs on random
 halves of the training set, on generated scan stores built with the real Store API."""
-import csv
-import json
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import stats
 import viz
 import viz_io
 import viz_scan
-from conftest import report
+from conftest import report, written
 from planted_stores import logits_with_margins
 from store import SCAN_SEED_BASE, Store, keep_for, seed_for
 
@@ -209,10 +207,7 @@ def test_held_out_examples_are_placed_among_all(planted, capsys):
 def test_csv_and_json_hold_the_numbers_printed(planted, capsys, tmp_path):
     res, lines, _ = report(['--scan', planted, '--csv', tmp_path / 'scan.csv', '--json', tmp_path / 'scan.json'],
                            capsys)
-    with open(tmp_path / 'scan.csv') as f:
-        from_csv = list(csv.DictReader(f))
-    with open(tmp_path / 'scan.json') as f:
-        doc = json.load(f)
+    from_csv, doc = written(tmp_path / 'scan.csv', tmp_path / 'scan.json')
     assert len(from_csv) == len(doc['examples']) == N_TRAIN and doc['runs'] == RUNS
     printed = section(lines, '20 most negative') + section(lines, '20 most positive')
     head = lines[next(k for k, line in enumerate(lines) if line.startswith('20 most negative')) + 1].split('  ')
@@ -358,10 +353,8 @@ def test_easy_candidates_are_the_printed_high_margin_list(effect_and_null, capsy
 def test_json_holds_the_reliability(effect_and_null, capsys, tmp_path):
     res, _, _ = report(['--scan', effect_and_null[0], '--json', tmp_path / 's.json', '--csv', tmp_path / 's.csv'],
                        capsys)
-    with open(tmp_path / 's.json') as f:
-        rel = json.load(f)['reliability']
+    rows, doc = written(tmp_path / 's.csv', tmp_path / 's.json')
+    rel = doc['reliability']
     assert rel['split_half_r'] == res['reliability']['split_half'][0]
     assert rel['extremes']['most negative']['observed'] == res['reliability']['extremes']['most negative']['observed'].tolist()
-    with open(tmp_path / 's.csv') as f:
-        rows = list(csv.DictReader(f))
     assert float(rows[7]['self_influence_odd']) == res['self_influence_odd'][7]
