@@ -165,14 +165,15 @@ def from_per_model(h, b, height, width):
     return h.transpose(0, 1).reshape(b, height, width, k * c).permute(0, 3, 1, 2)
 
 
-def norm(nets, i, h, valid, momentum, kind='batch'):
-    """Norm layer i of every model on h (B, K c, H, W). kind 'batch': valid (K, B) bool is training, each
-    model's statistics from its valid rows and all their pixels (running statistics updated), None is
-    eval. 'layer' and 'none' see one example at a time, so a masked row touches no other row."""
+def norm(nets, i, h, valid, hp):
+    """Norm layer i of every model on h (B, K c, H, W), of the kind hp['norm']. 'batch': valid (K, B) bool
+    is training, each model's statistics from its valid rows and all their pixels (running statistics
+    updated with hp['bn_momentum']), None is eval. 'layer' and 'none' see one example at a time, so a
+    masked row touches no other row."""
     k = len(nets['shifts'][i])
-    if kind == 'layer':  # groups = models: each example normalised over its own model's channels and pixels
+    if hp['norm'] == 'layer':  # groups = models: each example normalised over its own model's channels and pixels
         return F.group_norm(h, k, nets['scales'][i].flatten(), nets['shifts'][i].flatten(), EPS)
-    if kind == 'none':
+    if hp['norm'] == 'none':
         return h + nets['shifts'][i].view(1, -1, 1, 1)
     mean, var = nets['running'][i]
     if valid is None:
@@ -181,22 +182,24 @@ def norm(nets, i, h, valid, momentum, kind='batch'):
     b, _, height, width = h.shape
     rows = valid.unsqueeze(-1).expand(k, b, height * width).reshape(k, -1)   # (K, B H W) in per_model's order
     out = digits.batch_norm(per_model(h, k), rows, nets['scales'][i], nets['shifts'][i], mean, var,
-                                    momentum, EPS)
+                            hp['bn_momentum'], EPS)
     return from_per_model(out, b, height, width)
 
 
-def forward(nets, x, valid=None, momentum=hyp['bn_momentum'], scaling_factor=hyp['scaling_factor'], kind=hyp['norm']):
-    """Logits (K, B, 10) for x (B, K, S, S), model k's images in channel k (channels-last).
-    valid (K, B) bool: training mode; None: eval mode (BatchNorm from the running statistics)."""
+def forward(nets, x, valid=None):
+    """Logits (K, B, 10) for x (B, K, S, S), model k's images in channel k (channels-last), with the
+    hyperparameters the nets were trained with (nets['hyp']). valid (K, B) bool: training mode; None:
+    eval mode (BatchNorm from the running statistics)."""
+    hp = nets['hyp']
     k = nets['linear'].shape[0]
     h = x
     for i, conv in enumerate(nets['convs']):
         h = F.conv2d(h, conv, padding=1, groups=k)
         if i % 2 == 0:
             h = F.max_pool2d(h, 2)
-        h = F.gelu(norm(nets, i, h, valid, momentum, kind))
+        h = F.gelu(norm(nets, i, h, valid, hp))
     h = h.amax((2, 3)).view(len(h), k, -1).transpose(0, 1)                 # (K, B, widths[-1])
-    return torch.bmm(h, nets['linear']) * scaling_factor
+    return torch.bmm(h, nets['linear']) * hp['scaling_factor']
 
 
 ############################################
@@ -251,7 +254,7 @@ def train(images, labels, *, keep, seed, device=None, **overrides):
             x = torch.where(valid.view(-1, 1, 1), x, 0.0)   # masked rows hold zeros, never the example
             x = x.view(k, batch_size, size, size).transpose(0, 1).contiguous(memory_format=torch.channels_last)
             y = torch.where(valid, labels[idx], 0)
-            logits = forward(nets, x, valid, h['bn_momentum'], h['scaling_factor'], h['norm'])
+            logits = forward(nets, x, valid)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction='none',
                                    label_smoothing=h['label_smoothing'])
             loss = torch.where(valid.flatten(), loss, 0.0).sum()  # summed: a removed row leaves the others' weight alone
@@ -288,7 +291,7 @@ def infer(nets, images, chunk=512):
     for part in images.split(chunk):
         x = canvas(part, h['pad'], 0).unsqueeze(1).expand(-1, k, size, size)
         x = x.contiguous(memory_format=torch.channels_last)
-        out.append(forward(nets, x, None, h['bn_momentum'], h['scaling_factor'], h['norm']))
+        out.append(forward(nets, x))
     return torch.cat(out, 1)
 
 
