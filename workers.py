@@ -1,6 +1,6 @@
 """workers.py: the worker loop that fills a run store, for experiment.py's main.
 
-What a worker does: claims runs nobody has stored, failed or claimed (store.py), trains them `block` at a
+What a worker does: claims runs nobody has stored, failed or claimed (the store/ package), trains them `block` at a
 time, stores each run's logits with its seed, and gives back what it holds when stopped; one process per
 GPU (launch), any number of processes on any number of machines sharing one folder. How it behaves for a
 person: a progress bar on a terminal or a line now and then in a log, one line per run, a summary line;
