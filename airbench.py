@@ -18,6 +18,7 @@ and augmentations as in the run without the restriction, minus the excluded exam
 the same steps; with 'rebatch' the kept examples are cut into full batches, as the original experiment
 did (its `without` arm trained a loader built on the kept images alone).
 """
+import copy
 import hashlib
 import io
 import math
@@ -32,8 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from design import kept_mask
-from experiment import override
+from design import kept_mask, override
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -55,18 +55,33 @@ hyp = {
     'bn_momentum': 0.4,        # weight of the new batch in the running statistics (PyTorch's; the original's 0.6 weighs the old)
     'scaling_factor': 1 / 9,   # fixed multiplier of the output logits
     'batching': 'paired',      # with keep=: 'paired' (the others leave their batches) or 'rebatch' (full batches)
+    'norm': 'batch',           # after each conv: 'batch' (BatchNorm), 'layer' (per example: GroupNorm, one group)
+                               # or 'none' (a bias only); scale frozen at 1, bias trained with bias_scaler
+    'precision': 'auto',       # 'float16' (channels-last net, norms in float32), 'float32', or 'auto':
+                               # float16 on CUDA, float32 elsewhere
 }
 FLIPS = ('random', 'alternate', 'none')
 BATCHINGS = ('paired', 'rebatch')
+NORMS = ('batch', 'layer', 'none')
+PRECISIONS = ('auto', 'float32', 'float16')
 
 
 def default_device():
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
-def dtype_for(device):
-    """float16 on CUDA (BatchNorm stays float32); float32 on CPU."""
-    return torch.float16 if torch.device(device).type == 'cuda' else torch.float32
+def resolve_precision(precision, device):
+    """'auto' -> 'float16' on CUDA, 'float32' elsewhere; 'float32' and 'float16' stay as they are."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}, expected 'auto', 'float32' or 'float16'")
+    if precision == 'auto':
+        return 'float16' if torch.device(device).type == 'cuda' else 'float32'
+    return precision
+
+
+def dtype_for(device, precision='auto'):
+    """The net's dtype: float16 (norm layers stay float32) or float32, see resolve_precision."""
+    return torch.float16 if resolve_precision(precision, device) == 'float16' else torch.float32
 
 
 ############################################
@@ -283,6 +298,16 @@ class Loader:
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
 
+    def sibling(self, keep, seed):
+        """A loader of the same images (shared, not copied) with its own keep and seed, as if built alone."""
+        other = copy.copy(self)
+        other.__dict__.pop('first_flip', None)
+        other.kept = torch.from_numpy(kept_mask(keep, self.n))
+        other.kept_device = other.kept.to(self.device)
+        other.generator = torch.Generator().manual_seed(seed)
+        other.epoch = 0
+        return other
+
     def __len__(self):
         n = int(self.kept.sum()) if self.batching == 'rebatch' else self.n  # examples cut into batches
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
@@ -355,6 +380,37 @@ class BatchNorm(nn.BatchNorm2d):
         self.weight.requires_grad = False
 
 
+class LayerNorm(nn.GroupNorm):
+    """Each example normalised over all its channels and pixels (one group), in float32; scale frozen at 1."""
+
+    def __init__(self, num_features, eps=1e-12):
+        super().__init__(1, num_features, eps=eps)
+        self.weight.requires_grad = False
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+class Bias(nn.Module):
+    """No normalisation: a bias per channel, trained like BatchNorm's."""
+
+    def __init__(self, num_features):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x):
+        return x + self.bias.to(x.dtype).view(1, -1, 1, 1)
+
+
+NORM_LAYERS = (BatchNorm, LayerNorm, Bias)
+
+
+def make_norm(norm, channels, momentum):
+    if norm == 'batch':
+        return BatchNorm(channels, momentum)
+    return LayerNorm(channels) if norm == 'layer' else Bias(channels)
+
+
 class Conv(nn.Conv2d):
     """A conv whose bias (if any) starts at zero and whose first in_channels filters start as the identity."""
 
@@ -370,13 +426,13 @@ class Conv(nn.Conv2d):
 
 
 class ConvGroup(nn.Module):
-    def __init__(self, channels_in, channels_out, momentum):
+    def __init__(self, channels_in, channels_out, momentum, norm='batch'):
         super().__init__()
         self.conv1 = Conv(channels_in, channels_out)
         self.pool = nn.MaxPool2d(2)
-        self.norm1 = BatchNorm(channels_out, momentum)
+        self.norm1 = make_norm(norm, channels_out, momentum)
         self.conv2 = Conv(channels_out, channels_out)
-        self.norm2 = BatchNorm(channels_out, momentum)
+        self.norm2 = make_norm(norm, channels_out, momentum)
         self.activ = nn.GELU()
 
     def forward(self, x):
@@ -388,8 +444,8 @@ WHITEN_WIDTH = 2 * 3 * 2 * 2  # 12 patch eigenvectors and their negatives
 
 
 def make_net(widths=hyp['widths'], bn_momentum=hyp['bn_momentum'], scaling_factor=hyp['scaling_factor'],
-             device=None):
-    """The airbench94 net: (B, 3, 32, 32) -> (B, 10) logits."""
+             device=None, norm='batch', dtype=None):
+    """The airbench94 net: (B, 3, 32, 32) -> (B, 10) logits, in `dtype` (default: dtype_for(device))."""
     device = torch.device(device or default_device())
     w1, w2, w3 = widths
     net = nn.Sequential(
@@ -397,19 +453,19 @@ def make_net(widths=hyp['widths'], bn_momentum=hyp['bn_momentum'], scaling_facto
         # init also gives it count only through the lookahead EMA, which starts before whitening.)
         Conv(3, WHITEN_WIDTH, kernel_size=2, padding=0, bias=True),
         nn.GELU(),
-        ConvGroup(WHITEN_WIDTH, w1, bn_momentum),
-        ConvGroup(w1, w2, bn_momentum),
-        ConvGroup(w2, w3, bn_momentum),
+        ConvGroup(WHITEN_WIDTH, w1, bn_momentum, norm),
+        ConvGroup(w1, w2, bn_momentum, norm),
+        ConvGroup(w2, w3, bn_momentum, norm),
         nn.MaxPool2d(3),
         nn.Flatten(),
         nn.Linear(w3, 10, bias=False),
         Mul(scaling_factor),
     )
     net[0].weight.requires_grad = False
-    net = net.to(device=device, dtype=dtype_for(device), memory_format=torch.channels_last)
+    net = net.to(device=device, dtype=dtype or dtype_for(device), memory_format=torch.channels_last)
     for m in net.modules():
-        if isinstance(m, BatchNorm):
-            m.float()  # BatchNorm statistics in float32 under a float16 net
+        if isinstance(m, NORM_LAYERS):
+            m.float()  # norm parameters and statistics in float32 under a float16 net
     return net
 
 
@@ -477,7 +533,32 @@ def make_hyp(**overrides):
         raise ValueError(f"flip={h['flip']!r}, expected 'random', 'alternate' or 'none'")
     if h['batching'] not in BATCHINGS:
         raise ValueError(f"batching={h['batching']!r}, expected 'paired' or 'rebatch'")
+    if h['norm'] not in NORMS:
+        raise ValueError(f"norm={h['norm']!r}, expected 'batch' (BatchNorm), 'layer' (per example) or 'none'")
+    if h['precision'] not in PRECISIONS:
+        raise ValueError(f"precision={h['precision']!r}, expected 'auto', 'float32' or 'float16'")
     return h
+
+
+def make_optimizer(net, h):
+    """Nesterov SGD with the per-1024-examples hyperparameters of h -> (optimizer, its base lrs per group).
+    A Nesterov step is about 1 + 1/(1 - momentum) times the gradient, so dividing by that keeps the step
+    scale independent of momentum. Norm biases (the first group) train at lr x bias_scaler."""
+    kilostep_scale = 1024 * (1 + 1 / (1 - h['momentum']))
+    lr = h['lr'] / kilostep_scale
+    wd = h['weight_decay'] * h['batch_size'] / kilostep_scale  # absolute decay per step
+    lr_biases = lr * h['bias_scaler']
+    norm_biases = [m.bias for m in net.modules() if isinstance(m, (*NORM_LAYERS, BlockNorm))]
+    others = [p for p in net.parameters() if p.requires_grad and not any(p is b for b in norm_biases)]
+    optimizer = torch.optim.SGD([dict(params=norm_biases, lr=lr_biases, weight_decay=wd / lr_biases),
+                                 dict(params=others, lr=lr, weight_decay=wd / lr)],
+                                momentum=h['momentum'], nesterov=True)
+    return optimizer, (lr_biases, lr)
+
+
+def set_lr(optimizer, base_lrs, step, total_steps):
+    for group, base_lr in zip(optimizer.param_groups, base_lrs):
+        group['lr'] = float(f32(base_lr) * lr_multiplier(step, total_steps))  # float32, as the original
 
 
 def train94(images, labels, *, keep=None, seed=0, device=None, compile=False, **hyperparameters):
@@ -485,32 +566,26 @@ def train94(images, labels, *, keep=None, seed=0, device=None, compile=False, **
 
     images: uint8 (N, 32, 32, 3); labels (N,); keep: indices of the examples to train on (default all);
     seed fixes init, data order and augmentation; hyperparameters: any key of `hyp`.
+    With lists keep=[...] and seed=[...] (one entry each per model) it trains a block of models at
+    once and returns a BlockNet (see train_block).
     """
+    if isinstance(seed, (list, tuple)) or isinstance(keep, (list, tuple)):
+        return train_block(images, labels, keep=keep, seed=seed, device=device, compile=compile, **hyperparameters)
     h = make_hyp(**hyperparameters)
     device = torch.device(device or default_device())
+    dtype = dtype_for(device, h['precision'])
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # autotune convs once per input shape
     torch.manual_seed(seed)
-    net = make_net(h['widths'], h['bn_momentum'], h['scaling_factor'], device)
+    net = make_net(h['widths'], h['bn_momentum'], h['scaling_factor'], device, norm=h['norm'], dtype=dtype)
     loader = Loader(images, labels, h['batch_size'], keep=keep, flip=h['flip'], translate=h['translate'],
-                    cutout=h['cutout'], seed=seed, device=device, batching=h['batching'])
+                    cutout=h['cutout'], seed=seed, device=device, dtype=dtype, batching=h['batching'])
     total_steps = math.ceil(len(loader) * h['epochs'])
     # The EMA starts from the weights before whitening, as in the original (its first pull, at decay
     # 1e-7, then moves the whitening filters by a rounding error).
     lookahead = Lookahead(net)
     init_whitening(net[0], loader.first_kept(5000))
-
-    # Per-1024-examples hyperparameters -> torch SGD: Nesterov steps are about 1 + 1/(1 - momentum)
-    # times the gradient, so dividing by that keeps the step scale independent of momentum.
-    kilostep_scale = 1024 * (1 + 1 / (1 - h['momentum']))
-    lr = h['lr'] / kilostep_scale
-    wd = h['weight_decay'] * h['batch_size'] / kilostep_scale  # absolute decay per step
-    lr_biases = lr * h['bias_scaler']
-    norm_biases = [m.bias for m in net.modules() if isinstance(m, BatchNorm)]
-    others = [p for p in net.parameters() if p.requires_grad and not any(p is b for b in norm_biases)]
-    optimizer = torch.optim.SGD([dict(params=norm_biases, lr=lr_biases, weight_decay=wd / lr_biases),
-                                 dict(params=others, lr=lr, weight_decay=wd / lr)],
-                                momentum=h['momentum'], nesterov=True)
+    optimizer, base_lrs = make_optimizer(net, h)
     model = torch.compile(net) if compile else net
 
     step = 0
@@ -518,8 +593,7 @@ def train94(images, labels, *, keep=None, seed=0, device=None, compile=False, **
         net[0].bias.requires_grad = epoch < h['whiten_bias_epochs']
         net.train()
         for x, y in loader:
-            for group, base_lr in zip(optimizer.param_groups, (lr_biases, lr)):
-                group['lr'] = float(f32(base_lr) * lr_multiplier(step, total_steps))  # float32, as the original
+            set_lr(optimizer, base_lrs, step, total_steps)
             loss = F.cross_entropy(model(x), y, label_smoothing=h['label_smoothing'], reduction='sum')
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -539,13 +613,197 @@ def train94(images, labels, *, keep=None, seed=0, device=None, compile=False, **
 
 
 ############################################
+#         K models at once: a block        #
+############################################
+
+class BlockNorm(nn.Module):
+    """The norm layers of k models over their k x C channels, model m's at channels m C .. (m+1) C.
+    BatchNorm: each channel's statistics are its model's own; `valid` (B, k) bool, set by BlockNet for a
+    batch with padded rows, leaves those rows out of the statistics (they still get an output, which the
+    loss ignores). LayerNorm: GroupNorm with k groups, one per model. In float32, as the single layers."""
+
+    def __init__(self, layers):
+        super().__init__()
+        first = layers[0]
+        self.k, self.channels = len(layers), len(first.bias)
+        self.kind = 'batch' if isinstance(first, BatchNorm) else 'layer' if isinstance(first, LayerNorm) else 'none'
+        self.eps, self.momentum = getattr(first, 'eps', None), getattr(first, 'momentum', None)
+        self.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]))
+        if self.kind == 'batch':
+            self.register_buffer('running_mean', torch.cat([m.running_mean for m in layers]))
+            self.register_buffer('running_var', torch.cat([m.running_var for m in layers]))
+        self.valid = None
+
+    def forward(self, x):
+        if self.kind == 'none':
+            return x + self.bias.to(x.dtype).view(1, -1, 1, 1)
+        if self.kind == 'layer':
+            return F.group_norm(x.float(), self.k, None, self.bias, self.eps).to(x.dtype)
+        if not self.training or self.valid is None:
+            return F.batch_norm(x, self.running_mean, self.running_var, None, self.bias, self.training,
+                                self.momentum, self.eps)
+        b, _, height, width = x.shape
+        rows = self.valid.repeat_interleave(self.channels, 1).view(b, -1, 1, 1)        # (B, k C, 1, 1)
+        count = self.valid.sum(0).repeat_interleave(self.channels) * (height * width)  # (k C,) pixels per channel
+        xf = torch.where(rows, x.float(), 0.0)
+        mean = xf.sum((0, 2, 3)) / count
+        centred = x.float() - mean.view(1, -1, 1, 1)
+        var = torch.where(rows, centred, 0.0).square().sum((0, 2, 3)) / count         # biased, to normalise
+        with torch.no_grad():  # PyTorch's running variance is unbiased
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1), self.momentum)
+        out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return out.to(x.dtype)
+
+
+class BlockLinear(nn.Module):
+    """k heads at once: (B, k w) -> (k, B, 10), model m's features at columns m w .. (m+1) w."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]))  # (k, 10, w)
+
+    def forward(self, x):
+        k, _, w = self.weight.shape
+        return torch.bmm(x.view(len(x), k, w).transpose(0, 1), self.weight.transpose(1, 2))
+
+
+def fuse(modules):
+    """k modules of the same structure -> one holding all k: convs grouped (groups=k), norms over k x C
+    channels, heads batched; the weights copied, so model m's start is exactly its single net's."""
+    first, k = modules[0], len(modules)
+    if isinstance(first, nn.Conv2d):
+        conv = nn.Conv2d(k * first.in_channels, k * first.out_channels, first.kernel_size, padding=first.padding,
+                         bias=first.bias is not None, groups=k, device='meta')
+        conv.weight = nn.Parameter(torch.cat([m.weight.detach() for m in modules]).contiguous(
+            memory_format=torch.channels_last), requires_grad=first.weight.requires_grad)
+        if first.bias is not None:
+            conv.bias = nn.Parameter(torch.cat([m.bias.detach() for m in modules]))
+        return conv
+    if isinstance(first, NORM_LAYERS):
+        return BlockNorm(modules)
+    if isinstance(first, nn.Linear):
+        return BlockLinear(modules)
+    if not first._modules:
+        return first  # no weights: GELU, pooling, Flatten, Mul
+    fused = copy.copy(first)
+    fused._modules = {name: fuse([m._modules[name] for m in modules]) for name in first._modules}
+    return fused
+
+
+class BlockNet(nn.Module):
+    """k airbench94 nets fused into one: (B, 3k, 32, 32), model m's images at channels 3m .. 3m+3, or
+    (B, 3, 32, 32) for all -> (k, B, 10). `valid` (k, B) bool marks the real rows of a padded batch."""
+
+    def __init__(self, nets):
+        super().__init__()
+        self.k = len(nets)
+        self.net = fuse(nets)
+
+    def forward(self, x, valid=None):
+        if x.shape[1] == 3:
+            x = x.repeat(1, self.k, 1, 1).contiguous(memory_format=torch.channels_last)
+        for m in self.net.modules():
+            if isinstance(m, BlockNorm):
+                m.valid = None if valid is None else valid.T
+        return self.net(x)
+
+
+def train_block(images, labels, *, keep, seed, device=None, compile=False, **hyperparameters):
+    """Train len(seed) airbench94 nets at once, one forward and backward of a BlockNet per step, and
+    return it (lookahead weights, eval-ready; infer gives (k, N, 10)).
+
+    keep, seed: lists, one entry per model. Model m is the run train94(keep=keep[m], seed=seed[m]) would
+    make, up to float rounding: its init (built under torch.manual_seed(seed[m])), whitening from its
+    first 5,000 kept images, its own Loader (data order, flips, translations, cutout), its keep. Batches
+    of different sizes (a model without some examples) are padded with zero images and those rows masked
+    out of the loss and the BatchNorm statistics. Every model takes the same steps (else ValueError).
+    A model whose loss is not finite goes on with non-finite weights, and so non-finite logits; the
+    others are unaffected (no op mixes models). Diverged only when every model diverged.
+    """
+    if not isinstance(seed, (list, tuple)) or not isinstance(keep, (list, tuple)):
+        raise TypeError('a block takes lists: keep=[...] and seed=[...], one entry per model')
+    if len(keep) != len(seed) or not seed:
+        raise ValueError(f'{len(keep)} keep entries for {len(seed)} seeds: give one of each per model, at least one')
+    h = make_hyp(**hyperparameters)
+    device = torch.device(device or default_device())
+    dtype = dtype_for(device, h['precision'])
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    singles = []
+    for s in seed:
+        torch.manual_seed(s)
+        singles.append(make_net(h['widths'], h['bn_momentum'], h['scaling_factor'], device, norm=h['norm'],
+                                dtype=dtype))
+    first = Loader(images, labels, h['batch_size'], keep=keep[0], flip=h['flip'], translate=h['translate'],
+                   cutout=h['cutout'], seed=seed[0], device=device, dtype=dtype, batching=h['batching'])
+    loaders = [first] + [first.sibling(kp, s) for kp, s in zip(keep[1:], seed[1:])]
+    steps = [len(loader) for loader in loaders]
+    if len(set(steps)) > 1:
+        raise ValueError(f'the models of a block take {steps} steps per epoch: block only runs with equal '
+                         "steps (with batching='rebatch', equal numbers of kept examples)")
+    total_steps = math.ceil(steps[0] * h['epochs'])
+    net = BlockNet(singles)
+    lookahead = Lookahead(net)  # from the weights before whitening, as the single run
+    whiten = net.net[0].weight
+    with torch.no_grad():
+        for m, (single, loader) in enumerate(zip(singles, loaders)):
+            init_whitening(single[0], loader.first_kept(5000))
+            whiten[m * WHITEN_WIDTH:(m + 1) * WHITEN_WIDTH] = single[0].weight
+    del singles
+    optimizer, base_lrs = make_optimizer(net, h)
+    model = torch.compile(net) if compile else net
+    k = len(seed)
+    diverged = torch.zeros(k, dtype=torch.bool, device=device)
+
+    step = 0
+    for epoch in range(math.ceil(h['epochs'])):
+        net.net[0].bias.requires_grad = epoch < h['whiten_bias_epochs']
+        net.train()
+        for batch in zip(*(loader.batches() for loader in loaders), strict=True):
+            sizes = [len(idx) for idx, *_ in batch]
+            b = max(sizes)
+            x = torch.zeros(b, k, 3, 32, 32, device=device, dtype=dtype)
+            y = torch.zeros(k, b, dtype=torch.long, device=device)
+            valid = torch.zeros(k, b, dtype=torch.bool, device=device)
+            for m, (loader, (idx, flip, shift, corner)) in enumerate(zip(loaders, batch)):
+                x[:sizes[m], m] = loader.augment(idx, flip, shift, corner)
+                y[m, :sizes[m]] = loader.labels[idx]
+                valid[m, :sizes[m]] = True
+            x = x.view(b, 3 * k, 32, 32).contiguous(memory_format=torch.channels_last)
+            set_lr(optimizer, base_lrs, step, total_steps)
+            logits = model(x, None if min(sizes) == b else valid)                        # (k, B, 10)
+            losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), label_smoothing=h['label_smoothing'],
+                                     reduction='none')
+            losses = torch.where(valid.flatten(), losses, 0.0).float().view(k, b).sum(1)  # (k,): each model's own
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()  # model m's weights get the gradient of model m's loss only
+            optimizer.step()
+            step += 1
+            if step % 5 == 0:
+                lookahead.update(lookahead_decay(step, total_steps))
+            if step >= total_steps:
+                break
+        diverged |= ~torch.isfinite(losses)  # once per epoch, as the single run
+        if diverged.all():
+            raise Diverged(f'every model of the block diverged: losses {losses.tolist()} after {step} steps '
+                           f'(epoch {epoch + 1})')
+        if step >= total_steps:
+            break
+    lookahead.update(1.0)
+    net.eval()
+    return net
+
+
+############################################
 #                Inference                 #
 ############################################
 
 @torch.no_grad()
 def infer(net, images, tta_level=0, batch_size=2000):
-    """Logits (N, 10) float32 on the net's device for uint8 images (N, 32, 32, 3), in eval mode.
-    tta_level 1 averages with the mirror image; 2 also with two 1-pixel reflect-padded translations."""
+    """Logits (N, 10) float32 on the net's device for uint8 images (N, 32, 32, 3), in eval mode; (k, N, 10)
+    for a BlockNet. tta_level 1 averages with the mirror image; 2 also with two 1-pixel reflect-padded
+    translations."""
     param = next(net.parameters())
     net.eval()
     out = []
@@ -557,7 +815,7 @@ def infer(net, images, tta_level=0, batch_size=2000):
             shifted = [_mirror(net, padded[:, :, :32, :32]), _mirror(net, padded[:, :, 2:, 2:])]
             logits = 0.5 * logits + 0.25 * (shifted[0] + shifted[1])
         out.append(logits)
-    return torch.cat(out)
+    return torch.cat(out, dim=1 if isinstance(net, BlockNet) else 0)
 
 
 def _mirror(net, x):
@@ -565,6 +823,6 @@ def _mirror(net, x):
 
 
 def evaluate(net, images, labels, tta_level=2):
-    """Accuracy in [0, 1]; tta_level 2 is the library's way to report test accuracy."""
-    logits = infer(net, images, tta_level)
-    return (logits.argmax(1).cpu() == torch.as_tensor(labels)).float().mean().item()
+    """Accuracy in [0, 1] (a list of k for a BlockNet); tta_level 2 is the library's way to report test accuracy."""
+    accuracy = (infer(net, images, tta_level).argmax(-1).cpu() == torch.as_tensor(labels)).float().mean(-1)
+    return accuracy.tolist() if isinstance(net, BlockNet) else accuracy.item()

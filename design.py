@@ -3,7 +3,8 @@
 Which arms a store may have, the seed of each run, and which training examples a run of each arm may
 see: with/without (a run sees every example, or all but the held-out ones), the factorial design (arms
 `a`, `b`: run k of both shares seed k, and each held-out example is removed from exactly one of the two
-by a fair coin drawn from the seed), and the scan (arm `scan`: each run on a random half). numpy only.
+by a fair coin drawn from the seed), and the scan (arm `scan`: each run on a random half); and `override`,
+where every trainer's make_hyp starts. numpy only.
 """
 import numpy as np
 
@@ -12,6 +13,15 @@ FACTORIAL_ARMS = ('a', 'b')  # the factorial design: each held-out example is re
 DESIGNS = (list(ARMS), list(FACTORIAL_ARMS), ['scan'])  # the arms a store may have
 SCAN_SEED_BASE = 1_000_000  # scans use seeds from here on, experiments from 0: the ranges never meet
 MAX_RUNS = 1_000_000        # run files are named by six digits: runs 0 .. 999,999
+
+
+def override(hyp, overrides):
+    """Where every trainer's make_hyp starts: `hyp` with `overrides` applied -> a new dict; a name that is
+    not in `hyp` is a TypeError naming the known ones."""
+    unknown = set(overrides) - set(hyp)
+    if unknown:
+        raise TypeError(f'unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(hyp)}')
+    return {**hyp, **overrides}
 
 
 def seed_for(run, seed_base=0):
