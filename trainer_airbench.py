@@ -10,7 +10,8 @@ Killing it loses at most the runs in progress; the same command continues.
     python trainer_airbench.py --smoke --runs 2      # a tiny net on a CPU: the whole pipeline
 
 Recipe: airbench94 (airbench.py) with the experiment's settings: lr 5.0, no label smoothing, batch 512,
-random flip + 2 px translation, 9.9 epochs, no test-time augmentation. Measured costs and results:
+random flip + 2 px translation, 9.9 epochs, no test-time augmentation; float16 on CUDA, float32 on a CPU
+(--hyp precision=float16|float32), BatchNorm after each conv (--hyp norm=layer|none: the ablations). Measured costs and results:
 docs/speed.md, docs/results.md.
 """
 import sys
@@ -27,13 +28,17 @@ hyp = airbench.make_hyp(
 )
 SMOKE = dict(widths=(16, 32, 32), epochs=0.2)  # a tiny net, a fifth of an epoch
 make_hyp = airbench.make_hyp
+BLOCKS = True  # train takes keep and seed lists too: a block of models trained at once as one fused net
 
 
 def train(images, labels, *, keep, seed, device, **hyp):
+    """One net (keep an index array or None, seed an int), or with lists a block of len(seed) nets, each
+    the run it would be alone with its keep and seed (airbench.train_block)."""
     return airbench.train94(images, labels, keep=keep, seed=seed, device=device, **hyp)
 
 
 def infer(net, images):
+    """(N, 10) logits of one net; (k, N, 10) of a block."""
     return airbench.infer(net, images, tta_level=0)
 
 
