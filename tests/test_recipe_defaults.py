@@ -33,6 +33,8 @@ AIRBENCH_EXPERIMENT = {
     'bn_momentum': 0.4,          # 1 - the original's 0.6
     'scaling_factor': 1 / 9,
     'batching': 'paired',        # this project's choice for the without arm (docs/fidelity.md)
+    'norm': 'batch',             # the recipe's BatchNorm (layer and none: this project's ablations)
+    'precision': 'auto',         # the recipe's float16 on CUDA; float32 on a CPU
 }
 
 # RECIPE.md, trainer 2: the Madry-lab ResNet-9 (datamodels CIFAR-10 example).
@@ -85,6 +87,8 @@ def test_airbench_library_defaults_are_the_airbench_0_1_8_packages():
         'bn_momentum': pytest.approx(1 - net['batchnorm_momentum']),  # PyTorch's convention against its own
         'scaling_factor': net['scaling_factor'],
         'batching': 'paired',                             # keep= is this project's
+        'norm': 'batch',                                  # the recipe's BatchNorm; the ablations are this project's
+        'precision': 'auto',                              # the recipe's float16 on CUDA, float32 on a CPU
     }
     assert airbench.evaluate.__defaults__[0] == net['tta_level']
     experiment_changes = {k: v for k, v in trainer_airbench.hyp.items() if v != airbench.hyp[k]}
