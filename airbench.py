@@ -9,8 +9,14 @@ The recipe (94% CIFAR-10 test accuracy in a few seconds on one A100): a frozen 2
 to the training patches, three conv groups of widths 64/256/256 with BatchNorm (scale frozen at 1),
 Nesterov SGD with hyperparameters per 1024 examples, a triangular learning rate, and lookahead
 (an EMA pulled into the live weights every 5 steps). The net runs channels-last (faster on CUDA and on
-CPU), in float16 with BatchNorm in float32 on CUDA, in float32 on CPU; on CPU, training is bit-identical
-to the airbench 0.1.8 package the original experiment called (tests/test_reference.py).
+CPU); precision 'auto' is float16 with BatchNorm in float32 on CUDA and float32 elsewhere, and
+'float16' runs the CUDA arithmetic on any device. In float32 on CPU, training is bit-identical to the
+airbench 0.1.8 package the original experiment called (tests/test_reference.py). norm='layer' or
+'none' replaces each BatchNorm by a per-example LayerNorm or by a bias (the ablations).
+
+With lists keep=[...] and seed=[...], train94 trains a block of models at once as one fused net
+(grouped convolutions, one BatchNorm over k x C channels, batched heads), each the run it would be
+alone (train_block); infer then returns (k, N, 10).
 
 `keep=` restricts training to a subset of the examples: the others are never in a batch nor in the
 whitening statistics. With batching 'paired' (the default) every kept example sees the same batches
