@@ -238,14 +238,14 @@ def choose_block(train, images, labels, hyp, device, largest=AUTO_MAX_BLOCK):
         except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
             if 'out of memory' not in str(e):
                 raise
-            if device.type == 'cuda':
-                torch.cuda.empty_cache()
             why = f'K={k} ran out of memory'
             break
         if k > 1 and timings[k] >= timings[k // 2]:
             why = f'K={k} no faster per model'
             break
         k *= 2
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()  # the timed blocks' memory, for the runs (the error and its frames are gone)
     best = min(timings, key=timings.get) if timings else 1
     said = ', '.join(f'K={k} {s * 1000:.2f}' for k, s in timings.items())
     print(f'block auto: {best} models at once (ms per model-step over {AUTO_STEPS} steps: {said}; stopped: {why})',
