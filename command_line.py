@@ -109,8 +109,8 @@ def check_command(args, hyp, smoke=None, check=None, blocks=False, block=1):
     named = list(args.hyp)
     if args.precision is not None:
         if 'precision' not in hyp:
-            raise UsageError(f'--precision {args.precision}: this trainer has no \'precision\' hyperparameter (its hyp: '
-                             f'{", ".join(hyp) or "none"}); leave out --precision')
+            raise UsageError(f'--precision {args.precision}: this trainer has no \'precision\' hyperparameter (its '
+                             f'hyp: {", ".join(hyp) or "none"}); leave out --precision')
         given = [text for text in args.hyp if text.partition('=')[0] == 'precision']
         if given:
             raise UsageError(f'--precision {args.precision} and --hyp {given[0]}: the same setting twice; give one')
@@ -140,9 +140,9 @@ def check_block(text, blocks, block):
     if text is None:
         return None
     if not blocks:
-        fixed = f'trains a fixed block of {block} models at once (its BLOCK)' if block > 1 else 'trains one model at a time'
-        raise UsageError(f'--block {text}: this trainer {fixed}; --block is for trainers that set BLOCKS = True, '
-                         'such as trainer_airbench.py; leave out --block')
+        fixed = f'a fixed block of {block} models at once (its BLOCK)' if block > 1 else 'one model at a time'
+        raise UsageError(f'--block {text}: this trainer trains {fixed}; --block is for trainers that set BLOCKS = '
+                         'True (docs/trainers.md); leave out --block')
     if text == 'auto':
         return text
     if not re.fullmatch(r'\d+', text) or int(text) < 1:

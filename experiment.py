@@ -161,7 +161,7 @@ def main(trainer, argv=None):
     try:
         catch_signals()  # a signal stops the setup at once: nothing is held yet
         import torch
-        device = torch.device(args.device or airbench.default_device())
+        device = torch.device(args.device or (devices[0] if devices else airbench.default_device()))  # --gpus 1: cuda:1
         if 'precision' in hyp:  # the store records what the runs were made in, not 'auto'
             hyp['precision'] = resolve_precision(hyp['precision'], device)
         images, labels, test_images, test_labels = t.load(args.data_dir)

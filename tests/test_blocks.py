@@ -170,6 +170,17 @@ def test_workers_per_gpu_starts_that_many_workers_on_each_gpu(monkeypatch, tmp_p
     assert [c[-1] for c in started] == ['cuda:0', 'cuda:0']
 
 
+def test_one_gpu_named_by_gpus_is_the_one_its_worker_trains_on(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    got = []
+    monkeypatch.setattr(experiment, 'work', lambda store, runs, train, infer, hyp, data, test, device, **kw:
+                        got.append((device, hyp['precision'], kw['block'])))
+    assert experiment.main(block_trainer, ['--gpus', '1', '--out', str(tmp_path)]) == 0
+    assert got == [(torch.device('cuda', 1), 'float16', 'auto')]  # CUDA: float16 and --block auto by default
+    assert Store(tmp_path).settings['hyp']['precision'] == 'float16'
+
+
 def test_auto_precision_is_resolved_for_the_device_and_binds_the_store(tmp_path, monkeypatch, capsys):
     cpu, cuda = torch.device('cpu'), torch.device('cuda', 0)
     assert [experiment.resolve_precision(p, cpu) for p in ('auto', 'float32', 'float16')] == \
