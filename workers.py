@@ -122,7 +122,7 @@ def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=T
     finally:
         shown.close()
     store.clean_leftovers()  # claims of workers that died after finishing their runs
-    print(summary(store, runs, seconds), flush=True)
+    say(summary(store, runs, seconds))
 
 
 def summary(store, runs, seconds):
@@ -248,8 +248,8 @@ def choose_block(train, images, labels, hyp, device, largest=AUTO_MAX_BLOCK):
         torch.cuda.empty_cache()  # the timed blocks' memory, for the runs (the error and its frames are gone)
     best = min(timings, key=timings.get) if timings else 1
     said = ', '.join(f'K={k} {s * 1000:.2f}' for k, s in timings.items())
-    print(f'block auto: {best} models at once (ms per model-step over {AUTO_STEPS} steps: {said}; stopped: {why})',
-          file=sys.stderr, flush=True)
+    say(f'block auto: {best} models at once (ms per model-step over {AUTO_STEPS} steps: {said}; stopped: {why})',
+        sys.stderr)
     return best
 
 
@@ -433,7 +433,7 @@ class Progress:
         if self.bar is not None:
             self.bar.write(line)
         else:
-            print(line, flush=True)
+            say(line)
 
     def update(self, done):
         now = time.monotonic()
@@ -441,11 +441,18 @@ class Progress:
             self.bar.update(done - self.bar.n)
         elif self.lines and now - self.last >= self.every:
             self.last = now
-            print(progress_line(done, self.total, done - self.first, now - self.start), file=sys.stderr, flush=True)
+            say(progress_line(done, self.total, done - self.first, now - self.start), sys.stderr)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def say(line, file=None):
+    """One line in one write: workers sharing a log (the workers of a launch) never split each other's lines."""
+    file = file or sys.stdout
+    file.write(line + '\n')
+    file.flush()
 
 
 def on_terminal():
