@@ -204,10 +204,10 @@ def time_steps(train, images, labels, hyp, device, block=1, n=COST_STEPS):
     """(seconds before the first step, seconds per step) of one training (a block of `block` models)
     cut after n optimizer steps."""
     import torch
-    stamps = []
+    stamps, cuda = [], torch.device(device).type == 'cuda'
 
     def stamp():
-        if device.type == 'cuda':
+        if cuda:
             torch.cuda.synchronize(device)  # the step's kernels, not only their launch
         stamps.append(time.perf_counter())
         if len(stamps) >= n:
@@ -244,7 +244,7 @@ def choose_block(train, images, labels, hyp, device, largest=AUTO_MAX_BLOCK):
             why = f'K={k} no faster per model'
             break
         k *= 2
-    if device.type == 'cuda':
+    if torch.device(device).type == 'cuda':
         torch.cuda.empty_cache()  # the timed blocks' memory, for the runs (the error and its frames are gone)
     best = min(timings, key=timings.get) if timings else 1
     said = ', '.join(f'K={k} {s * 1000:.2f}' for k, s in timings.items())
