@@ -32,9 +32,9 @@ A trainer is a module that defines these names (docs/trainers.md has a worked ex
     RUNS       int >= 1: the default of --runs [1000]
     steps(hyp, n_train) -> int: optimizer steps of one run, for the cost note and the progress bar
                [default_steps: ceil(epochs x (n_train // batch_size))]
-  and a hyp key 'precision' ('auto', 'float32' or 'float16') brings --precision; the store records the
-  precision resolved for the worker's device (resolve_precision).
     __doc__    the top of --help: what the trainer does and how to run it
+  A hyp key 'precision' ('auto', 'float32' or 'float16') brings --precision; the store records the
+  precision resolved for the worker's device (resolve_precision), and train receives it.
 """
 import math
 import os
