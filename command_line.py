@@ -13,6 +13,7 @@ from design import MAX_RUNS, SCAN_SEED_BASE
 from store import parse_json
 
 MAX_SEED = 2 ** 62     # seeds go to numpy and torch generators: keep seed_base + run well inside 64 bits
+PRECISIONS = ('auto', 'float32', 'float16')  # a trainer's hyp['precision']: auto is float16 on CUDA, float32 elsewhere
 
 
 class UsageError(Exception):
@@ -24,9 +25,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def parse_args(trainer, doc, argv=None, runs=1000, hyp=None, smoke=None, data_dir=True):
+def parse_args(trainer, doc, argv=None, runs=1000, hyp=None, smoke=None, data_dir=True, blocks=False):
     """The trainer's command line; the help of --smoke and --hyp is taken from its `smoke` and `hyp`
-    dicts, and --data-dir is offered only when the trainer reads a data folder (`data_dir`)."""
+    dicts, --data-dir is offered only when the trainer reads a data folder (`data_dir`), --precision
+    when its hyp has 'precision' and --block when it trains blocks of any size (`blocks`). An option not
+    offered is still read, hidden, so that check_command can say why it does not apply."""
     hyp, smoke = hyp or {}, smoke or {}
     p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--runs', type=int, default=runs, help=f'runs per arm (default {runs}); rerun with more to extend')
@@ -39,6 +42,20 @@ def parse_args(trainer, doc, argv=None, runs=1000, hyp=None, smoke=None, data_di
         p.set_defaults(data_dir=None)  # the data ship with a package
     p.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda if present)')
     p.add_argument('--gpus', help='comma-separated GPU ids, one worker each (default: every visible GPU)')
+    p.add_argument('--workers-per-gpu', type=int, default=1, metavar='N',
+                   help='worker processes per GPU, all filling the one store (default 1); more than one helps '
+                        'when a run is bound by kernel launches rather than arithmetic')
+    p.add_argument('--block', metavar='K|auto',
+                   help='models trained at once, each its own run (its seed, its examples); runs of one block take '
+                        'equal steps. auto: before its first run each worker times a few steps at K = 1, 2, 4, 8, '
+                        '... and keeps the fastest per model (default: auto on CUDA, 1 on a CPU)'
+                   if blocks else argparse.SUPPRESS)
+    p.add_argument('--precision', choices=PRECISIONS,
+                   help='arithmetic of training and inference: float16 (the CUDA recipe, on any device) or float32; '
+                        'auto (the default): float16 on CUDA, float32 elsewhere. The store records the precision '
+                        'its runs were made in and refuses a worker of the other; the same as --hyp precision=..., '
+                        'so the default --out names it (e.g. -precision=float16)'
+                   if 'precision' in hyp else argparse.SUPPRESS)
     p.add_argument('--smoke', action='store_true', help=smoke_help(hyp, smoke))
     p.add_argument('--scan', action='store_true',
                    help='instead of the with/without arms: runs on a random half of the training set each '
@@ -79,21 +96,33 @@ def hyp_example(hyp):
     return ''
 
 
-def check_command(args, hyp, smoke=None, check=None):
+def check_command(args, hyp, smoke=None, check=None, blocks=False, block=1):
     """Every check that needs no dataset, before anything is written. -> dict: the overrides of `hyp`,
-    held_out (None: the trainer's), gpus. Raises UsageError."""
+    named (the overrides that name the default --out), held_out (None: the trainer's), gpus, block (an int,
+    'auto', or None for the device's default). blocks, block: the trainer's BLOCKS and BLOCK. Raises UsageError."""
     if args.scan and args.design != 'with-without':
         raise UsageError('--scan and --design factorial are two designs; choose one')
     if not 1 <= args.runs <= MAX_RUNS:
         raise UsageError(f'--runs {args.runs}: expected a number of runs per arm from 1 to {MAX_RUNS:,}')
     if args.seed_base is not None and not 0 <= args.seed_base <= MAX_SEED - MAX_RUNS:
         raise UsageError(f'--seed-base {args.seed_base}: expected an integer from 0 to {MAX_SEED - MAX_RUNS}')
-    overrides = parse_hyp(args.hyp, hyp, smoke)
+    named = list(args.hyp)
+    if args.precision is not None:
+        if 'precision' not in hyp:
+            raise UsageError(f'--precision {args.precision}: this trainer has no \'precision\' hyperparameter (its '
+                             f'hyp: {", ".join(hyp) or "none"}); leave out --precision')
+        given = [text for text in args.hyp if text.partition('=')[0] == 'precision']
+        if given:
+            raise UsageError(f'--precision {args.precision} and --hyp {given[0]}: the same setting twice; give one')
+        named.append(f'precision={args.precision}')
+    overrides = parse_hyp(named, hyp, smoke)
+    if 'precision' in hyp and overrides.get('precision', hyp['precision']) not in PRECISIONS:
+        raise UsageError(f'--hyp precision={overrides["precision"]}: expected one of {", ".join(PRECISIONS)}')
     if check is not None:
         try:
             check(**{**hyp, **(smoke if args.smoke else {}), **overrides})
         except (ValueError, TypeError) as e:
-            raise UsageError(f'--hyp {" ".join(args.hyp)}: {e}') from None
+            raise UsageError(f'--hyp {" ".join(named)}: {e}') from None
     if args.out is not None and not args.out.strip():
         raise UsageError(f'--out {args.out!r}: empty; expected a store folder (new, empty or a store), or leave '
                          'out --out for the default')
@@ -101,7 +130,24 @@ def check_command(args, hyp, smoke=None, check=None):
         raise UsageError(f'--out {args.out}: that is a file; expected a store folder (new, empty or a store)')
     held_out = read_held_out(args.held_out) if args.held_out is not None else None
     device = check_device(args.device)
-    return dict(overrides=overrides, held_out=held_out, gpus=check_gpus(args.gpus, device, args.worker))
+    return dict(overrides=overrides, named=named, held_out=held_out, gpus=check_gpus(args.gpus, device, args.worker,
+                                                                                     args.workers_per_gpu),
+                block=check_block(args.block, blocks, block))
+
+
+def check_block(text, blocks, block):
+    """--block -> an int >= 1, 'auto', or None (not given: auto on CUDA, 1 on a CPU)."""
+    if text is None:
+        return None
+    if not blocks:
+        fixed = f'a fixed block of {block} models at once (its BLOCK)' if block > 1 else 'one model at a time'
+        raise UsageError(f'--block {text}: this trainer trains {fixed}; --block is for trainers that set BLOCKS = '
+                         'True (docs/trainers.md); leave out --block')
+    if text == 'auto':
+        return text
+    if not re.fullmatch(r'\d+', text) or int(text) < 1:
+        raise UsageError(f'--block {text}: expected auto or a number of models to train at once (an integer >= 1)')
+    return int(text)
 
 
 def parse_hyp(texts, hyp, smoke=None):
@@ -216,13 +262,22 @@ def check_device(text):
     return text
 
 
-def check_gpus(text, device, worker):
-    """--gpus -> the GPU indices to start one worker each on ([] or one: this process works alone)."""
+def check_gpus(text, device, worker, per_gpu=1):
+    """--gpus and --workers-per-gpu -> the GPU indices to start per_gpu workers each on (no GPU, or one GPU
+    with one worker: this process works alone)."""
     if worker:
         return []
+    if per_gpu < 1:
+        raise UsageError(f'--workers-per-gpu {per_gpu}: expected an integer >= 1 (worker processes per GPU)')
     import torch
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if per_gpu > 1 and (device in ('cpu', 'mps') or count == 0):
+        raise UsageError(f'--workers-per-gpu {per_gpu}: ' + (f'with --device {device} there is no GPU to share'
+                         if device in ('cpu', 'mps') else 'no CUDA device is visible here') +
+                         '; leave it out, or start more processes (Slurm tasks) on one --out')
     if text is None:
+        if device is not None and device.startswith('cuda:'):
+            return [int(device[5:])] if per_gpu > 1 else []  # that one GPU, shared by per_gpu workers
         return list(range(count)) if device in (None, 'cuda') else []
     try:
         ids = [int(g) for g in text.split(',')]

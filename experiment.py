@@ -13,9 +13,9 @@ A trainer is a module that defines these names (docs/trainers.md has a worked ex
     train(images, labels, *, keep, seed, device, **hyp) -> net
                one run: keep None (every example) or the indices of the examples the run may see, seed an
                int that fixes init, data order and augmentation; raises airbench.Diverged if it diverges
-               (recorded in failed/, not retried). With BLOCK > 1, keep and seed are lists of BLOCK
-               entries, one per model trained at once
-    infer(net, images) -> logits, (N, 10) float, no augmentation; (BLOCK, N, 10) with BLOCK > 1
+               (recorded in failed/, not retried). With BLOCK > 1 (or BLOCKS and --block above 1), keep
+               and seed are lists of k entries, one per model trained at once
+    infer(net, images) -> logits, (N, 10) float, no augmentation; (k, N, 10) for a net of k models
   and may define (default in brackets):
     SMOKE      dict: the values of hyp that --smoke replaces, keys of hyp [{}]
     make_hyp(**hyp) -> dict: the trainer's own check of a full set of hyperparameters (a choice among
@@ -26,10 +26,15 @@ A trainer is a module that defines these names (docs/trainers.md has a worked ex
     DATA_DIR   bool: whether load reads --data-dir; False: the option is not offered, load gets None [True]
     HELD_OUT   {group: [training indices]}, each index once [HELD_OUT below: CIFAR-10's]
     BLOCK      int >= 1: models that train trains at once [1]
+    BLOCKS     bool: train accepts lists of any length k >= 1 (k models at once, each the run it would be
+               alone); the command line then offers --block K|auto [False]. Runs of one block take equal
+               steps (run_steps)
     RUNS       int >= 1: the default of --runs [1000]
     steps(hyp, n_train) -> int: optimizer steps of one run, for the cost note and the progress bar
                [default_steps: ceil(epochs x (n_train // batch_size))]
     __doc__    the top of --help: what the trainer does and how to run it
+  A hyp key 'precision' ('auto', 'float32' or 'float16') brings --precision; the store records the
+  precision resolved for the worker's device (resolve_precision), and train receives it.
 """
 import math
 import os
@@ -40,8 +45,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from command_line import UsageError, check_command, check_held_out, is_number, parse_args
-from design import ARMS, FACTORIAL_ARMS, SCAN_SEED_BASE
+from command_line import PRECISIONS, UsageError, check_command, check_held_out, is_number, parse_args
+from design import ARMS, FACTORIAL_ARMS, SCAN_SEED_BASE, keep_for, seed_for
 from store import Store, StoreError
 from workers import Stopped, catch_signals, holding, launch, restore_signals, work
 
@@ -69,6 +74,25 @@ def default_steps(hyp, n_train):
     return math.ceil(hyp['epochs'] * (n_train // hyp['batch_size']))
 
 
+def run_steps(trainer, hyp, n_train, n_kept):
+    """Optimizer steps of one run that may see n_kept of the n_train examples: the trainer's steps(hyp, n)
+    counted over the kept examples under batching 'rebatch' (full batches of kept examples), over every
+    example otherwise (removed examples leave their batches). Runs of one block must agree on it."""
+    steps = getattr(trainer, 'steps', default_steps)
+    return steps(hyp, n_kept if hyp.get('batching') == 'rebatch' else n_train)
+
+
+def resolve_precision(precision, device):
+    """'auto' -> 'float16' on CUDA, 'float32' elsewhere; 'float32' and 'float16' as they are. The rule is
+    airbench.resolve_precision where airbench has it (the trainers' arithmetic follows it)."""
+    import airbench
+    if hasattr(airbench, 'resolve_precision'):
+        return airbench.resolve_precision(precision, device)
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision={precision!r}, expected one of {", ".join(PRECISIONS)}')
+    return precision if precision != 'auto' else 'float16' if device.type == 'cuda' else 'float32'
+
+
 ############################################
 #      The trainer protocol, and main      #
 ############################################
@@ -80,8 +104,8 @@ def load_cifar10(data_dir):
 
 
 # The optional names of a trainer module, at the value the harness takes when the module leaves one out.
-OPTIONAL = dict(SMOKE={}, make_hyp=None, load=load_cifar10, DATA_DIR=True, HELD_OUT=HELD_OUT, BLOCK=1, RUNS=1000,
-                steps=default_steps)
+OPTIONAL = dict(SMOKE={}, make_hyp=None, load=load_cifar10, DATA_DIR=True, HELD_OUT=HELD_OUT, BLOCK=1, BLOCKS=False,
+                RUNS=1000, steps=default_steps)
 
 
 def read_trainer(module):
@@ -101,7 +125,9 @@ def read_trainer(module):
         ('SMOKE', t.SMOKE, isinstance(t.SMOKE, dict) and set(t.SMOKE) <= set(t.hyp), 'a dict of keys of hyp'),
         ('BLOCK', t.BLOCK, is_number(t.BLOCK) and t.BLOCK == int(t.BLOCK) >= 1, 'an integer >= 1'),
         ('RUNS', t.RUNS, is_number(t.RUNS) and t.RUNS == int(t.RUNS) >= 1, 'an integer >= 1'),
-        ('DATA_DIR', t.DATA_DIR, isinstance(t.DATA_DIR, bool), 'True or False')] if not ok]
+        ('DATA_DIR', t.DATA_DIR, isinstance(t.DATA_DIR, bool), 'True or False'),
+        ('BLOCKS', t.BLOCKS, isinstance(t.BLOCKS, bool) and not (t.BLOCKS and t.BLOCK != 1),
+         'True or False, and True only with BLOCK 1 (a fixed block, or blocks of any size)')] if not ok]
     wrong += [f'{name} is not a function' for name in ('train', 'infer', 'load', 'steps')
               if not callable(getattr(t, name))]
     if t.make_hyp is not None and not callable(t.make_hyp):
@@ -117,8 +143,8 @@ def main(trainer, argv=None):
     before anything is written."""
     t = read_trainer(trainer)
     try:
-        args = parse_args(t.NAME, t.doc, argv, t.RUNS, t.hyp, t.SMOKE, t.DATA_DIR)
-        plan = check_command(args, t.hyp, t.SMOKE, t.make_hyp)
+        args = parse_args(t.NAME, t.doc, argv, t.RUNS, t.hyp, t.SMOKE, t.DATA_DIR, t.BLOCKS)
+        plan = check_command(args, t.hyp, t.SMOKE, t.make_hyp, blocks=t.BLOCKS, block=t.BLOCK)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -126,15 +152,18 @@ def main(trainer, argv=None):
     design = 'scan' if args.scan else args.design
     arms = {'scan': ['scan'], 'factorial': list(FACTORIAL_ARMS), 'with-without': list(ARMS)}[design]
     name = t.NAME + ('' if design == 'with-without' else f'-{design}') + ('-smoke' if args.smoke else '')
-    out = args.out or os.path.join('runs', '-'.join([name, *args.hyp]))
+    out = args.out or os.path.join('runs', '-'.join([name, *plan['named']]))
     seed_base = args.seed_base if args.seed_base is not None else SCAN_SEED_BASE if args.scan else 0
-    if len(plan['gpus']) > 1:
-        return launch(plan['gpus'], out, args.runs)
+    devices = [f'cuda:{g}' for g in plan['gpus'] for _ in range(args.workers_per_gpu)]  # one process each
+    if len(devices) > 1:
+        return launch(devices, out, args.runs)
     import airbench
     try:
         catch_signals()  # a signal stops the setup at once: nothing is held yet
         import torch
-        device = torch.device(args.device or airbench.default_device())
+        device = torch.device(args.device or (devices[0] if devices else airbench.default_device()))  # --gpus 1: cuda:1
+        if 'precision' in hyp:  # the store records what the runs were made in, not 'auto'
+            hyp['precision'] = resolve_precision(hyp['precision'], device)
         images, labels, test_images, test_labels = t.load(args.data_dir)
         where = f'--held-out {args.held_out}' if args.held_out else 'the held-out set'
         held_out = plan['held_out'] or check_held_out(t.HELD_OUT, where)
@@ -155,8 +184,10 @@ def main(trainer, argv=None):
         if args.smoke:
             print('--smoke: a short run of a small net, to check that everything runs; a test_acc near chance '
                   '(0.10) is expected there and says nothing about the experiment.', file=sys.stderr)
+        block = t.BLOCK if not t.BLOCKS else plan['block'] or ('auto' if device.type == 'cuda' else 1)
         work(store, args.runs, t.train, t.infer, hyp, (images, labels), (test_images, test_labels), device,
-             block=t.BLOCK, progress=not args.worker, steps=n_steps, say_cost=not args.smoke)
+             block=block, progress=not args.worker, steps=n_steps, say_cost=not args.smoke,
+             steps_of=lambda arm, run: _steps_of(t, hyp, arm, seed_for(run, seed_base), len(labels), held_out))
     except (airbench.DataError, StoreError, UsageError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -166,6 +197,11 @@ def main(trainer, argv=None):
     finally:
         restore_signals()
     return 0
+
+
+def _steps_of(t, hyp, arm, seed, n_train, held_out):
+    keep = keep_for(arm, seed, n_train, held_out)
+    return run_steps(t, hyp, n_train, n_train if keep is None else len(keep))
 
 
 def _versions():

@@ -1,8 +1,9 @@
 """workers.py: the worker loop that fills a run store, for experiment.py's main.
 
 What a worker does: claims runs nobody has stored, failed or claimed (the store/ package), trains them `block` at a
-time, stores each run's logits with its seed, and gives back what it holds when stopped; one process per
-GPU (launch), any number of processes on any number of machines sharing one folder. How it behaves for a
+time (runs of equal optimizer steps; `auto`: the block size timed fastest per model, choose_block), stores each
+run's logits with its seed, and gives back what it holds when stopped; one or more processes per GPU (launch),
+any number of processes on any number of machines sharing one folder. How it behaves for a
 person: a progress bar on a terminal or a line now and then in a log, one line per run, a summary line;
 on a CPU, a few timed steps first and a note when the runs would take long. SIGTERM or SIGINT: the first
 gives back the runs in progress and stops (Stopped), a second ends the process at once.
@@ -23,6 +24,8 @@ from design import keep_for, seed_for
 from store import CLAIM_REFRESH, Store, StoreError
 
 COST_STEPS = 3         # training steps timed before the first full-size run on a CPU
+AUTO_STEPS = 5         # training steps timed per block size by --block auto (the first absorbs the warm-up)
+AUTO_MAX_BLOCK = 64    # the largest block --block auto tries
 COST_NOTE_S = 600.0    # say the cost when the runs to do would take longer than this on the CPU (seconds)
 LONG_RUN_S = 60.0      # a block of runs longer than this moves the progress bar step by step
 PROGRESS_S = float(os.environ.get('EXPERIMENT_PROGRESS_S', '60'))  # seconds between progress lines in a log
@@ -30,10 +33,13 @@ SAME_SIGNAL_S = 1.0    # a second signal this soon after the first is the same r
                        # signals every process of a job, and a multi-GPU parent forwards what it gets)
 
 
-def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=True, steps=None, say_cost=False):
-    """Train every (arm, run) with run < `runs` that no one has stored, failed or claimed, `block` at a time.
-    steps: optimizer steps per run (None: unknown); say_cost: time a few steps first and, on a CPU,
-    say what the runs will cost if that is long. progress: a bar on a terminal, else a line now and then.
+def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=True, steps=None, say_cost=False,
+         steps_of=None):
+    """Train every (arm, run) with run < `runs` that no one has stored, failed or claimed, `block` at a time
+    (an int, or 'auto': choose_block times a few sizes first). steps: optimizer steps per run (None: unknown);
+    steps_of(arm, run): a run's optimizer steps, when they may differ (a block holds runs of equal steps only);
+    say_cost: time a few steps first and, on a CPU, say what the runs will cost if that is long. progress:
+    a bar on a terminal, else a line now and then.
     A first SIGTERM or SIGINT (catch_signals) abandons the block in progress, gives its runs back at once
     and raises Stopped, naming them."""
     images, labels = (t.to(device) for t in data)  # on the device once, not copied again every run
@@ -45,11 +51,11 @@ def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=T
     def finished():
         return sum(store.counts(runs).values()) + sum(r < runs for _, r in store.failed())
 
-    def unclaimed():  # pass after pass, until one finds nothing: runs another worker gave back are redone
+    def unclaimed(jobs):  # pass after pass, until one finds nothing: runs another worker gave back are redone
         found = True
         while found:
             found, failed = False, store.failed()
-            for arm, run in todo:
+            for arm, run in jobs:
                 if os.path.exists(store.run_file(arm, run)) or (arm, run) in failed or not store.claim(arm, run):
                     continue
                 # finished by another worker between the look and the claim: nothing to do
@@ -61,18 +67,26 @@ def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=T
 
     def claim_block():  # what is claimed is in `mine` at once, whatever stops the claiming
         held.clear()
-        for job in claims:
-            held.append(job)
-            mine.add(job)
-            if len(held) == block:
-                break
-        return list(held)
+        for claims in groups:  # a block is filled from one group; an exhausted group yields nothing
+            for job in claims:
+                held.append(job)
+                mine.add(job)
+                if len(held) == block:
+                    return list(held)
+            if held:
+                return list(held)
+        return []
 
     def give_back(jobs):
         for job in jobs:
             store.release(*job)
             mine.discard(job)
 
+    if block == 'auto':
+        block = 1
+        if finished() < len(todo):
+            with abandonable():
+                block = choose_block(train, images, labels, hyp, device, min(AUTO_MAX_BLOCK, len(todo) - finished()))
     block_s = None  # seconds per block of runs, once known
     if say_cost and device.type == 'cpu' and steps and finished() < len(todo):
         with abandonable():
@@ -80,7 +94,10 @@ def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=T
                                    len(images) + len(test[0]), len(todo) - finished())
     shown = Progress(len(todo), finished(), progress)
     seconds = []  # per finished run, this worker
-    claims = unclaimed()
+    by_steps = {}  # runs of equal optimizer steps, in the order of todo
+    for job in todo:
+        by_steps.setdefault(steps_of(*job) if block > 1 and steps_of else None, []).append(job)
+    groups = [unclaimed(jobs) for jobs in by_steps.values()]
     try:  # the bar ends its line before any error message
         while jobs := claim_block():
             _SIGNALS.check()
@@ -105,7 +122,7 @@ def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=T
     finally:
         shown.close()
     store.clean_leftovers()  # claims of workers that died after finishing their runs
-    print(summary(store, runs, seconds), flush=True)
+    say(summary(store, runs, seconds))
 
 
 def summary(store, runs, seconds):
@@ -123,7 +140,9 @@ def summary(store, runs, seconds):
 def train_block(store, jobs, train, infer, hyp, data, test, device, log, blocked):
     """Train the runs `jobs` [(arm, run)] together, store each (or record that it failed) and log one
     line per run. blocked: train takes lists of keeps and seeds (else one run). -> seconds per stored run.
-    Training may be abandoned by a signal (Stopped); storing is not: no half-written file is left."""
+    A block trainer's diverged model has non-finite logits and fails alone; airbench.Diverged fails every
+    run of the block. Training may be abandoned by a signal (Stopped); storing is not: no half-written
+    file is left."""
     import torch
     images, labels = data
     seeds = [seed_for(run, store.settings['seed_base']) for _, run in jobs]
@@ -139,10 +158,14 @@ def train_block(store, jobs, train, infer, hyp, data, test, device, log, blocked
                 logits, test_logits = infer(net, images)[None], infer(net, test[0])[None]
     except _diverged() as e:
         for (arm, run), seed in zip(jobs, seeds):
-            if store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname()):
+            if store.save_failure(arm, run, seed, str(e), device=str(device), host=socket.gethostname(),
+                                  block=len(jobs)):
                 log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: {e} (recorded in failed/)')
         return []
-    logits = logits.half()  # (K, n_train, 10): stored as float16
+    if tuple(logits.shape) != (len(jobs), len(labels), 10):
+        raise TypeError(f'infer returned logits of shape {tuple(logits.shape)} for a block of {len(jobs)} run(s) '
+                        f'on {len(labels)} examples, expected ({len(jobs)}, {len(labels)}, 10) (docs/trainers.md)')
+    logits = logits.half()  # (K, n_train, 10): stored as float16; beyond float16's range is inf, a failed run
     finite = torch.isfinite(logits).flatten(1).all(1).tolist()
     test_acc = (test_logits.argmax(-1).cpu() == test[1].cpu()).float().mean(-1).tolist()
     logits = logits.cpu().numpy()
@@ -151,11 +174,11 @@ def train_block(store, jobs, train, infer, hyp, data, test, device, log, blocked
     for k, ((arm, run), seed) in enumerate(zip(jobs, seeds)):
         if not finite[k]:
             if store.save_failure(arm, run, seed, 'non-finite logits on the training set',
-                                  device=str(device), host=socket.gethostname()):
+                                  device=str(device), host=socket.gethostname(), block=len(jobs)):
                 log(f'{arm:<7} run {run:>5}  seed {seed:>6}  FAILED: non-finite logits (recorded in failed/)')
             continue
         if not store.save_run(arm, run, seed, logits[k], took, test_acc[k], device=_device_name(device),
-                              host=socket.gethostname(), torch=torch.__version__):
+                              host=socket.gethostname(), torch=torch.__version__, block=len(jobs)):
             continue  # its claim was taken over while this worker was stopped: the store said so
         seconds.append(took)
         log(f'{arm:<7} run {run:>5}  seed {seed:>6}  {took:7.2f} s  test_acc {test_acc[k]:.4f}')
@@ -180,9 +203,12 @@ def _on_every_step(hook):
 def time_steps(train, images, labels, hyp, device, block=1, n=COST_STEPS):
     """(seconds before the first step, seconds per step) of one training (a block of `block` models)
     cut after n optimizer steps."""
-    stamps = []
+    import torch
+    stamps, cuda = [], torch.device(device).type == 'cuda'
 
     def stamp():
+        if cuda:
+            torch.cuda.synchronize(device)  # the step's kernels, not only their launch
         stamps.append(time.perf_counter())
         if len(stamps) >= n:
             raise _StepBudget
@@ -199,6 +225,32 @@ def time_steps(train, images, labels, hyp, device, block=1, n=COST_STEPS):
         return time.perf_counter() - start, 0.0
     per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else stamps[0] - start
     return max(stamps[0] - start - per_step, 0.0), per_step
+
+
+def choose_block(train, images, labels, hyp, device, largest=AUTO_MAX_BLOCK):
+    """--block auto: time AUTO_STEPS steps at K = 1, 2, 4, ... up to `largest` models at once, stopping where
+    memory runs out or the seconds per model-step stop falling; -> the fastest K per model, said in one line."""
+    import torch
+    timings, k, why = {}, 1, f'largest tried (at most {largest})'
+    while k <= largest:
+        try:
+            timings[k] = time_steps(train, images, labels, hyp, device, k, AUTO_STEPS)[1] / k  # s per model-step
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
+            if 'out of memory' not in str(e):
+                raise
+            why = f'K={k} ran out of memory'
+            break
+        if k > 1 and timings[k] >= timings[k // 2]:
+            why = f'K={k} no faster per model'
+            break
+        k *= 2
+    if torch.device(device).type == 'cuda':
+        torch.cuda.empty_cache()  # the timed blocks' memory, for the runs (the error and its frames are gone)
+    best = min(timings, key=timings.get) if timings else 1
+    said = ', '.join(f'K={k} {s * 1000:.2f}' for k, s in timings.items())
+    say(f'block auto: {best} models at once (ms per model-step over {AUTO_STEPS} steps: {said}; stopped: {why})',
+        sys.stderr)
+    return best
 
 
 def cost_of_runs(train, images, labels, hyp, device, block, steps, n_infer, left):
@@ -242,11 +294,12 @@ def _move_bar_per_step(bar, share, steps):
     return _on_every_step(step)
 
 
-def launch(gpus, out, runs):
-    """One worker process per GPU on the same store; the parent shows the overall progress and passes
+def launch(devices, out, runs):
+    """One worker process per entry of `devices` ('cuda:0', 'cuda:0', 'cuda:1', ...: a device named twice is
+    shared by two workers), all on the same store; the parent shows the overall progress and passes
     SIGTERM and SIGINT on to the workers (a second one: they end at once, and so does the parent)."""
-    procs = [subprocess.Popen([sys.executable, sys.argv[0], *sys.argv[1:], '--worker', '--device', f'cuda:{g}'])
-             for g in gpus]
+    procs = [subprocess.Popen([sys.executable, sys.argv[0], *sys.argv[1:], '--worker', '--device', device])
+             for device in devices]
     got = []  # (signal, time) received
 
     def forward(signum, frame):
@@ -380,7 +433,7 @@ class Progress:
         if self.bar is not None:
             self.bar.write(line)
         else:
-            print(line, flush=True)
+            say(line)
 
     def update(self, done):
         now = time.monotonic()
@@ -388,11 +441,18 @@ class Progress:
             self.bar.update(done - self.bar.n)
         elif self.lines and now - self.last >= self.every:
             self.last = now
-            print(progress_line(done, self.total, done - self.first, now - self.start), file=sys.stderr, flush=True)
+            say(progress_line(done, self.total, done - self.first, now - self.start), sys.stderr)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def say(line, file=None):
+    """One line in one write: workers sharing a log (the workers of a launch) never split each other's lines."""
+    file = file or sys.stdout
+    file.write(line + '\n')
+    file.flush()
 
 
 def on_terminal():

@@ -356,7 +356,7 @@ def test_a_multi_gpu_parent_passes_a_signal_on_to_its_workers(tmp_path):
                       'open(os.path.join(sys.argv[1], f"up-{os.getpid()}"), "w").close()\n'
                       'time.sleep(60)\n')
     parent = subprocess.Popen([sys.executable, '-c', 'import sys, workers; sys.argv = sys.argv[1:]; '
-                               'sys.exit(workers.launch([0, 1], sys.argv[1] + "/store", 5))', str(worker),
+                               'sys.exit(workers.launch(["cuda:0", "cuda:1"], sys.argv[1] + "/store", 5))', str(worker),
                                str(tmp_path)], cwd=ROOT)
     deadline = time.time() + 60
     while len([n for n in os.listdir(tmp_path) if n.startswith('up-')]) < 2 and time.time() < deadline:

@@ -138,9 +138,9 @@ def test_every_trainer_command_in_the_readme_and_docs_parses(tmp_path, monkeypat
         module = __import__(script[:-3])
         t = experiment.read_trainer(module)
         try:
-            parsed = command_line.parse_args(t.NAME, t.doc, args, t.RUNS, t.hyp, t.SMOKE, t.DATA_DIR)
+            parsed = command_line.parse_args(t.NAME, t.doc, args, t.RUNS, t.hyp, t.SMOKE, t.DATA_DIR, t.BLOCKS)
             parsed = types.SimpleNamespace(**{**vars(parsed), 'gpus': None, 'device': None})  # this machine's aside
-            command_line.check_command(parsed, t.hyp, t.SMOKE, t.make_hyp)
+            command_line.check_command(parsed, t.hyp, t.SMOKE, t.make_hyp, blocks=t.BLOCKS, block=t.BLOCK)
         except command_line.UsageError as e:
             pytest.fail(f'{page}: python {text}: {e}')
     assert os.listdir(tmp_path) == []
