@@ -13,7 +13,7 @@ from design import MAX_RUNS, SCAN_SEED_BASE
 from store import parse_json
 
 MAX_SEED = 2 ** 62     # seeds go to numpy and torch generators: keep seed_base + run well inside 64 bits
-PRECISIONS = ('auto', 'float32', 'float16')  # a trainer's hyp['precision']: auto is float16 on CUDA, float32 elsewhere
+PRECISIONS = ('auto', 'float32', 'float16')  # airbench.PRECISIONS, here without importing torch: auto is float16 on CUDA
 
 
 class UsageError(Exception):

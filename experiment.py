@@ -45,8 +45,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from command_line import PRECISIONS, UsageError, check_command, check_held_out, is_number, parse_args
-from design import ARMS, FACTORIAL_ARMS, SCAN_SEED_BASE, keep_for, seed_for
+from command_line import UsageError, check_command, check_held_out, is_number, parse_args
+from design import ARMS, FACTORIAL_ARMS, SCAN_SEED_BASE, keep_for, override, seed_for  # noqa: F401 (override: trainers call experiment.override)
 from store import Store, StoreError
 from workers import Stopped, catch_signals, holding, launch, restore_signals, work
 
@@ -56,15 +56,6 @@ HELD_OUT = {
     'easy': [45114, 47798, 43746, 49106, 47082, 44095, 49524, 41014, 49159, 44279,
              45927, 40141, 47731, 46440, 49015, 49690, 46836, 43512, 43189, 49320],
 }
-
-
-def override(hyp, overrides):
-    """Where every trainer's make_hyp starts: `hyp` with `overrides` applied -> a new dict; a name that is
-    not in `hyp` is a TypeError naming the known ones."""
-    unknown = set(overrides) - set(hyp)
-    if unknown:
-        raise TypeError(f'unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(hyp)}')
-    return {**hyp, **overrides}
 
 
 def default_steps(hyp, n_train):
@@ -83,14 +74,9 @@ def run_steps(trainer, hyp, n_train, n_kept):
 
 
 def resolve_precision(precision, device):
-    """'auto' -> 'float16' on CUDA, 'float32' elsewhere; 'float32' and 'float16' as they are. The rule is
-    airbench.resolve_precision where airbench has it (the trainers' arithmetic follows it)."""
+    """'auto' -> 'float16' on CUDA, 'float32' elsewhere: airbench's rule, which the trainers' arithmetic follows."""
     import airbench
-    if hasattr(airbench, 'resolve_precision'):
-        return airbench.resolve_precision(precision, device)
-    if precision not in PRECISIONS:
-        raise ValueError(f'precision={precision!r}, expected one of {", ".join(PRECISIONS)}')
-    return precision if precision != 'auto' else 'float16' if device.type == 'cuda' else 'float32'
+    return airbench.resolve_precision(precision, device)
 
 
 ############################################

@@ -225,7 +225,7 @@ def test_blocks_of_runs_store_the_same_runs_as_one_at_a_time(cifar_dir, held_out
         return torch.stack([trainer_airbench.infer(net, images) for net in nets])
 
     assert run_main(cifar_dir, held_out_file, tmp_path / 'one', 2) == 0
-    assert experiment.main(airbench_with(train=train_block, infer=infer_block, BLOCK=3),
+    assert experiment.main(airbench_with(train=train_block, infer=infer_block, BLOCK=3, BLOCKS=False),
                            argv(cifar_dir, held_out_file, tmp_path / 'block', 2)) == 0
     one, block = Store(tmp_path / 'one'), Store(tmp_path / 'block')
     for arm in experiment.ARMS:
