@@ -31,8 +31,19 @@ from store import Store, StoreError
 from viz_io import write_csv, write_json, write_plot
 
 
+PLOT_EXTENSIONS = ('.png', '.pdf', '.svg', '.eps', '.ps', '.jpg', '.jpeg', '.tif', '.tiff', '.webp')  # matplotlib writes these
+
+
+class Parser(argparse.ArgumentParser):
+    """A mistake in the options is one line on stderr and exit 2; the usage block only with --help."""
+
+    def error(self, message):
+        sys.stderr.write(f'viz: {message} (options: python viz.py --help)\n')
+        sys.exit(2)
+
+
 def make_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('store', nargs='?', help='store folder (default: runs/<trainer>, runs/<trainer>-scan with --scan)')
     parser.add_argument('--trainer', default='airbench', help='reads runs/<trainer> when no store is given')
     parser.add_argument('--test', choices=('welch', 'z'), default='welch',
@@ -61,6 +72,9 @@ def check_flags(parser, args):
     if args.scan and (args.all or args.plot or args.test != 'welch' or args.controls is not None):
         parser.error('--all, --plot, --controls and --test z belong to the with/without and factorial reports; '
                      'with --scan use --top, --alpha, --csv and --json')
+    if args.plot and not args.plot.lower().endswith(PLOT_EXTENSIONS):
+        parser.error(f'--plot {args.plot}: unknown image extension; expected one of {" ".join(PLOT_EXTENSIONS)}, '
+                     'e.g. --plot si.png')
     if args.controls is not None and args.controls < 0:
         parser.error(f'--controls {args.controls}: expected a number of controls per example, 0 or more')
     if args.controls is None:

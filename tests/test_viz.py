@@ -374,3 +374,15 @@ def test_options_of_another_report_are_refused(planted, argv, capsys):
     with pytest.raises(SystemExit) as e:
         viz.main([str(planted), *argv])
     assert e.value.code == 2 and 'belong' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('argv', [['--plot', 'p.txt'], ['--alpha', '2'], ['--no-such-option'], ['--controls', 'x']])
+def test_a_mistake_in_the_options_is_one_line_and_exit_2(planted, capsys, argv):
+    """Refused before anything is computed or printed: nothing on stdout, one line on stderr."""
+    with pytest.raises(SystemExit) as e:
+        viz.main([str(planted), *argv])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ''
+    assert len(err.strip().splitlines()) == 1 and err.startswith('viz: ')
+    if argv[0] == '--plot':
+        assert '.png' in err and '.pdf' in err and '.svg' in err
