@@ -29,7 +29,7 @@ import stats
 import viz_controls
 from design import FACTORIAL_ARMS, factorial_split
 from store import StoreError
-from viz_io import (LEVEL, example_head, example_line, group_summary, held_out_groups, listed, mean_margins, note,
+from viz_io import (LEVEL, example_head, example_line, group_summary, headline, held_out_groups, listed, mean_margins, note,
                     note_progress, per_group, positions_of, ptext, read_margins)
 
 TOP = 10  # cross-influences printed (--top)
@@ -164,7 +164,7 @@ def lines(res, top=TOP, every=False):
             'in the run that removed it); the other held-out examples\' cross-influences enter with random signs '
             f'and average out. Paired t-test (df {res["pairs"] - 1}), {pct} CI; Holm and BH: p adjusted over all '
             f'{m} held-out examples. Group means from per-pair group averages:')
-    out = [*textwrap.wrap(text, 110),
+    out = [*answer(res)[0], 'Details (every test but the answer above is secondary):', *textwrap.wrap(text, 110),
            f'{"group":<12}{"examples":>8}  {"mean":>7}  {pct + " CI":<18}  {"p":>6}  {"sig. +":>6}  {"sig. -":>6}']
     for name, g in res['group_summary'].items():
         ci = f'[{g["ci_low"]:+.3f}, {g["ci_high"]:+.3f}]'
@@ -183,6 +183,11 @@ def lines(res, top=TOP, every=False):
     if every:
         out += viz_controls.all_rows(res)
     return out
+
+
+def answer(res):
+    """The headline (viz_io.headline): the control-adjusted group means over the pairs."""
+    return headline(res, f'paired t-test over {res["pairs"]} pairs')
 
 
 def controls_section(res):
@@ -251,7 +256,8 @@ def json_doc(res):
     """Settings, group summaries and every estimated cross-influence j -> i (j != i) with its CI, p and BH p
     (viz_io.write_json adds the per-example rows)."""
     doc = dict(store=res['path'], trainer=res['trainer'], design='factorial', pairs=res['pairs'], alpha=res['alpha'],
-               level=LEVEL, controls_per_example=res['control_k'], groups=res['group_summary'])
+               level=LEVEL, controls_per_example=res['control_k'], headline=answer(res)[1],
+               groups=res['group_summary'])
     if 'cross' in res:
         c = res['cross']
         q = stats.confidence_interval(0.0, 1.0, c['df'], LEVEL)[1]  # the t quantile of the CIs

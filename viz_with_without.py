@@ -32,7 +32,7 @@ import numpy as np
 import stats
 import viz_controls
 from store import StoreError
-from viz_io import (LEVEL, drop_nonfinite, example_head, example_line, group_summary, group_title,
+from viz_io import (LEVEL, drop_nonfinite, example_head, example_line, group_summary, group_title, headline,
                     held_out_groups, listed, mean_margins, note, note_progress, per_group, positions_of,
                     read_margins)
 
@@ -313,10 +313,22 @@ def controls_section(res):
         f'control shift, tested on the per-run difference example - the line through its controls ({test}, {LEVEL:.0%} CI):'))
 
 
+def answer(res):
+    """The headline (viz_io.headline) and the runs it rests on."""
+    if res.get('control_test') == 'paired':
+        sample = f'paired t-test over {res["control_runs"]} seed-matched runs'
+    elif res.get('control_test') == 'welch':
+        sample = "Welch's t-test, {} runs with and {} without".format(*res['control_runs'])
+    else:
+        sample = f'{describe_test(res).split(" (")[0]}, {res["n_with"]} runs with and {res["n_without"]} without'
+    return headline(res, sample)
+
+
 def lines(res, every=False):
-    """The printed report: the original's table, the summary, the controls; every=True (--all) adds every
-    held-out example, raw and control-adjusted."""
-    out = faithful_table(res) + summary(res) + controls_section(res)
+    """The printed report: the answer, the original's table, the summary (secondary tests), the controls;
+    every=True (--all) adds every held-out example, raw and control-adjusted."""
+    out = answer(res)[0] + faithful_table(res) + ['', 'Details (every test but the answer above is secondary):'] \
+        + summary(res) + controls_section(res)
     return out + (all_examples(res) + viz_controls.all_rows(res) if every else [])
 
 
@@ -325,7 +337,7 @@ def json_doc(res):
     return dict(store=res['path'], trainer=res['trainer'], test=res['test'], alpha=res['alpha'], level=LEVEL,
                 power=POWER, n_with=res['n_with'], n_without=res['n_without'], n_pairs=res['n_pairs'],
                 controls_per_example=res['control_k'], control_test=res.get('control_test'),
-                groups=res['group_summary'])
+                headline=answer(res)[1], groups=res['group_summary'])
 
 
 def plot_labels(res):

@@ -9,7 +9,7 @@ from scipy import stats as sps
 import viz
 import viz_factorial
 import viz_io
-from conftest import report, written
+from conftest import body, report, written
 from planted_stores import write_arms
 from store import Store, factorial_split, held_out_indices, keep_for
 
@@ -104,7 +104,7 @@ def test_report_recovers_planted_self_and_cross_influences(planted, capsys):
 def test_report_lists_every_example_and_the_group_means(planted, capsys):
     res, lines, _ = report([planted, '--controls', '0'], capsys)
     assert 'control_adjusted' not in res and not any(line.startswith('Controls:') for line in lines)
-    assert lines[0].startswith(f'Factorial design, store {planted} (trainer toy): {PAIRS} pairs of runs')
+    assert body(lines)[1].startswith(f'Factorial design, store {planted} (trainer toy): {PAIRS} pairs of runs')
     start = lines.index('Random examples:')
     rows = [line.split() for line in lines[start:] if line.strip()[:1].isdigit()][:M]
     assert [int(r[0]) for r in rows] == list(held_out_indices(HELD))
