@@ -320,3 +320,14 @@ def headline(res, sample):
         why = ('--controls 0' if not res['control_k'] else res.get('control_skipped', 'no controls for the group'))
         out.append(f'  (raw shift: {why}; it includes cross-influence from the other held-out examples: docs/controls.md)')
     return out + [''], dict(sample=sample, level=LEVEL, alpha=alpha, groups=rows)
+
+
+def controls_intro(res, test):
+    """The one line above the control tables: how many controls, how close, which test; the method is
+    docs/controls.md's."""
+    count, gap = res['control_count'], res['control_gap']
+    per = f'{count.min()}' if count.min() == count.max() else f'{count.min()} to {count.max()}'
+    return (f'Controls (method: docs/controls.md): up to {res["control_k"]} never held out per example, of its label and '
+            f'nearest mean margin ({per} per example; margin gap to the farthest: median {np.nanmedian(gap):.3f}, '
+            f'max {np.nanmax(gap):.3f}), their shift read at its mean margin from the line through them, so the gap '
+            f'does not lean it; control-adjusted = shift - control shift ({test}, {LEVEL:.0%} CI):')

@@ -32,8 +32,8 @@ import numpy as np
 import stats
 import viz_controls
 from store import StoreError
-from viz_io import (LEVEL, drop_nonfinite, example_head, example_line, group_summary, group_title, headline,
-                    held_out_groups, listed, mean_margins, note, note_progress, per_group, positions_of,
+from viz_io import (LEVEL, controls_intro, drop_nonfinite, example_head, example_line, group_summary, group_title,
+                    headline, held_out_groups, listed, mean_margins, note, note_progress, per_group, positions_of,
                     read_margins)
 
 POWER = 0.8     # for "runs per arm needed": chance of reaching p < alpha if the observed effect is real
@@ -307,10 +307,7 @@ def controls_section(res):
         return viz_controls.section(res, '')
     test = (f'paired t-test over {res["control_runs"]} seed-matched runs' if res['control_test'] == 'paired'
             else "Welch's t-test, {} runs with and {} without".format(*res['control_runs']))
-    return viz_controls.section(res, viz_controls.describe(res) + (
-        ' Both arms train on them, so their shift with - without is no self-influence: it is what removing the '
-        'held-out set does to an example like it (cross-influence). Control-adjusted self-influence = shift - '
-        f'control shift, tested on the per-run difference example - the line through its controls ({test}, {LEVEL:.0%} CI):'))
+    return viz_controls.section(res, controls_intro(res, test))
 
 
 def answer(res):
