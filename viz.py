@@ -5,13 +5,14 @@ that did not (margin: the correct class's logit minus logsumexp of the other nin
 the report: `with`/`without` the with/without report (this file), `a`/`b` the factorial report
 (viz_factorial.py), `scan` the scan's (viz_scan.py, with --scan).
 
-    python viz.py                          # runs/airbench: the original's table, then the full report
+    python viz.py                          # runs/airbench: the answer, the original's table, the details
     python viz.py --trainer madry          # runs/madry
     python viz.py runs/whatever --test z   # the original's normal p-value
     python viz.py --all --csv si.csv --json si.json --plot si.png
-    python viz.py --controls 0             # no controls: exactly the report printed before controls existed
+    python viz.py --controls 0             # no controls: the raw shift, said so in the answer
     python viz.py runs/digits-factorial    # a factorial store
     python viz.py --scan                   # runs/airbench-scan: every example's self-influence
+    python viz.py --seed-folders nets10_default nets10_minus_n40   # the original scripts' .pt files
 
 Controls: for each held-out example, --controls K (default 50) training examples never held out, with
 its label and the nearest mean margin over both arms; their shift, read at the example's own mean margin

@@ -3,16 +3,17 @@
     python viz.py                          # runs/airbench, Welch t-test, p < 0.01, 50 controls per example
     python viz.py runs/whatever --test z   # the original's normal p-value
     python viz.py --all --csv si.csv --json si.json --plot si.png
-    python viz.py --controls 0             # no controls: exactly the report printed before controls existed
+    python viz.py --controls 0             # no controls: the raw shift, said so in the answer
 
 Self-influence of held-out example i = mean margin over `with` runs - mean margin over `without` runs, tested
 per example with Welch's t-test (or the original's z-test).
 
-The report: first the original's table, in its published layout (significant examples only, per group, with
+The report: first the answer (per group, the control-adjusted effect with its CI and p, in words), then the
+original's table, in its published layout (significant examples only, per group, with
 the selection-biased average of the listed ones); then what an honest reading needs: the mean over all
 examples of each group with its 95% CI, counts of significant positive/negative examples, the paired test
-on seed-matched runs, and the runs per arm each example needs. Everything up to here is printed exactly as
-before controls were added (tests/golden/viz_default.txt). Then the controls (viz_controls.py): removing all
+on seed-matched runs, and the runs per arm each example needs. Everything up to here is the report printed
+before controls were added (tests/golden/viz_default.txt, under its --controls 0 answer). Then the controls (viz_controls.py): removing all
 held-out examples at once can move every example, not only the removed ones (cross-influence). For each
 held-out example, up to K training examples never held out, with its label and the nearest mean margin over
 both arms: both arms train on them, so their shift (the control shift) is what the removal does to an
