@@ -22,6 +22,10 @@ TRAINER = 'seed-folders'  # the trainer name of an imported store
 def cifar10_labels(data_dir):
     """CIFAR-10's training labels (50000,) in torchvision's order, as the original's runs were made on."""
     import airbench
+    if not (os.path.isdir(os.path.join(data_dir, 'cifar-10-batches-py'))
+            or os.path.exists(os.path.join(data_dir, 'cifar-10-python.tar.gz'))):
+        raise StoreError(f'CIFAR-10 not found in {data_dir}: its training labels are the labels of the seed\'s runs. '
+                         'Put cifar-10-python.tar.gz (or cifar-10-batches-py/) there, or pass --data-dir')
     try:
         return airbench.load_cifar10(data_dir, download=False)[1].numpy()
     except airbench.DataError as e:
