@@ -189,3 +189,12 @@ def test_csv_json_and_plot_hold_the_numbers(planted, capsys, tmp_path):
 def test_with_without_options_are_refused_on_a_factorial_store(planted):
     with pytest.raises(SystemExit):
         viz.main([str(planted), '--test', 'z'])
+
+
+def test_the_answer_is_each_groups_control_adjusted_pair_mean(planted, capsys):
+    res, lines, _ = report([planted], capsys)
+    assert lines[0].startswith(f'Answer (95% CI, p; significant if p < 0.01; paired t-test over {PAIRS} pairs')
+    for k, (name, g) in enumerate(res['group_summary'].items()):
+        assert lines[1 + k].startswith(f'  {name} examples: {g["control_adjusted"]:+.3f} [{g["control_adjusted_ci_low"]:+.3f}, '
+                                       f'{g["control_adjusted_ci_high"]:+.3f}], p {g["control_adjusted_p"]:.4f}, control-adjusted; ')
+        assert ('; significant: ' in lines[1 + k]) == (g['control_adjusted_p'] < 0.01)

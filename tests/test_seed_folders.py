@@ -103,3 +103,10 @@ def test_anything_but_logit_tensors_is_refused_by_name(seed_run, cifar_labels, t
     message, out = refusal(capsys, '--seed-folders', folder, without_dir)
     assert out == '' and message.startswith(f'viz: {folder / bad}') and expected in message
     assert len(message.splitlines()) == 1
+
+
+def test_without_cifar10_the_labels_are_asked_for_in_one_line(seed_run, tmp_path, capsys):
+    (with_dir, without_dir), _, _ = seed_run
+    message, out = refusal(capsys, '--seed-folders', with_dir, without_dir, '--data-dir', tmp_path)
+    assert out == '' and len(message.splitlines()) == 1
+    assert message.startswith(f'viz: CIFAR-10 not found in {tmp_path}') and '--data-dir' in message
