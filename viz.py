@@ -5,13 +5,14 @@ that did not (margin: the correct class's logit minus logsumexp of the other nin
 the report: `with`/`without` the with/without report (this file), `a`/`b` the factorial report
 (viz_factorial.py), `scan` the scan's (viz_scan.py, with --scan).
 
-    python viz.py                          # runs/airbench: the original's table, then the full report
+    python viz.py                          # runs/airbench: the answer, the original's table, the details
     python viz.py --trainer madry          # runs/madry
     python viz.py runs/whatever --test z   # the original's normal p-value
     python viz.py --all --csv si.csv --json si.json --plot si.png
-    python viz.py --controls 0             # no controls: exactly the report printed before controls existed
+    python viz.py --controls 0             # no controls: the raw shift, said so in the answer
     python viz.py runs/digits-factorial    # a factorial store
     python viz.py --scan                   # runs/airbench-scan: every example's self-influence
+    python viz.py --seed-folders nets10_default nets10_minus_n40   # the original scripts' .pt files
 
 Controls: for each held-out example, --controls K (default 50) training examples never held out, with
 its label and the nearest mean margin over both arms; their shift, read at the example's own mean margin
@@ -21,6 +22,7 @@ example are left out and named. Notes go to stderr, the report to stdout. What e
 docs/analysis.md and docs/controls.md; its cost: docs/speed.md.
 """
 import argparse
+import os
 import sys
 
 import viz_controls
@@ -31,26 +33,42 @@ from store import Store, StoreError
 from viz_io import write_csv, write_json, write_plot
 
 
+PLOT_EXTENSIONS = ('.png', '.pdf', '.svg', '.eps', '.ps', '.jpg', '.jpeg', '.tif', '.tiff', '.webp')  # matplotlib writes these
+
+
+class Parser(argparse.ArgumentParser):
+    """A mistake in the options is one line on stderr and exit 2; the usage block only with --help."""
+
+    def error(self, message):
+        sys.stderr.write(f'viz: {message} (options: python viz.py --help)\n')
+        sys.exit(2)
+
+
+HELP = "Self-influence reports of a run store, the answer first (method: docs/analysis.md; notes on stderr)."
+
+EXAMPLES = """examples:
+  python viz.py runs/airbench --csv si.csv --json si.json --plot si.png
+  python viz.py --seed-folders nets10_default nets10_minus_n40   # the original scripts' .pt files"""
+
+
 def make_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('store', nargs='?', help='store folder (default: runs/<trainer>, runs/<trainer>-scan with --scan)')
+    parser = Parser(usage='python viz.py [STORE] [options]', description=HELP, epilog=EXAMPLES,
+                    formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32, width=100))
+    parser.add_argument('store', nargs='?', help='store folder (default runs/<trainer>, or runs/<trainer>-scan)')
     parser.add_argument('--trainer', default='airbench', help='reads runs/<trainer> when no store is given')
-    parser.add_argument('--test', choices=('welch', 'z'), default='welch',
-                        help="welch: Welch's t-test; z: the original's normal p-value")
-    parser.add_argument('--alpha', type=float, default=0.01,
-                        help='significance threshold of the tables (with --scan: of BH p)')
-    parser.add_argument('--all', action='store_true', help='also list every held-out example with its CI '
-                                                           '(factorial: and every cross-influence passing BH)')
+    parser.add_argument('--test', choices=('welch', 'z'), default='welch', help="Welch's t-test or the original's z-test")
+    parser.add_argument('--alpha', type=float, default=0.01, metavar='P', help='significance threshold (with --scan: of BH p)')
+    parser.add_argument('--all', action='store_true', help='also list every held-out example with its CI')
     parser.add_argument('--csv', metavar='FILE', help='write per-example statistics as CSV')
-    parser.add_argument('--json', metavar='FILE', help='write per-example statistics and group summaries as JSON')
-    parser.add_argument('--plot', metavar='FILE.png', help='write a forest plot of self-influence with CIs')
+    parser.add_argument('--json', metavar='FILE', help='write them with the headline and group summaries as JSON')
+    parser.add_argument('--plot', metavar='FILE.png', help='write a forest plot (.png .pdf .svg ...)')
     parser.add_argument('--controls', type=int, metavar='K',
-                        help=f'controls per held-out example (default {viz_controls.CONTROLS}; 0: none, and no pass '
-                             'over all examples)')
-    parser.add_argument('--scan', action='store_true',
-                        help='report a scan store (trainer --scan): the self-influence of every training example')
-    parser.add_argument('--top', type=int, help='with --scan: examples per list (default 20); factorial store: '
-                                                 'cross-influences listed (default 10)')
+                        help=f'controls per held-out example (default {viz_controls.CONTROLS}; 0: raw shift)')
+    parser.add_argument('--scan', action='store_true', help="report a scan store: every example's self-influence")
+    parser.add_argument('--top', type=int, metavar='N', help='examples listed with --scan (20), or cross-influences (10)')
+    parser.add_argument('--seed-folders', nargs=2, metavar=('WITH', 'WITHOUT'),
+                        help="the original scripts' folders of <uuid>.pt logits instead of a store")
+    parser.add_argument('--data-dir', default='data', metavar='DIR', help='with --seed-folders: where CIFAR-10 is (its labels)')
     return parser
 
 
@@ -61,10 +79,15 @@ def check_flags(parser, args):
     if args.scan and (args.all or args.plot or args.test != 'welch' or args.controls is not None):
         parser.error('--all, --plot, --controls and --test z belong to the with/without and factorial reports; '
                      'with --scan use --top, --alpha, --csv and --json')
+    if args.plot and not args.plot.lower().endswith(PLOT_EXTENSIONS):
+        parser.error(f'--plot {args.plot}: unknown image extension; expected one of {" ".join(PLOT_EXTENSIONS)}, '
+                     'e.g. --plot si.png')
     if args.controls is not None and args.controls < 0:
         parser.error(f'--controls {args.controls}: expected a number of controls per example, 0 or more')
     if args.controls is None:
         args.controls = viz_controls.CONTROLS
+    if args.seed_folders and (args.store or args.scan):
+        parser.error('--seed-folders WITH WITHOUT replaces the store folder and --scan; pass one or the other')
     if args.top is not None and args.top < 1:
         parser.error(f'--top {args.top}: expected a number of examples, 1 or more')
 
@@ -87,13 +110,34 @@ def report(parser, args, store):
     return viz_with_without, res, viz_with_without.lines(res, args.all)
 
 
+def seed_report(parser, args):
+    """--seed-folders: the original's two folders of .pt logits, imported into a temporary store (unpaired
+    runs) and reported like a store, named by its folders."""
+    import shutil
+    import tempfile
+
+    import seed_import
+    labels = seed_import.cifar10_labels(args.data_dir)
+    tmp = tempfile.mkdtemp(prefix='viz-seed-')
+    try:
+        store = seed_import.import_folders(*args.seed_folders, os.path.join(tmp, 'store'), labels)
+        module, res, _ = report(parser, args, store)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res['path'] = ' + '.join(args.seed_folders)
+    return module, res, module.lines(res, args.all)
+
+
 def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
     check_flags(parser, args)
     path = args.store or (f'runs/{args.trainer}-scan' if args.scan else f'runs/{args.trainer}')
     try:
-        module, res, lines = report(parser, args, Store(path))
+        if args.seed_folders:
+            module, res, lines = seed_report(parser, args)
+        else:
+            module, res, lines = report(parser, args, Store(path))
     except StoreError as e:
         sys.exit(f'viz: {e}')
     print('\n'.join(lines))

@@ -29,8 +29,8 @@ import stats
 import viz_controls
 from design import FACTORIAL_ARMS, factorial_split
 from store import StoreError
-from viz_io import (LEVEL, example_head, example_line, group_summary, held_out_groups, listed, mean_margins, note,
-                    note_progress, per_group, positions_of, ptext, read_margins)
+from viz_io import (LEVEL, controls_intro, example_head, example_line, group_summary, headline, held_out_groups,
+                    listed, mean_margins, note, note_progress, per_group, positions_of, ptext, read_margins)
 
 TOP = 10  # cross-influences printed (--top)
 
@@ -158,13 +158,10 @@ def lines(res, top=TOP, every=False):
     """The printed report: design, group means, every held-out example, controls, cross-influences;
     every=True (--all) adds every example's control row and every cross-influence that passes BH."""
     pct, alpha, m = f'{LEVEL:.0%}', res['alpha'], len(res['index'])
-    text = (f'Factorial design, store {res["path"]} (trainer {res["trainer"]}): {res["pairs"]} pairs of runs; the '
-            'two runs of a pair share a seed, and each held-out example is removed from one of them by a coin drawn '
-            'from the seed. Self-influence = mean over pairs of (margin in the run that kept the example - margin '
-            'in the run that removed it); the other held-out examples\' cross-influences enter with random signs '
-            f'and average out. Paired t-test (df {res["pairs"] - 1}), {pct} CI; Holm and BH: p adjusted over all '
-            f'{m} held-out examples. Group means from per-pair group averages:')
-    out = [*textwrap.wrap(text, 110),
+    text = (f'Factorial design, store {res["path"]} (trainer {res["trainer"]}): {res["pairs"]} pairs of runs; each '
+            'held-out example removed from one run of its pair by a coin (method: docs/analysis.md). Paired t-test '
+            f'(df {res["pairs"] - 1}), {pct} CI; Holm and BH over all {m} held-out examples. Group means:')
+    out = [*answer(res)[0], 'Details (every test but the answer above is secondary):', *textwrap.wrap(text, 110),
            f'{"group":<12}{"examples":>8}  {"mean":>7}  {pct + " CI":<18}  {"p":>6}  {"sig. +":>6}  {"sig. -":>6}']
     for name, g in res['group_summary'].items():
         ci = f'[{g["ci_low"]:+.3f}, {g["ci_high"]:+.3f}]'
@@ -185,15 +182,15 @@ def lines(res, top=TOP, every=False):
     return out
 
 
+def answer(res):
+    """The headline (viz_io.headline): the control-adjusted group means over the pairs."""
+    return headline(res, f'paired t-test over {res["pairs"]} pairs')
+
+
 def controls_section(res):
     if 'control_adjusted' not in res:
         return viz_controls.section(res, '')
-    return viz_controls.section(res, viz_controls.describe(res) + (
-        ' Every run trains on them, so their margin difference between the runs of a pair has no self part: signed '
-        'by the example\'s coin (run that kept it - run that removed it), its mean is what adding the example does '
-        'to examples like it (its cross-influence on look-alikes). Control-adjusted = shift - control shift, tested '
-        f'on the per-pair difference example - the line through its controls (paired t-test over {res["control_runs"]} '
-        f'pairs, {LEVEL:.0%} CI):'))
+    return viz_controls.section(res, controls_intro(res, f'paired t-test over {res["control_runs"]} pairs'))
 
 
 def cross_rows(res):
@@ -251,7 +248,8 @@ def json_doc(res):
     """Settings, group summaries and every estimated cross-influence j -> i (j != i) with its CI, p and BH p
     (viz_io.write_json adds the per-example rows)."""
     doc = dict(store=res['path'], trainer=res['trainer'], design='factorial', pairs=res['pairs'], alpha=res['alpha'],
-               level=LEVEL, controls_per_example=res['control_k'], groups=res['group_summary'])
+               level=LEVEL, controls_per_example=res['control_k'], headline=answer(res)[1],
+               groups=res['group_summary'])
     if 'cross' in res:
         c = res['cross']
         q = stats.confidence_interval(0.0, 1.0, c['df'], LEVEL)[1]  # the t quantile of the CIs

@@ -289,3 +289,45 @@ def write_plot(res, path, xlabel, title):
 def _literal(text):
     """Text shown as it is in a plot: a '$' would start matplotlib's math mode (and fail on '$\\foo$')."""
     return str(text).replace('$', r'\$')
+
+
+def verdict(estimate, p, alpha):
+    """The headline's words for a group estimate and its p."""
+    if not np.isfinite(p):
+        return 'not tested'
+    if p >= alpha:
+        return 'not significant: no evidence of self-influence'
+    return f'significant: {"negative" if estimate < 0 else "positive"} self-influence'
+
+
+def headline(res, sample):
+    """The report's first lines: per group, the estimate the project stands behind, said in words: the
+    control-adjusted group effect where the group's examples have controls, else the raw shift (said so).
+    sample: the runs or pairs it rests on, in words. -> (lines ending with a blank one, the JSON's 'headline')."""
+    alpha, pct = res['alpha'], f'{LEVEL:.0%}'
+    rows, out = [], [f'Answer ({pct} CI, p; significant if p < {alpha:g}; {sample}; method: docs/analysis.md):']
+    for name, g in res['group_summary'].items():
+        adjusted = 'control_adjusted' in g
+        key = 'control_adjusted' if adjusted else 'mean'
+        p = g[f'{key}_p' if adjusted else 'p']
+        est, low, high = g[key], g[f'{key}_ci_low' if adjusted else 'ci_low'], g[f'{key}_ci_high' if adjusted else 'ci_high']
+        basis = 'control-adjusted' if adjusted else 'raw shift, NOT control-adjusted'
+        words = verdict(est, p, alpha)
+        out.append(f'  {name} examples: {est:+.3f} [{low:+.3f}, {high:+.3f}], p {p:.4f}, {basis}; {words}')
+        rows.append(dict(group=name, estimate=est, ci_low=low, ci_high=high, p=p, significant=bool(p < alpha),
+                         control_adjusted=adjusted, verdict=words))
+    if not all(r['control_adjusted'] for r in rows):
+        why = ('--controls 0' if not res['control_k'] else res.get('control_skipped', 'no controls for the group'))
+        out.append(f'  (raw shift: {why}; it includes cross-influence from the other held-out examples: docs/controls.md)')
+    return out + [''], dict(sample=sample, level=LEVEL, alpha=alpha, groups=rows)
+
+
+def controls_intro(res, test):
+    """The one line above the control tables: how many controls, how close, which test; the method is
+    docs/controls.md's."""
+    count, gap = res['control_count'], res['control_gap']
+    per = f'{count.min()}' if count.min() == count.max() else f'{count.min()} to {count.max()}'
+    return (f'Controls (method: docs/controls.md): up to {res["control_k"]} never held out per example, of its label and '
+            f'nearest mean margin ({per} per example; margin gap to the farthest: median {np.nanmedian(gap):.3f}, '
+            f'max {np.nanmax(gap):.3f}), their shift read at its mean margin from the line through them, so the gap '
+            f'does not lean it; control-adjusted = shift - control shift ({test}, {LEVEL:.0%} CI):')

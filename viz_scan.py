@@ -213,13 +213,31 @@ def scan_row(res, j):
             f'{ptext(res["p"][j]):>9}  {ptext(res["p_bh"][j]):>9}')
 
 
+def answer(res):
+    """The scan's headline: how many examples pass BH, and whether the estimates are more than noise.
+    -> (lines ending with a blank one, the JSON's 'headline')."""
+    tested, si, alpha = res['tested'], res['self_influence'], res['alpha']
+    significant = tested & (res['p_bh'] < alpha)
+    r, sb, _ = res['reliability']['split_half']
+    beyond = [name for name, e in res['reliability']['extremes'].items() if e['beyond'][0]]
+    text = (f'Answer: {significant.sum()} of {tested.sum()} tested examples have BH p < {alpha:g} '
+            f'({(significant & (si < 0)).sum()} negative, {(significant & (si > 0)).sum()} positive); split halves '
+            f'correlate at r = {r:.2f}' + (f' (reliability {sb:.2f})' if r > 0 else '') + '; the most extreme estimate '
+            + (f'of {", ".join(beyond)} is beyond what no effect gives' if beyond else 'of every list is within what no '
+               'effect gives: no candidate stands out from noise') + ' (method: docs/analysis.md).')
+    doc = dict(tested=int(tested.sum()), significant=int(significant.sum()),
+               negative=int((significant & (si < 0)).sum()), positive=int((significant & (si > 0)).sum()),
+               split_half_r=r, spearman_brown=sb, beyond_no_effect=beyond)
+    return [*textwrap.wrap(text, 110), ''], doc
+
+
 def lines(res, top=TOP):
-    """The scan's printed report: header, the top-k lists and the store's held-out examples."""
+    """The scan's printed report: the answer, header, the top-k lists and the store's held-out examples."""
     tested, order = res['tested'], res['order']
     counts = res['n_in']
     significant = tested & (res['p_bh'] < res['alpha'])
     si = res['self_influence']
-    out = [f'Scan {res["path"]} (trainer {res["trainer"]}): {res["runs"]} runs, {len(si)} examples, '
+    out = answer(res)[0] + [f'Scan {res["path"]} (trainer {res["trainer"]}): {res["runs"]} runs, {len(si)} examples, '
            f'each run trained on a random half.',
            f'Runs that included an example: min {counts.min()}, median {np.median(counts):g}, max {counts.max()}'
            + (f'; {len(si) - tested.sum()} example(s) left out, too rarely in or out (see above).'
@@ -277,7 +295,8 @@ def json_doc(res):
     doc = dict(store=res['path'], trainer=res['trainer'], runs=res['runs'], left_out_runs=res['left_out_runs'],
                level=LEVEL, alpha=res['alpha'], high_margin_threshold=float(res['high_margin_threshold']),
                high_margin_rule='mean margin when included in the top quartile of the tested examples',
-               held_out={name: ix.tolist() for name, ix in res['groups']}, null_draws=NULL_DRAWS)
+               held_out={name: ix.tolist() for name, ix in res['groups']}, null_draws=NULL_DRAWS,
+               headline=answer(res)[1])
     rel = res['reliability']
     doc['reliability'] = dict(
         split_half_r=rel['split_half'][0], spearman_brown=rel['split_half'][1], split_half_examples=rel['split_half'][2],

@@ -3,16 +3,17 @@
     python viz.py                          # runs/airbench, Welch t-test, p < 0.01, 50 controls per example
     python viz.py runs/whatever --test z   # the original's normal p-value
     python viz.py --all --csv si.csv --json si.json --plot si.png
-    python viz.py --controls 0             # no controls: exactly the report printed before controls existed
+    python viz.py --controls 0             # no controls: the raw shift, said so in the answer
 
 Self-influence of held-out example i = mean margin over `with` runs - mean margin over `without` runs, tested
 per example with Welch's t-test (or the original's z-test).
 
-The report: first the original's table, in its published layout (significant examples only, per group, with
+The report: first the answer (per group, the control-adjusted effect with its CI and p, in words), then the
+original's table, in its published layout (significant examples only, per group, with
 the selection-biased average of the listed ones); then what an honest reading needs: the mean over all
 examples of each group with its 95% CI, counts of significant positive/negative examples, the paired test
-on seed-matched runs, and the runs per arm each example needs. Everything up to here is printed exactly as
-before controls were added (tests/golden/viz_default.txt). Then the controls (viz_controls.py): removing all
+on seed-matched runs, and the runs per arm each example needs. Everything up to here is the report printed
+before controls were added (tests/golden/viz_default.txt, under its --controls 0 answer). Then the controls (viz_controls.py): removing all
 held-out examples at once can move every example, not only the removed ones (cross-influence). For each
 held-out example, up to K training examples never held out, with its label and the nearest mean margin over
 both arms: both arms train on them, so their shift (the control shift) is what the removal does to an
@@ -32,8 +33,8 @@ import numpy as np
 import stats
 import viz_controls
 from store import StoreError
-from viz_io import (LEVEL, drop_nonfinite, example_head, example_line, group_summary, group_title,
-                    held_out_groups, listed, mean_margins, note, note_progress, per_group, positions_of,
+from viz_io import (LEVEL, controls_intro, drop_nonfinite, example_head, example_line, group_summary, group_title,
+                    headline, held_out_groups, listed, mean_margins, note, note_progress, per_group, positions_of,
                     read_margins)
 
 POWER = 0.8     # for "runs per arm needed": chance of reaching p < alpha if the observed effect is real
@@ -307,16 +308,25 @@ def controls_section(res):
         return viz_controls.section(res, '')
     test = (f'paired t-test over {res["control_runs"]} seed-matched runs' if res['control_test'] == 'paired'
             else "Welch's t-test, {} runs with and {} without".format(*res['control_runs']))
-    return viz_controls.section(res, viz_controls.describe(res) + (
-        ' Both arms train on them, so their shift with - without is no self-influence: it is what removing the '
-        'held-out set does to an example like it (cross-influence). Control-adjusted self-influence = shift - '
-        f'control shift, tested on the per-run difference example - the line through its controls ({test}, {LEVEL:.0%} CI):'))
+    return viz_controls.section(res, controls_intro(res, test))
+
+
+def answer(res):
+    """The headline (viz_io.headline) and the runs it rests on."""
+    if res.get('control_test') == 'paired':
+        sample = f'paired t-test over {res["control_runs"]} seed-matched runs'
+    elif res.get('control_test') == 'welch':
+        sample = "Welch's t-test, {} runs with and {} without".format(*res['control_runs'])
+    else:
+        sample = f'{describe_test(res).split(" (")[0]}, {res["n_with"]} runs with and {res["n_without"]} without'
+    return headline(res, sample)
 
 
 def lines(res, every=False):
-    """The printed report: the original's table, the summary, the controls; every=True (--all) adds every
-    held-out example, raw and control-adjusted."""
-    out = faithful_table(res) + summary(res) + controls_section(res)
+    """The printed report: the answer, the original's table, the summary (secondary tests), the controls;
+    every=True (--all) adds every held-out example, raw and control-adjusted."""
+    out = answer(res)[0] + faithful_table(res) + ['', 'Details (every test but the answer above is secondary):'] \
+        + summary(res) + controls_section(res)
     return out + (all_examples(res) + viz_controls.all_rows(res) if every else [])
 
 
@@ -325,7 +335,7 @@ def json_doc(res):
     return dict(store=res['path'], trainer=res['trainer'], test=res['test'], alpha=res['alpha'], level=LEVEL,
                 power=POWER, n_with=res['n_with'], n_without=res['n_without'], n_pairs=res['n_pairs'],
                 controls_per_example=res['control_k'], control_test=res.get('control_test'),
-                groups=res['group_summary'])
+                headline=answer(res)[1], groups=res['group_summary'])
 
 
 def plot_labels(res):

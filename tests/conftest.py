@@ -94,6 +94,11 @@ def report(argv, capsys):
     return res, out.splitlines(), err
 
 
+def body(lines):
+    """A report's lines after its headline (the answer, ended by the first blank line)."""
+    return lines[lines.index('') + 1:]
+
+
 def written(csv_path, json_path):
     """What a report wrote with --csv and --json: (the CSV's rows as dicts, the JSON document)."""
     import csv

@@ -9,7 +9,7 @@ from scipy import stats as sps
 import viz
 import viz_factorial
 import viz_io
-from conftest import report, written
+from conftest import body, report, written
 from planted_stores import write_arms
 from store import Store, factorial_split, held_out_indices, keep_for
 
@@ -104,7 +104,7 @@ def test_report_recovers_planted_self_and_cross_influences(planted, capsys):
 def test_report_lists_every_example_and_the_group_means(planted, capsys):
     res, lines, _ = report([planted, '--controls', '0'], capsys)
     assert 'control_adjusted' not in res and not any(line.startswith('Controls:') for line in lines)
-    assert lines[0].startswith(f'Factorial design, store {planted} (trainer toy): {PAIRS} pairs of runs')
+    assert body(lines)[1].startswith(f'Factorial design, store {planted} (trainer toy): {PAIRS} pairs of runs')
     start = lines.index('Random examples:')
     rows = [line.split() for line in lines[start:] if line.strip()[:1].isdigit()][:M]
     assert [int(r[0]) for r in rows] == list(held_out_indices(HELD))
@@ -189,3 +189,12 @@ def test_csv_json_and_plot_hold_the_numbers(planted, capsys, tmp_path):
 def test_with_without_options_are_refused_on_a_factorial_store(planted):
     with pytest.raises(SystemExit):
         viz.main([str(planted), '--test', 'z'])
+
+
+def test_the_answer_is_each_groups_control_adjusted_pair_mean(planted, capsys):
+    res, lines, _ = report([planted], capsys)
+    assert lines[0].startswith(f'Answer (95% CI, p; significant if p < 0.01; paired t-test over {PAIRS} pairs')
+    for k, (name, g) in enumerate(res['group_summary'].items()):
+        assert lines[1 + k].startswith(f'  {name} examples: {g["control_adjusted"]:+.3f} [{g["control_adjusted_ci_low"]:+.3f}, '
+                                       f'{g["control_adjusted_ci_high"]:+.3f}], p {g["control_adjusted_p"]:.4f}, control-adjusted; ')
+        assert ('; significant: ' in lines[1 + k]) == (g['control_adjusted_p'] < 0.01)

@@ -9,7 +9,7 @@ import stats
 import viz
 import viz_io
 import viz_scan
-from conftest import report, written
+from conftest import body, report, written
 from planted_stores import logits_with_margins
 from store import SCAN_SEED_BASE, Store, keep_for, seed_for
 
@@ -173,15 +173,19 @@ def test_report_puts_the_planted_examples_at_the_top_of_their_lists(planted, cap
     assert set(negative[:len(DOWN)]) == set(DOWN)
     assert set(positive[:len(UP)]) == set(UP)
     assert set(np.flatnonzero(res['p_bh'] < 0.01)) == set(DOWN) | set(UP)
-    assert lines[4] == f'BH p < 0.01: {len(DOWN) + len(UP)} examples, {len(DOWN)} negative and {len(UP)} positive. ' \
+    assert body(lines)[4] == f'BH p < 0.01: {len(DOWN) + len(UP)} examples, {len(DOWN)} negative and {len(UP)} positive. ' \
                        'Rank 1 = most negative.'
+    head = ' '.join(lines[:lines.index('')])
+    assert head.startswith(f'Answer: {len(DOWN) + len(UP)} of {N_TRAIN} tested examples have BH p < 0.01 '
+                           f'({len(DOWN)} negative, {len(UP)} positive); split halves correlate at r = ')
+    assert 'beyond what no effect gives' in head
 
 
 def test_header_gives_the_runs_and_the_spread_of_inclusions(planted, capsys):
     res, lines, _ = report(['--scan', planted], capsys)
     counts = res['n_in']
-    assert lines[0] == f'Scan {planted} (trainer toy): {RUNS} runs, {N_TRAIN} examples, each run trained on a random half.'
-    assert lines[1].startswith(f'Runs that included an example: min {counts.min()}, median {np.median(counts):g}, '
+    assert body(lines)[0] == f'Scan {planted} (trainer toy): {RUNS} runs, {N_TRAIN} examples, each run trained on a random half.'
+    assert body(lines)[1].startswith(f'Runs that included an example: min {counts.min()}, median {np.median(counts):g}, '
                                f'max {counts.max()}')
 
 

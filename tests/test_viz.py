@@ -12,7 +12,7 @@ from scipy import stats as sps
 import viz
 import viz_io
 import viz_with_without
-from conftest import report
+from conftest import body, report
 from store import Store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,7 +194,7 @@ def test_table_matches_the_published_layout_line_by_line(tmp_path, capsys):
         'Average:                                +0.100',
         '',
     ]
-    assert lines[:len(golden)] == golden
+    assert body(lines)[:len(golden)] == golden
 
 
 def test_group_without_significant_examples_says_so(tmp_path, capsys):
@@ -203,7 +203,7 @@ def test_group_without_significant_examples_says_so(tmp_path, capsys):
     a = rng.normal(3, 1, (6, 4))
     make_store(tmp_path / 's', held, a, a[::-1].copy())  # same values per arm: nothing significant
     _, lines, _ = report([tmp_path / 's'], capsys)
-    assert lines[5:8] == ['Random examples:', 'Average:                                (none significant)', '']
+    assert body(lines)[5:8] == ['Random examples:', 'Average:                                (none significant)', '']
 
 
 def test_summary_gives_the_mean_over_all_examples_of_each_group(planted, capsys):
@@ -336,15 +336,36 @@ GOLDEN = os.path.join(ROOT, 'tests', 'golden', 'viz_default.txt')
 
 
 def test_default_report_is_unchanged_above_the_controls(planted, capsys):
-    """tests/golden/viz_default.txt is the default report of the planted store printed before controls
-    existed: it must stay the report's first lines, byte for byte, and --controls 0 must print nothing else."""
+    """tests/golden/viz_default.txt is the --controls 0 report of the planted store (the report printed before
+    controls existed, under its headline): --controls 0 prints it byte for byte, and the default report
+    prints the same below its own headline, then the controls."""
     with open(GOLDEN) as f:
         golden = f.read().replace('{store}', str(planted))
-    viz.main([str(planted)])
-    out = capsys.readouterr().out
-    assert out.startswith(golden) and out[len(golden):].startswith('\nControls: ')
     viz.main([str(planted), '--controls', '0'])
     assert capsys.readouterr().out == golden
+    viz.main([str(planted)])
+    out, below = capsys.readouterr().out, golden.split('\n\n', 1)[1]
+    assert out.split('\n\n', 1)[1].startswith(below) and out.split('\n\n', 1)[1][len(below):].startswith('\nControls (method: docs/controls.md): ')
+
+
+def test_the_headline_is_the_control_adjusted_group_effect_in_words(planted, capsys, tmp_path):
+    """The report's first lines give each group's control-adjusted mean with its CI and p, the same figures
+    as the controls' group table and the JSON's 'headline'; with --controls 0 the raw shift, said to be so."""
+    res, lines, _ = report([planted, '--json', tmp_path / 'h.json'], capsys)
+    assert lines[0].startswith('Answer (95% CI, p; significant if p < 0.01; paired t-test over 30 seed-matched runs')
+    with open(tmp_path / 'h.json') as f:
+        doc = json.load(f)['headline']
+    for k, (name, g) in enumerate(res['group_summary'].items()):
+        words = 'not significant: no evidence' if g['control_adjusted_p'] >= 0.01 else 'significant: '
+        assert lines[1 + k] == (f'  {name} examples: {g["control_adjusted"]:+.3f} [{g["control_adjusted_ci_low"]:+.3f}, '
+                                f'{g["control_adjusted_ci_high"]:+.3f}], p {g["control_adjusted_p"]:.4f}, control-adjusted; '
+                                ) + lines[1 + k].split('control-adjusted; ')[1]
+        assert words in lines[1 + k]
+        assert doc['groups'][k]['group'] == name and doc['groups'][k]['control_adjusted']
+        assert doc['groups'][k]['estimate'] == pytest.approx(g['control_adjusted'])
+    raw, lines, _ = report([planted, '--controls', '0'], capsys)
+    assert all('raw shift, NOT control-adjusted' in line for line in lines[1:3]) and '--controls 0' in lines[3]
+    assert lines[1].startswith(f'  random examples: {raw["group_summary"]["random"]["mean"]:+.3f} ')
 
 
 def test_few_candidates_are_said_and_used(planted, capsys):
@@ -361,11 +382,13 @@ def test_controls_option_is_checked(planted):
         viz.main([str(planted), '--controls', '-1'])
 
 
-def test_help_shows_the_commands_of_the_docstring():
+def test_help_is_one_screen_of_options_and_two_examples():
     out = subprocess.run([sys.executable, 'viz.py', '--help'], cwd=ROOT, capture_output=True, text=True, check=True)
-    for command in ('python viz.py --scan', 'python viz.py --controls 0', 'python viz.py runs/digits-factorial'):
-        assert command in out.stdout
-    assert '    python viz.py --all --csv si.csv' in out.stdout  # the layout kept, not re-wrapped
+    lines = out.stdout.splitlines()
+    assert len(lines) <= 25 and max(map(len, lines)) <= 120
+    assert sum(line.startswith('  python viz.py ') for line in lines) == 2
+    for option in ('--alpha', '--controls', '--scan', '--plot', '--seed-folders'):
+        assert sum(line.lstrip().startswith(option) for line in lines) == 1, option
 
 
 @pytest.mark.parametrize('argv', [['--scan', '--controls', '5'], ['--scan', '--all'], ['--scan', '--test', 'z'],
@@ -374,3 +397,15 @@ def test_options_of_another_report_are_refused(planted, argv, capsys):
     with pytest.raises(SystemExit) as e:
         viz.main([str(planted), *argv])
     assert e.value.code == 2 and 'belong' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('argv', [['--plot', 'p.txt'], ['--alpha', '2'], ['--no-such-option'], ['--controls', 'x']])
+def test_a_mistake_in_the_options_is_one_line_and_exit_2(planted, capsys, argv):
+    """Refused before anything is computed or printed: nothing on stdout, one line on stderr."""
+    with pytest.raises(SystemExit) as e:
+        viz.main([str(planted), *argv])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ''
+    assert len(err.strip().splitlines()) == 1 and err.startswith('viz: ')
+    if argv[0] == '--plot':
+        assert '.png' in err and '.pdf' in err and '.svg' in err
