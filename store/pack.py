@@ -42,14 +42,15 @@ class Pack:
         return self._from_files(arm, self._stats(arm), 'the pack kept changing while it was read')
 
     def _stats(self, arm):
-        """{run: [size, mtime_ns, inode]} of the run files of `arm`."""
+        """{run: [size, mtime_ns, inode, ctime_ns]} of the run files of `arm` (the change time: a file
+        rewritten with its mtime put back is read again)."""
         out = {}
         for run in self.stored(arm):
             try:
                 st = os.stat(self.run_file(arm, run))
             except FileNotFoundError:
                 continue
-            out[run] = [st.st_size, st.st_mtime_ns, st.st_ino]
+            out[run] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
         return out
 
     def _empty(self):
