@@ -20,9 +20,19 @@ class Pack:
     def load(self, arm):
         """(logits, run_info): logits (N, n_train, 10) float16, every valid run of `arm` in run order
         (memory-mapped from the pack; in memory when the store cannot be written); run_info: 'run', 'seed',
-        'seconds', 'test_acc' arrays of length N."""
+        'seconds', 'test_acc' arrays of length N.
+        One snapshot per Store object: a later call returns the runs the first one read (one report reads
+        its runs, their seeds and every margin from the same files, whatever is added or removed meanwhile;
+        open the store again to see the changes)."""
         if arm not in self.arms:
             raise ValueError(f'arm {arm!r}, expected one of {self.arms}')
+        snapshots = self.__dict__.setdefault('_snapshots', {})
+        if arm not in snapshots:
+            snapshots[arm] = self._load(arm)
+        logits, run_info = snapshots[arm]
+        return logits, dict(run_info)
+
+    def _load(self, arm):
         for name in self._names(arm):  # anything but a six-digit run file, a write in progress or a hidden file
             if not RUN_NAME.fullmatch(name) and not OWN_TEMP.fullmatch(name) and not name.startswith('.'):
                 self._note_once(('name', arm, name), f'{os.path.join(self.path, arm, name)}: not a run file name '
