@@ -23,7 +23,7 @@ class Pack:
         'seconds', 'test_acc' arrays of length N.
         One snapshot per Store object: a later call returns the runs the first one read (one report reads
         its runs, their seeds and every margin from the same files, whatever is added or removed meanwhile;
-        open the store again to see the changes)."""
+        open the store again to see the changes; a run saved through this Store is seen)."""
         if arm not in self.arms:
             raise ValueError(f'arm {arm!r}, expected one of {self.arms}')
         snapshots = self.__dict__.setdefault('_snapshots', {})

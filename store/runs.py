@@ -53,6 +53,7 @@ class Runs:
         bits = kept_bits(arm, seed, n_train, self.settings['held_out'])
         if bits is not None:
             record['kept'] = bits
+        self.__dict__.get('_snapshots', {}).pop(arm, None)  # this Store's next load sees its own run
         return self._publish_if_held(arm, run, self.run_file(arm, run), lambda f: np.savez(f, **record))
 
     def _publish_if_held(self, arm, run, path, data):
