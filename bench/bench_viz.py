@@ -6,8 +6,10 @@ straightforward baseline that loads every run into RAM.
 
 Steps, each timed: (1) write the store run by run through Store.save_run (random logits, a few planted
 effects), (2) the store packs each arm into one (N, 50000, 10) array on its first load (one-time cost),
-(3) viz's analysis (memory-mapped, held-out columns only) and (4) the baseline (np.load of every run
-file, stacked, margins of all 50000 examples in float32, Welch t-tests of all columns). Steps 2-4 each run
+(3) the floor (every packed logit read once with numpy), viz's analysis with --controls 0 (memory-mapped,
+held-out columns only) and the default report (controls included), each with its ratio to the floor, and
+(4) the baseline (np.load of every run
+file, stacked, margins of all 50000 examples in float32, Welch t-tests of all columns). Each of these runs
 in their own process so that the peak memories (ru_maxrss, which includes the ~70 MB of numpy and scipy)
 are separate. Needs about twice the logits on disk (run files + packed arrays), in DIR/store (--dir,
 default /tmp/bench_viz), deleted at the end unless --keep.
@@ -79,6 +81,23 @@ def child_viz(path):
     return '\n'.join(viz_with_without.faithful_table(res) + viz_with_without.summary(res))
 
 
+def child_floor(path):
+    """The floor: every logit of both packed arms read once with numpy (sequential chunks of 50 runs)."""
+    total = 0.0
+    for arm in ('with', 'without'):
+        logits = np.load(os.path.join(path, 'packed', f'{arm}.npy'), mmap_mode='r')  # (N, 50000, 10) float16
+        for lo in range(0, len(logits), 50):
+            total += float(np.asarray(logits[lo:lo + 50]).sum(dtype=np.float32))
+    return f'sum of every logit {total:.3g}'
+
+
+def child_report(path):
+    import viz_with_without
+    from store import Store
+    res = viz_with_without.analyse(Store(path))  # the default report: CONTROLS controls per held-out example
+    return '\n'.join(viz_with_without.faithful_table(res))
+
+
 def child_baseline(path):
     """What the original analysis did: glob the run files, stack them all, margins of everything."""
     from store import Store
@@ -116,7 +135,7 @@ def main():
     parser.add_argument('--keep', action='store_true', help='keep the generated store (reused if the size matches)')
     parser.add_argument('--skip-baseline', action='store_true',
                         help=f'the baseline needs about {BASELINE_RAM_PER_GB * 2:.0f} GB of RAM at 1000 runs')
-    parser.add_argument('--child', choices=('pack', 'viz', 'baseline'), help=argparse.SUPPRESS)
+    parser.add_argument('--child', choices=('pack', 'floor', 'viz', 'report', 'baseline'), help=argparse.SUPPRESS)
     args = parser.parse_args()
     store_path = os.path.join(args.dir, 'store')
 
@@ -124,7 +143,8 @@ def main():
         for name in ('scipy.special', 'scipy.stats', 'viz'):  # imports (~1 s, ~50 MB) are not part of the timed step
             importlib.import_module(name)
         t0 = time.perf_counter()
-        text = {'pack': child_pack, 'viz': child_viz, 'baseline': child_baseline}[args.child](store_path)
+        text = {'pack': child_pack, 'floor': child_floor, 'viz': child_viz, 'report': child_report,
+                'baseline': child_baseline}[args.child](store_path)
         print(json.dumps(dict(seconds=time.perf_counter() - t0, peak_mb=peak_mb(), text=text or '')))
         return
 
@@ -144,8 +164,16 @@ def main():
     try:
         pack = measure('pack', args.dir)
         print(f'pack (one-time):      {pack["seconds"]:7.1f} s  peak {pack["peak_mb"]:7.0f} MB')
+        floor = measure('floor', args.dir)
+        print(f'floor (numpy read):   {floor["seconds"]:7.2f} s  peak {floor["peak_mb"]:7.0f} MB  (both packed arms once)')
         fast = measure('viz', args.dir)
-        print(f'viz analysis:         {fast["seconds"]:7.2f} s  peak {fast["peak_mb"]:7.0f} MB')
+        print(f'viz analysis:         {fast["seconds"]:7.2f} s  peak {fast["peak_mb"]:7.0f} MB  (--controls 0)  '
+              f'{fast["seconds"] / floor["seconds"]:5.1f} x floor')
+        report = measure('report', args.dir)
+        print(f'viz default report:   {report["seconds"]:7.2f} s  peak {report["peak_mb"]:7.0f} MB  (default controls)  '
+              f'{report["seconds"] / floor["seconds"]:5.1f} x floor')
+        print(f'first call:           {pack["seconds"] + report["seconds"]:7.2f} s  (pack + default report)  '
+              f'{(pack["seconds"] + report["seconds"]) / floor["seconds"]:5.1f} x floor')
         available, needed = available_gb(), BASELINE_RAM_PER_GB * gb
         if not args.skip_baseline and available < needed:
             print(f'baseline skipped: it needs about {needed:.1f} GB of RAM, {available:.1f} GB available')

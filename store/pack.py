@@ -20,9 +20,19 @@ class Pack:
     def load(self, arm):
         """(logits, run_info): logits (N, n_train, 10) float16, every valid run of `arm` in run order
         (memory-mapped from the pack; in memory when the store cannot be written); run_info: 'run', 'seed',
-        'seconds', 'test_acc' arrays of length N."""
+        'seconds', 'test_acc' arrays of length N.
+        One snapshot per Store object: a later call returns the runs the first one read (one report reads
+        its runs, their seeds and every margin from the same files, whatever is added or removed meanwhile;
+        open the store again to see the changes; a run saved through this Store is seen)."""
         if arm not in self.arms:
             raise ValueError(f'arm {arm!r}, expected one of {self.arms}')
+        snapshots = self.__dict__.setdefault('_snapshots', {})
+        if arm not in snapshots:
+            snapshots[arm] = self._load(arm)
+        logits, run_info = snapshots[arm]
+        return logits, dict(run_info)
+
+    def _load(self, arm):
         for name in self._names(arm):  # anything but a six-digit run file, a write in progress or a hidden file
             if not RUN_NAME.fullmatch(name) and not OWN_TEMP.fullmatch(name) and not name.startswith('.'):
                 self._note_once(('name', arm, name), f'{os.path.join(self.path, arm, name)}: not a run file name '
@@ -42,14 +52,15 @@ class Pack:
         return self._from_files(arm, self._stats(arm), 'the pack kept changing while it was read')
 
     def _stats(self, arm):
-        """{run: [size, mtime_ns, inode]} of the run files of `arm`."""
+        """{run: [size, mtime_ns, inode, ctime_ns]} of the run files of `arm` (the change time: a file
+        rewritten with its mtime put back is read again)."""
         out = {}
         for run in self.stored(arm):
             try:
                 st = os.stat(self.run_file(arm, run))
             except FileNotFoundError:
                 continue
-            out[run] = [st.st_size, st.st_mtime_ns, st.st_ino]
+            out[run] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
         return out
 
     def _empty(self):

@@ -53,6 +53,7 @@ class Runs:
         bits = kept_bits(arm, seed, n_train, self.settings['held_out'])
         if bits is not None:
             record['kept'] = bits
+        self.__dict__.get('_snapshots', {}).pop(arm, None)  # this Store's next load sees its own run
         return self._publish_if_held(arm, run, self.run_file(arm, run), lambda f: np.savez(f, **record))
 
     def _publish_if_held(self, arm, run, path, data):
@@ -115,7 +116,7 @@ class Runs:
         return self._read_run(arm, run)[0]
 
     def _read_run(self, arm, run):
-        """(record, (size, mtime_ns, inode) of the file read)."""
+        """(record, (size, mtime_ns, inode, ctime_ns) of the file read)."""
         path = self.run_file(arm, run)
         try:
             with open_file(path) as f:
@@ -155,11 +156,11 @@ class Runs:
             if key not in rec or rec[key].ndim != 0 or rec[key].dtype.kind not in 'fiu':
                 raise StoreError(f'{path}: {key} missing or not a number'
                                  f'{"" if key not in rec else f" ({rec[key].dtype} {rec[key].shape})"}')
-        return rec, [st.st_size, st.st_mtime_ns, st.st_ino]
+        return rec, [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
     def quarantine(self, arm, run, reason, identity_read=None):
         """Move a bad run file aside so that the run is redone; nothing is deleted. identity_read: the
-        (size, mtime_ns, inode) of the file found bad; a newer file at that name is put back."""
+        (size, mtime_ns, inode, ctime_ns) of the file found bad; a newer file at that name is put back."""
         self._set_aside(arm, f'{run:06d}.npz', reason, identity_read,
                         then='; the run will be redone by the next trainer command')
 

@@ -423,6 +423,33 @@ def test_run_file_replaced_after_packing_is_read_again(tmp_path):
     assert np.array_equal(logits[1], new)
 
 
+def test_run_file_rewritten_in_place_with_its_mtime_put_back_is_read_again(tmp_path):
+    s = toy_store(tmp_path / 'a', 3)
+    loaded(s)
+    toy_store(tmp_path / 'b', 3, rng_seed=1)  # same settings, other logits: run files of the same size
+    path = tmp_path / 'a' / 'with' / '000001.npz'
+    st = os.stat(path)
+    other = (tmp_path / 'b' / 'with' / '000001.npz').read_bytes()
+    assert len(other) == st.st_size
+    with open(path, 'r+b') as f:  # same inode, same size
+        f.write(other)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    logits, _ = Store(tmp_path / 'a').load('with')
+    assert np.array_equal(logits[1], Store(tmp_path / 'b').read_run('with', 1)['logits'])
+
+
+@pytest.mark.parametrize('removed', [1, 2])  # a middle run (values would shift) and the last (an IndexError)
+def test_a_run_file_removed_while_a_report_reads_changes_nothing_it_reads(tmp_path, removed):
+    s = toy_store(tmp_path, 3)
+    logits, run_info = s.load('with')
+    before = np.array(logits)
+    os.remove(tmp_path / 'with' / f'{removed:06d}.npz')
+    again, info = s.load('with')  # the same Store: the same snapshot, for the margins read later
+    assert list(info['run']) == [0, 1, 2] and list(info['seed']) == list(run_info['seed'])
+    assert np.array_equal(again, before)
+    assert loaded(Store(tmp_path)) == [r for r in (0, 1, 2) if r != removed]  # opened again: the change seen
+
+
 def test_zeros_written_into_the_pack_are_noticed_and_the_pack_rebuilt(tmp_path):
     s = toy_store(tmp_path, 3)
     before = np.array(s.load('with')[0])
