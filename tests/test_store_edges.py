@@ -385,3 +385,100 @@ def test_a_fifo_or_folder_as_the_pack_is_never_waited_on(tmp_path, kind):
     assert list(Store(tmp_path).load('with')[1]['run']) == [0, 1, 2]
     # a FIFO is replaced by a new pack; a folder cannot be, and the runs are read from their files
     assert os.path.isfile(tmp_path / 'packed' / 'with.npy') == (kind == 'fifo')
+
+
+# Report files: written as a user expects for any name, nothing that is not a regular file renamed over.
+
+import signal
+import subprocess
+import sys
+
+import viz_io
+
+ROW = {'index': np.arange(3), 'self_influence': np.array([0.5, -1.0, 2.0])}
+
+
+def test_a_device_is_written_into_never_replaced():
+    before = os.stat('/dev/null')
+    viz_io.write_csv(ROW, '/dev/null', ['index', 'self_influence'])
+    after = os.stat('/dev/null')
+    assert (after.st_ino, after.st_rdev, after.st_mode) == (before.st_ino, before.st_rdev, before.st_mode)
+
+
+def test_a_full_device_gives_the_write_error():
+    with pytest.raises(OSError) as e:
+        viz_io.write_json(ROW, '/dev/full', {}, ['index', 'self_influence'])
+    assert e.value.errno == errno.ENOSPC
+    assert os.stat('/dev/full').st_rdev != 0 and not os.path.isfile('/dev/full')
+
+
+def test_a_fifo_is_written_into(tmp_path):
+    fifo = tmp_path / 'pipe'
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(['cat', str(fifo)], stdout=subprocess.PIPE, text=True)
+    viz_io.write_csv(ROW, str(fifo), ['index', 'self_influence'])
+    assert reader.communicate(timeout=20)[0].splitlines()[0] == 'index,self_influence'
+    assert not os.path.isfile(fifo) and os.listdir(tmp_path) == ['pipe']
+
+
+def test_dash_is_standard_output(capsys):
+    viz_io.write_csv(ROW, '-', ['index', 'self_influence'])
+    assert capsys.readouterr().out.splitlines() == ['index,self_influence', '0,0.5', '1,-1.0', '2,2.0']
+
+
+def test_a_link_keeps_being_a_link_and_its_target_gets_the_report(tmp_path):
+    (tmp_path / 'real.csv').write_text('old')
+    os.symlink('real.csv', tmp_path / 'link.csv')
+    viz_io.write_csv(ROW, str(tmp_path / 'link.csv'), ['index'])
+    assert os.path.islink(tmp_path / 'link.csv')
+    assert (tmp_path / 'real.csv').read_text().splitlines() == ['index', '0', '1', '2']
+
+
+def test_a_folder_is_refused_not_replaced(tmp_path):
+    (tmp_path / 'out').mkdir()
+    with pytest.raises(IsADirectoryError):
+        viz_io.write_csv(ROW, str(tmp_path / 'out'), ['index'])
+    assert os.path.isdir(tmp_path / 'out') and os.listdir(tmp_path) == ['out']
+
+
+def test_a_legal_long_name_works(tmp_path):
+    name = tmp_path / ('r' * 240 + '.csv')  # 244 bytes: legal; a longer temporary name beside it was not
+    viz_io.write_csv(ROW, str(name), ['index'])
+    assert name.read_text().splitlines()[0] == 'index' and os.listdir(tmp_path) == [name.name]
+
+
+def test_stale_temporary_files_of_dead_processes_are_removed_by_the_next_viz(tmp_path):
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    stale = tmp_path / f'{viz_io.TMP_PREFIX}{dead.pid}-0123abcd'
+    live = tmp_path / f'{viz_io.TMP_PREFIX}{os.getpid()}-0123abcd'
+    other = tmp_path / 'keep.csv'
+    for p in (stale, live, other):
+        p.write_text('x')
+    viz_io.remove_stale_temps([str(tmp_path / 'report.csv')])
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name])
+
+
+def test_ctrl_c_in_viz_is_one_line(tmp_path):
+    code = ('import viz, viz_io\n'
+            'def stop(*a): raise KeyboardInterrupt\n'
+            'viz._main = stop\n'
+            'viz.main([])\n')
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, '-c', code], cwd=here, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and 'interrupted' in done.stderr
+    assert 'Traceback' not in done.stderr
+
+
+def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
+    def write(f):
+        f.write('partial')
+        os.kill(os.getpid(), signal.SIGTERM)
+    previous = signal.signal(signal.SIGTERM, viz._stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            viz_io.write_whole(str(tmp_path / 'r.csv'), write)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert os.listdir(tmp_path) == []
