@@ -60,10 +60,16 @@ def _boot_id():
 
 
 def _pid_namespace():
-    try:
-        return re.sub(r'\D', '', os.readlink('/proc/self/ns/pid'))
-    except OSError:
-        return ''
+    """The pid namespace's number, then the time namespace's: a process start time read from /proc is
+    shifted by the reader's time namespace (unshare --time --boottime), so it is compared only within one."""
+    ids = ''
+    for kind in ('pid', 'time'):
+        try:
+            ids += re.sub(r'\D', '', os.readlink(f'/proc/self/ns/{kind}'))
+        except OSError:
+            if kind == 'pid':
+                return ''
+    return ids
 
 
 def _start_time(pid):
@@ -76,14 +82,31 @@ def _start_time(pid):
         return None
 
 
-def owner_alive(owner, mtime):
+def owner_alive(owner, mtime, now=None):
     """Whether the process described by `owner` (a dict from identity()) still runs. It can be checked
-    exactly only from the same kernel and pid namespace; otherwise the file's heartbeat (mtime) decides."""
+    exactly only from the same kernel, pid and time namespace, and only where /proc shows the process
+    (not under hidepid=2 for another user's); otherwise the file's heartbeat (mtime) decides, against
+    `now` (seconds; the store's own file system clock where the caller has it)."""
     me = identity()
     if me['boot'] and me['pidns'] and owner.get('boot') == me['boot'] and owner.get('pidns') == me['pidns'] \
             and _is_int(owner.get('pid')) and _is_int(owner.get('start')):
-        return _start_time(owner['pid']) == owner['start']
-    return time.time() - mtime < CLAIM_TIMEOUT
+        start = _start_time(owner['pid'])
+        if start is not None:
+            return start == owner['start']
+        if not _pid_exists(owner['pid']):
+            return False
+    return (time.time() if now is None else now) - mtime < CLAIM_TIMEOUT
+
+
+def _pid_exists(pid):
+    """Whether some process has this pid here (True where that cannot be told)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, ValueError, OverflowError):
+        return True
+    return True
 
 
 def _tag():

@@ -482,3 +482,89 @@ def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert os.listdir(tmp_path) == []
+
+
+# Liveness of claims: neither /proc, nor start times across time namespaces, nor clocks need agree.
+
+import time
+
+import store as store_module
+import store.claims as claims_module
+import store.files as files_module
+from test_store import fake_store
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FOREIGN = dict(host='elsewhere', boot='other', pidns='1', pid=1, start=5, token='x')  # another machine's
+
+
+def foreign_claim(store, run, mtime):
+    path = os.path.join(store.path, 'claims', f'with-{run:06d}')
+    with open(path, 'w') as f:
+        json.dump(FOREIGN, f)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_a_worker_in_another_time_namespace_leaves_a_live_claim(tmp_path):
+    s = fake_store(tmp_path)
+    assert s.claim('with', 2)
+    code = f'from store import Store; print(Store({str(tmp_path)!r}).claim("with", 2))'
+    done = subprocess.run(['unshare', '--time', '--boottime', '100000', sys.executable, '-c', code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, 'PYTHONPATH': ROOT})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ['False']  # its start times differ by 100000 s: the heartbeat decides
+    assert s.holds('with', 2)
+
+
+def test_a_process_hidden_by_hidepid_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
+    s = fake_store(tmp_path)
+    sleeper = subprocess.Popen(['sleep', '60'])
+    try:
+        me = store_module.identity()
+        live = dict(me, pid=sleeper.pid, start=files_module._start_time(sleeper.pid), token='x')
+        monkeypatch.setattr(files_module, '_start_time', lambda pid: None)  # /proc shows no other process
+        assert files_module.owner_alive(live, time.time())
+        assert not files_module.owner_alive(live, time.time() - store_module.CLAIM_TIMEOUT - 1)
+        dead = subprocess.Popen(['true'])
+        dead.wait()
+        assert not files_module.owner_alive(dict(live, pid=dead.pid), time.time())  # no such pid at all
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize('ahead', [660, -660])
+def test_a_host_whose_clock_differs_takes_no_live_claim(tmp_path, monkeypatch, ahead):
+    s = fake_store(tmp_path)
+    foreign_claim(s, 3, time.time())  # touched just now by the store's (the file server's) clock
+    real = time.time
+    monkeypatch.setattr(time, 'time', lambda: real() + ahead)  # this host's clock is 11 minutes off
+    assert not Store(tmp_path).claim('with', 3)
+    os.utime(os.path.join(s.path, 'claims', 'with-000003'), (real() - 601, real() - 601))
+    assert Store(tmp_path).claim('with', 3)  # silent for 601 s of the store's clock: taken over
+
+
+def test_a_heartbeat_a_day_in_the_future_that_does_not_advance_is_taken_over(tmp_path):
+    s = fake_store(tmp_path)
+    path = foreign_claim(s, 4, time.time() + 86400)
+    assert not s.claim('with', 4)  # suspect, not yet known dead
+    assert abs(os.stat(path).st_mtime - time.time()) < 5  # brought back to the store's now
+    later = time.time() - store_module.CLAIM_TIMEOUT - 1  # as if CLAIM_TIMEOUT passed without a touch
+    os.utime(path, (later, later))
+    assert Store(tmp_path).claim('with', 4)
+
+
+def test_a_heartbeat_that_cannot_be_corrected_is_trusted_only_while_it_changes(tmp_path, monkeypatch):
+    s = fake_store(tmp_path)
+    path = foreign_claim(s, 5, time.time() + 86400)
+    now = [time.time()]
+    monkeypatch.setattr(claims_module.Claims, '_store_now', lambda self: now[0])
+
+    def refused(*a, **k):
+        raise PermissionError(errno.EPERM, 'another user')
+    monkeypatch.setattr(claims_module.os, 'utime', refused)  # another user's claim file
+    assert not s.claim('with', 5)
+    now[0] += store_module.CLAIM_TIMEOUT - 10
+    assert not s.claim('with', 5)  # unchanged, but not yet for CLAIM_TIMEOUT
+    now[0] += 20
+    assert s.claim('with', 5)  # observed unchanged for CLAIM_TIMEOUT: its worker is gone
