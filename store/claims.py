@@ -6,8 +6,8 @@ import re
 import secrets
 import time
 
-from store.files import (CLAIM_TIMEOUT, NotRegular, StoreError, _mtime, _read_bytes, _remove, _tag, _why, _write_advice,
-                         identity, owner_alive, publish)
+from store.files import (CLAIM_TIMEOUT, NotRegular, StoreError, TempRemoved, _mtime, _read_bytes, _remove, _tag,
+                         _why, _write_advice, identity, note, owner_alive, publish)
 
 CLAIM_REFRESH = 60.0   # seconds between a worker's touches of its claim
 CLOCK_REFRESH = 30.0   # seconds between reads of the store's clock
@@ -34,6 +34,10 @@ class Claims:
                 return True
             except FileExistsError:
                 pass
+            except TempRemoved:
+                note(f'{arm} run {run}: this worker was stopped or slow while claiming it and was taken for '
+                     'dead; the run is left to the other workers')
+                return False
             try:
                 held = _read_bytes(path)
             except NotRegular as e:
@@ -140,6 +144,8 @@ class Claims:
         """Make `path` hold `data`, atomically and only if it does not exist (FileExistsError)."""
         try:
             publish(path, data, exclusive=True, durable=False)
+        except TempRemoved:
+            raise
         except StoreError as e:
             raise StoreError(f'could not claim a run: {e}') from e.__cause__
 
@@ -156,6 +162,8 @@ class Claims:
             marker = f'{path}.takeover-{key}-{gen}'
             try:
                 self._link_new(marker, marker_content)
+            except TempRemoved:
+                return False  # this process was taken for dead meanwhile: it moves nothing
             except FileExistsError:
                 other = _read_bytes(marker)
                 if other is None or self._claim_alive(other, marker):

@@ -32,6 +32,11 @@ class _Vanished(Exception):
     """A run file removed while it was being read (moved aside by another process)."""
 
 
+class TempRemoved(StoreError):
+    """publish's own temporary file was removed before it was put in place: this process was stopped so
+    long that another judged it dead and cleaned up after it."""
+
+
 def note(message):
     """Notes about the store go to stderr: stdout is the report."""
     print(f'store: {message}', file=sys.stderr, flush=True)
@@ -185,6 +190,10 @@ def publish(path, data, exclusive=False, durable=True, check=None):
         return True
     except FileExistsError:
         raise  # exclusive, and `path` exists
+    except FileNotFoundError as e:
+        if not os.path.lexists(tmp) and os.path.isdir(os.path.dirname(path) or '.'):
+            raise TempRemoved(f'{tmp} was removed before it was put in place') from e
+        raise StoreError(f'could not write {path} ({_why(e)}). {_write_advice(e)}') from e
     except OSError as e:
         raise StoreError(f'could not write {path} ({_why(e)}). {_write_advice(e)}') from e
     finally:

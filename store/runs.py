@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 
 from design import MAX_RUNS, kept_bits, seed_for
-from store.files import (OWN_TEMP, NotRegular, StoreError, Unreadable, _Vanished, _kind, _short, _tag, _why, fsync_dir,
+from store.files import (OWN_TEMP, NotRegular, StoreError, TempRemoved, Unreadable, _Vanished, _kind, _short, _tag, _why, fsync_dir,
                          note, open_file, publish)
 
 RUN_NAME = re.compile(r'(\d{6})\.npz')
@@ -59,8 +59,16 @@ class Runs:
         """Publish a result of (arm, run), unless this process claimed the run and has lost the claim
         (taken over while it was stopped: the run is another worker's now). -> whether it was stored."""
         claimed = self._claim_path(arm, run) in self._mine
-        if publish(path, data, check=lambda: not claimed or self.holds(arm, run)):
-            return True
+        try:  # a run file is never replaced: one stored meanwhile by another worker stays
+            if publish(path, data, exclusive=path == self.run_file(arm, run),
+                       check=lambda: not claimed or self.holds(arm, run)):
+                return True
+        except FileExistsError:
+            note(f'{arm} run {run}: stored by another worker while this one was stopped or slow; this '
+                 'worker\'s result is discarded')
+            return False
+        except TempRemoved:
+            pass
         note(f'{arm} run {run}: this worker\'s claim was taken over while it was stopped or slow; its result '
              'is discarded (the run is the other worker\'s)')
         return False

@@ -568,3 +568,39 @@ def test_a_heartbeat_that_cannot_be_corrected_is_trusted_only_while_it_changes(t
     assert not s.claim('with', 5)  # unchanged, but not yet for CLAIM_TIMEOUT
     now[0] += 20
     assert s.claim('with', 5)  # observed unchanged for CLAIM_TIMEOUT: its worker is gone
+
+
+# Every claim checked right before storing: a stored run is never replaced, a lost claim discarded in one line.
+
+def test_a_run_stored_meanwhile_by_another_worker_is_never_replaced(tmp_path, capsys):
+    s = fake_store(tmp_path)
+    late = Store(tmp_path)
+    assert s.claim('with', 1)
+    seed = store_module.seed_for(1, s.settings['seed_base'])
+    logits = np.zeros((s.settings['n_train'], 10))
+    assert s.save_run('with', 1, seed, logits, 1.0, 0.5)
+    s.release('with', 1)
+    stored = open(s.run_file('with', 1), 'rb').read()
+    assert late.claim('with', 1)  # stalled past the check for a stored run, then claims it afresh
+    assert not late.save_run('with', 1, seed, logits + 1, 2.0, 0.9)
+    assert open(s.run_file('with', 1), 'rb').read() == stored
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith('store: with run 1: stored by another worker') and 'discarded' in err[-1]
+
+
+def test_a_worker_stalled_between_writing_and_linking_its_claim_discards_it_in_one_line(tmp_path, monkeypatch,
+                                                                                         capsys):
+    s = fake_store(tmp_path)
+    capsys.readouterr()
+    link = os.link
+
+    def stalled(src, dst, **k):  # meanwhile another worker took this one for dead and cleaned up
+        os.remove(src)
+        return link(src, dst, **k)
+    monkeypatch.setattr(files_module.os, 'link', stalled)
+    assert not s.claim('with', 6)
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'with run 6' in err[0] and 'left to the other workers' in err[0]
+    assert os.listdir(os.path.join(s.path, 'claims')) == []
+    assert Store(tmp_path).claim('with', 6)
