@@ -604,3 +604,59 @@ def test_a_worker_stalled_between_writing_and_linking_its_claim_discards_it_in_o
     assert len(err) == 1 and 'with run 6' in err[0] and 'left to the other workers' in err[0]
     assert os.listdir(os.path.join(s.path, 'claims')) == []
     assert Store(tmp_path).claim('with', 6)
+
+
+# A run file that cannot be one: set aside and redone, or one line saying why it cannot be.
+
+def train_capture(path, runs, capsys):
+    capsys.readouterr()
+    code = experiment.main(store_worker, ['--smoke', '--runs', str(runs), '--out', str(path), '--device', 'cpu'])
+    out, err = capsys.readouterr()
+    return code, out, [line for line in err.splitlines() if not line.startswith('--smoke')]
+
+
+def test_a_zero_byte_run_file_is_redone_by_the_trainer(tmp_path, capsys):
+    s = fake_store(tmp_path, runs=3)
+    open(s.run_file('with', 2), 'w').close()
+    code, out, err = train_capture(tmp_path, 3, capsys)
+    assert code == 0 and 'with    run     2' in out
+    assert len(err) == 1 and 'holds 0 bytes' in err[0] and 'will be redone' in err[0]
+    assert s.read_run('with', 2)['run'] == 2
+
+
+@pytest.mark.parametrize('odd', ['zero bytes', 'folder'])
+def test_a_run_file_that_cannot_be_moved_stops_the_trainer_in_one_line_naming_why(tmp_path, capsys, monkeypatch,
+                                                                                   odd):
+    s = fake_store(tmp_path, runs=3)
+    path = s.run_file('with', 2)
+    os.remove(path)
+    os.mkdir(path) if odd == 'folder' else open(path, 'w').close()
+    rename = os.rename
+
+    def immutable(src, dst, **k):  # chattr +i: even root gets EPERM
+        if src == path:
+            raise PermissionError(errno.EPERM, 'Operation not permitted')
+        return rename(src, dst, **k)
+    monkeypatch.setattr(os, 'rename', immutable)
+    code, out, err = train_capture(tmp_path, 3, capsys)
+    assert code != 0 and 'runs with' not in out  # never counted as done
+    assert len(err) == 1 and 'Operation not permitted' in err[0] and 'chattr -i' in err[0], err
+    assert 'will be redone' not in err[0]
+
+
+def test_a_folder_as_a_run_file_in_viz_is_redone_only_where_viz_says_so(tmp_path, capsys, monkeypatch):
+    s = fake_store(tmp_path, runs=3)
+    os.remove(s.run_file('with', 1))
+    os.mkdir(s.run_file('with', 1))
+    rename = os.rename
+    monkeypatch.setattr(os, 'rename', lambda *a, **k: (_ for _ in ()).throw(PermissionError(errno.EPERM, 'no')))
+    capsys.readouterr()
+    viz.main([str(tmp_path), '--controls', '0'])
+    notes = [line for line in capsys.readouterr().err.splitlines() if '000001.npz' in line]
+    assert len(notes) == 1 and 'will be redone' not in notes[0] and 'by hand' in notes[0]
+    monkeypatch.setattr(os, 'rename', rename)
+    viz.main([str(tmp_path), '--controls', '0'])
+    notes = [line for line in capsys.readouterr().err.splitlines() if '000001.npz' in line]
+    assert len(notes) == 1 and 'will be redone' in notes[0]
+    code, out, _ = train_capture(tmp_path, 3, capsys)
+    assert code == 0 and 'with    run     1' in out  # as said: redone
