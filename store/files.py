@@ -205,11 +205,23 @@ def _why(e):
 
 
 def _write_advice(e):
+    if e.errno == errno.ENOSPC and _out_of_inodes(e.filename):
+        return ('No inode is left on that file system (`df -i` shows 100%), whatever space is free: remove '
+                'files there and rerun the same command; stored runs are intact.')
     if e.errno == errno.ENOSPC:
         return 'The disk is full: free space and rerun the same command; stored runs are intact.'
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return 'The store is not writable here: a trainer needs write access to its folder (viz.py does not).'
     return 'Stored runs are intact; fix the folder and rerun the same command to continue.'
+
+
+def _out_of_inodes(path):
+    """Whether the file system holding `path` (a file that could not be made) has no inode left."""
+    try:
+        fs = os.statvfs(os.path.dirname(os.fsdecode(path)) or '.')
+    except (OSError, TypeError, ValueError):
+        return False
+    return fs.f_files > 0 and fs.f_favail == 0
 
 
 def open_file(path):

@@ -660,3 +660,14 @@ def test_a_folder_as_a_run_file_in_viz_is_redone_only_where_viz_says_so(tmp_path
     assert len(notes) == 1 and 'will be redone' in notes[0]
     code, out, _ = train_capture(tmp_path, 3, capsys)
     assert code == 0 and 'with    run     1' in out  # as said: redone
+
+
+def test_a_store_out_of_inodes_says_so_in_one_line_not_that_the_disk_is_full(tmp_path, monkeypatch, capsys):
+    fake_store(tmp_path)
+    statvfs = os.statvfs
+    no_inode = type('fs', (), dict(f_files=1000, f_favail=0, f_ffree=0))
+    monkeypatch.setattr(files_module.os, 'statvfs', lambda p: no_inode if str(tmp_path) in str(p) else statvfs(p))
+    patch(monkeypatch, refuse(str(tmp_path), errno.ENOSPC))
+    code, _, err = train_capture(tmp_path, 2, capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith('error:'), err
+    assert 'No inode is left' in err[0] and 'df -i' in err[0] and 'disk is full' not in err[0]
