@@ -10,6 +10,7 @@ import csv
 import errno
 import json
 import os
+import re
 import secrets
 import stat
 import sys
@@ -206,19 +207,23 @@ TMP_PREFIX = '.viz-tmp-'  # + pid + '-' + 8 hex digits: short, so any legal repo
 
 
 def remove_stale_temps(paths):
-    """Remove the temporary files a killed viz left in the folders of `paths`: those named after a process
-    that no longer runs here, or older than a day (a process of another PID namespace)."""
-    for folder in {os.path.dirname(os.path.realpath(p)) for p in paths if p and p != '-'}:
+    """Remove the temporary files a killed viz left beside `paths`: TMP_PREFIX names (and NAME.tmp-PID-HEX,
+    the earlier form, for these report names only) of a process that no longer runs here, or older than a
+    day (a process of another PID namespace)."""
+    for path in {os.path.realpath(p) for p in paths if p and p != '-'}:
+        folder, base = os.path.split(path)
+        earlier = re.compile(re.escape(base) + r'\.tmp-(\d+)-[0-9a-f]{8}')
         try:
-            names = [n for n in os.listdir(folder) if n.startswith(TMP_PREFIX)]
+            names = os.listdir(folder)
         except OSError:
             continue
         for name in names:
-            pid = name[len(TMP_PREFIX):].split('-')[0]
+            m = re.fullmatch(TMP_PREFIX.replace('.', r'\.') + r'(\d+)-[0-9a-f]{8}', name) or earlier.fullmatch(name)
+            if not m:
+                continue
             full = os.path.join(folder, name)
             try:
-                old = os.lstat(full).st_mtime < time.time() - 86400
-                if old or not pid.isdigit() or not _running(int(pid)):
+                if os.lstat(full).st_mtime < time.time() - 86400 or not _running(int(m[1])):
                     os.remove(full)
             except OSError:
                 pass

@@ -452,11 +452,13 @@ def test_stale_temporary_files_of_dead_processes_are_removed_by_the_next_viz(tmp
     dead.wait()
     stale = tmp_path / f'{viz_io.TMP_PREFIX}{dead.pid}-0123abcd'
     live = tmp_path / f'{viz_io.TMP_PREFIX}{os.getpid()}-0123abcd'
+    earlier = tmp_path / f'report.csv.tmp-{dead.pid}-0123abcd'  # the form an earlier viz left
     other = tmp_path / 'keep.csv'
-    for p in (stale, live, other):
+    others = tmp_path / f'keep.csv.tmp-{dead.pid}-0123abcd'  # not a name of this report: left alone
+    for p in (stale, live, earlier, other, others):
         p.write_text('x')
     viz_io.remove_stale_temps([str(tmp_path / 'report.csv')])
-    assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name])
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name, others.name])
 
 
 def test_ctrl_c_in_viz_is_one_line(tmp_path):
@@ -671,3 +673,14 @@ def test_a_store_out_of_inodes_says_so_in_one_line_not_that_the_disk_is_full(tmp
     code, _, err = train_capture(tmp_path, 2, capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith('error:'), err
     assert 'No inode is left' in err[0] and 'df -i' in err[0] and 'disk is full' not in err[0]
+
+
+def test_viz_writes_into_dev_null_and_says_in_one_line_that_dev_full_is_full(tmp_path, capsys):
+    fake_store(tmp_path, runs=3)
+    viz.main([str(tmp_path), '--controls', '0', '--csv', '/dev/null'])
+    assert not os.path.isfile('/dev/null') and os.stat('/dev/null').st_rdev != 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        viz.main([str(tmp_path), '--controls', '0', '--json', '/dev/full'])
+    assert 'could not write /dev/full' in str(e.value) and 'No space left on device' in str(e.value)
+    assert '\n' not in str(e.value) and not os.path.isfile('/dev/full')
