@@ -23,6 +23,7 @@ docs/analysis.md and docs/controls.md; its cost: docs/speed.md.
 """
 import argparse
 import os
+import signal
 import sys
 
 import viz_controls
@@ -30,7 +31,7 @@ import viz_factorial
 import viz_scan
 import viz_with_without
 from store import Store, StoreError
-from viz_io import write_csv, write_json, write_plot
+from viz_io import remove_stale_temps, write_csv, write_json, write_plot
 
 
 PLOT_EXTENSIONS = ('.png', '.pdf', '.svg', '.eps', '.ps', '.jpg', '.jpeg', '.tif', '.tiff', '.webp')  # matplotlib writes these
@@ -128,10 +129,28 @@ def seed_report(parser, args):
     return module, res, module.lines(res, args.all)
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so a report file's temporary name is removed
+
+
 def main(argv=None):
+    """The command line; Ctrl-C or SIGTERM ends it with one line (exit 130), removing its temporary files."""
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write('\nviz: interrupted; a report file not yet written was left as it was. '
+                         'Rerun viz.py for the whole report.\n')
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv):
     parser = make_parser()
     args = parser.parse_args(argv)
     check_flags(parser, args)
+    remove_stale_temps([args.csv, args.json, args.plot])
     path = args.store or (f'runs/{args.trainer}-scan' if args.scan else f'runs/{args.trainer}')
     try:
         if args.seed_folders:

@@ -7,11 +7,15 @@ lines(result, ...) -> the printed report, COLUMNS (its per-example CSV / JSON co
 but for the scan, plot_labels(result); viz.py is the command line that picks one from the store's arms.
 """
 import csv
+import errno
 import json
 import os
+import re
 import secrets
+import stat
 import sys
 import textwrap
+import time
 
 import numpy as np
 
@@ -199,16 +203,73 @@ def rows_of(res, columns):
     return [{c: res[c][j].item() for c in columns} for j in range(len(res['index']))]
 
 
-def write_whole(path, write, mode='w'):
-    """Write a report file through a temporary name beside it, then rename it into place: a full disk or
-    a kill leaves the previous file or none, never a partial one. write(f) fills the open file."""
-    tmp = f'{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}'
+TMP_PREFIX = '.viz-tmp-'  # + pid + '-' + 8 hex digits: short, so any legal report name works beside it
+
+
+def remove_stale_temps(paths):
+    """Remove the temporary files a killed viz left beside `paths`: TMP_PREFIX names (and NAME.tmp-PID-HEX,
+    the earlier form, for these report names only) of a process that no longer runs here, or older than a
+    day (a process of another PID namespace)."""
+    for path in {os.path.realpath(p) for p in paths if p and p != '-'}:
+        folder, base = os.path.split(path)
+        earlier = re.compile(re.escape(base) + r'\.tmp-(\d+)-[0-9a-f]{8}')
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            m = re.fullmatch(TMP_PREFIX.replace('.', r'\.') + r'(\d+)-[0-9a-f]{8}', name) or earlier.fullmatch(name)
+            if not m:
+                continue
+            full = os.path.join(folder, name)
+            try:
+                if os.lstat(full).st_mtime < time.time() - 86400 or not _running(int(m[1])):
+                    os.remove(full)
+            except OSError:
+                pass
+
+
+def _running(pid):
     try:
-        with open(tmp, mode, **({'newline': ''} if 'b' not in mode else {})) as f:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_whole(path, write, mode='w'):
+    """Write a report file. A regular file (or a new name) is written through a short temporary name in
+    the same folder and renamed into place: a full disk or a kill leaves the previous file or none, never
+    a partial one. '-' is standard output; anything else that exists and is not a regular file (a device,
+    a FIFO) is written into, never replaced. A symbolic link's target is replaced, not the link.
+    write(f) fills the open file."""
+    text = {'newline': ''} if 'b' not in mode else {}
+    if path == '-':
+        out = sys.stdout.buffer if 'b' in mode else sys.stdout
+        write(out)
+        out.flush()
+        return
+    target = os.path.realpath(path)
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, 'a folder, not a file', path)
+        with open(target, mode, **text) as f:
+            write(f)
+            f.flush()
+        return
+    tmp = os.path.join(os.path.dirname(target), f'{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}')
+    try:
+        with open(tmp, mode, **text) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)

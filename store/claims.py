@@ -6,10 +6,12 @@ import re
 import secrets
 import time
 
-from store.files import (NotRegular, StoreError, _mtime, _read_bytes, _remove, _why, _write_advice, identity,
-                         owner_alive, publish)
+from store.files import (CLAIM_TIMEOUT, NotRegular, StoreError, TempRemoved, _mtime, _read_bytes, _remove, _tag,
+                         _why, _write_advice, identity, note, owner_alive, publish)
 
 CLAIM_REFRESH = 60.0   # seconds between a worker's touches of its claim
+CLOCK_REFRESH = 30.0   # seconds between reads of the store's clock
+CLOCK_SLACK = 60.0     # seconds a heartbeat may lie ahead of the store's clock (its rounding, a probe's age)
 
 CLAIM_NAME = re.compile(r'([a-z]+)-(\d{6})')  # arm-run
 TAKEOVER = re.compile(r'[a-z]+-\d{6}\.takeover-[0-9a-f]{16}-\d+')  # a claim's takeover marker
@@ -32,6 +34,10 @@ class Claims:
                 return True
             except FileExistsError:
                 pass
+            except TempRemoved:
+                note(f'{arm} run {run}: this worker was stopped or slow while claiming it and was taken for '
+                     'dead; the run is left to the other workers')
+                return False
             try:
                 held = _read_bytes(path)
             except NotRegular as e:
@@ -93,16 +99,53 @@ class Claims:
         return count
 
     def _claim_alive(self, held, path):
+        """Whether the claim `held` at `path` belongs to a live worker. Its heartbeat is compared with the
+        store's own clock (a probe file's mtime: on NFS the server's), never with this host's. A heartbeat
+        that does not advance is trusted for CLAIM_TIMEOUT of observing it, then no more: a heartbeat in
+        the future (another clock) can neither keep a dead worker's claim for ever nor lose a live one."""
         try:
             owner = json.loads(held)
         except (ValueError, RecursionError):
             owner = None
-        return owner_alive(owner if isinstance(owner, dict) else {}, _mtime(path))
+        mtime, now = _mtime(path), self._store_now()
+        if mtime > now + CLOCK_SLACK:
+            try:  # suspect: brought back to now, so that a dead worker's claim goes stale like any other
+                os.utime(path, (now, now))  # a live worker's next touch (the store's clock) moves it on
+                mtime = now
+            except OSError:
+                pass  # another user's claim: observed below until it has not changed for CLAIM_TIMEOUT
+        if not owner_alive(owner if isinstance(owner, dict) else {}, mtime, now):
+            return False
+        seen = self.__dict__.setdefault('_heartbeats', {})
+        first = seen.get(path)
+        if first is None or first[0] != (held, mtime):
+            seen[path] = ((held, mtime), now)
+            return True
+        return now - first[1] < CLAIM_TIMEOUT
+
+    def _store_now(self):
+        """The store's file system clock, seconds: the mtime of a probe file just written in claims/
+        (read again at most every CLOCK_REFRESH seconds of this host's clock, kept as an offset)."""
+        offset, when = self.__dict__.get('_clock', (None, None))
+        if offset is None or abs(time.monotonic() - when) > CLOCK_REFRESH:
+            probe = os.path.join(self.path, 'claims', f'clock.tmp-{_tag()}')
+            try:
+                with open(probe, 'x'):
+                    pass
+                offset = os.stat(probe).st_mtime - time.time()
+            except OSError:
+                offset = 0.0  # no space or a read-only store: this host's clock is all there is
+            finally:
+                _remove(probe)
+            self._clock = (offset, time.monotonic())
+        return time.time() + offset
 
     def _link_new(self, path, data):
         """Make `path` hold `data`, atomically and only if it does not exist (FileExistsError)."""
         try:
             publish(path, data, exclusive=True, durable=False)
+        except TempRemoved:
+            raise
         except StoreError as e:
             raise StoreError(f'could not claim a run: {e}') from e.__cause__
 
@@ -119,6 +162,8 @@ class Claims:
             marker = f'{path}.takeover-{key}-{gen}'
             try:
                 self._link_new(marker, marker_content)
+            except TempRemoved:
+                return False  # this process was taken for dead meanwhile: it moves nothing
             except FileExistsError:
                 other = _read_bytes(marker)
                 if other is None or self._claim_alive(other, marker):

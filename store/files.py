@@ -32,6 +32,11 @@ class _Vanished(Exception):
     """A run file removed while it was being read (moved aside by another process)."""
 
 
+class TempRemoved(StoreError):
+    """publish's own temporary file was removed before it was put in place: this process was stopped so
+    long that another judged it dead and cleaned up after it."""
+
+
 def note(message):
     """Notes about the store go to stderr: stdout is the report."""
     print(f'store: {message}', file=sys.stderr, flush=True)
@@ -60,10 +65,16 @@ def _boot_id():
 
 
 def _pid_namespace():
-    try:
-        return re.sub(r'\D', '', os.readlink('/proc/self/ns/pid'))
-    except OSError:
-        return ''
+    """The pid namespace's number, then the time namespace's: a process start time read from /proc is
+    shifted by the reader's time namespace (unshare --time --boottime), so it is compared only within one."""
+    ids = ''
+    for kind in ('pid', 'time'):
+        try:
+            ids += re.sub(r'\D', '', os.readlink(f'/proc/self/ns/{kind}'))
+        except OSError:
+            if kind == 'pid':
+                return ''
+    return ids
 
 
 def _start_time(pid):
@@ -76,14 +87,31 @@ def _start_time(pid):
         return None
 
 
-def owner_alive(owner, mtime):
+def owner_alive(owner, mtime, now=None):
     """Whether the process described by `owner` (a dict from identity()) still runs. It can be checked
-    exactly only from the same kernel and pid namespace; otherwise the file's heartbeat (mtime) decides."""
+    exactly only from the same kernel, pid and time namespace, and only where /proc shows the process
+    (not under hidepid=2 for another user's); otherwise the file's heartbeat (mtime) decides, against
+    `now` (seconds; the store's own file system clock where the caller has it)."""
     me = identity()
     if me['boot'] and me['pidns'] and owner.get('boot') == me['boot'] and owner.get('pidns') == me['pidns'] \
             and _is_int(owner.get('pid')) and _is_int(owner.get('start')):
-        return _start_time(owner['pid']) == owner['start']
-    return time.time() - mtime < CLAIM_TIMEOUT
+        start = _start_time(owner['pid'])
+        if start is not None:
+            return start == owner['start']
+        if not _pid_exists(owner['pid']):
+            return False
+    return (time.time() if now is None else now) - mtime < CLAIM_TIMEOUT
+
+
+def _pid_exists(pid):
+    """Whether some process has this pid here (True where that cannot be told)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, ValueError, OverflowError):
+        return True
+    return True
 
 
 def _tag():
@@ -162,6 +190,10 @@ def publish(path, data, exclusive=False, durable=True, check=None):
         return True
     except FileExistsError:
         raise  # exclusive, and `path` exists
+    except FileNotFoundError as e:
+        if not os.path.lexists(tmp) and os.path.isdir(os.path.dirname(path) or '.'):
+            raise TempRemoved(f'{tmp} was removed before it was put in place') from e
+        raise StoreError(f'could not write {path} ({_why(e)}). {_write_advice(e)}') from e
     except OSError as e:
         raise StoreError(f'could not write {path} ({_why(e)}). {_write_advice(e)}') from e
     finally:
@@ -173,11 +205,23 @@ def _why(e):
 
 
 def _write_advice(e):
+    if e.errno == errno.ENOSPC and _out_of_inodes(e.filename):
+        return ('No inode is left on that file system (`df -i` shows 100%), whatever space is free: remove '
+                'files there and rerun the same command; stored runs are intact.')
     if e.errno == errno.ENOSPC:
         return 'The disk is full: free space and rerun the same command; stored runs are intact.'
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return 'The store is not writable here: a trainer needs write access to its folder (viz.py does not).'
     return 'Stored runs are intact; fix the folder and rerun the same command to continue.'
+
+
+def _out_of_inodes(path):
+    """Whether the file system holding `path` (a file that could not be made) has no inode left."""
+    try:
+        fs = os.statvfs(os.path.dirname(os.fsdecode(path)) or '.')
+    except (OSError, TypeError, ValueError):
+        return False
+    return fs.f_files > 0 and fs.f_favail == 0
 
 
 def open_file(path):

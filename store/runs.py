@@ -1,4 +1,5 @@
 """Finished and failed runs: writing them, and checking that a run file belongs where it lies."""
+import errno
 import json
 import os
 import re
@@ -9,7 +10,7 @@ import zipfile
 import numpy as np
 
 from design import MAX_RUNS, kept_bits, seed_for
-from store.files import (OWN_TEMP, NotRegular, StoreError, Unreadable, _Vanished, _kind, _short, _tag, _why, fsync_dir,
+from store.files import (OWN_TEMP, NotRegular, StoreError, TempRemoved, Unreadable, _Vanished, _kind, _short, _tag, _why, fsync_dir,
                          note, open_file, publish)
 
 RUN_NAME = re.compile(r'(\d{6})\.npz')
@@ -60,8 +61,16 @@ class Runs:
         """Publish a result of (arm, run), unless this process claimed the run and has lost the claim
         (taken over while it was stopped: the run is another worker's now). -> whether it was stored."""
         claimed = self._claim_path(arm, run) in self._mine
-        if publish(path, data, check=lambda: not claimed or self.holds(arm, run)):
-            return True
+        try:  # a run file is never replaced: one stored meanwhile by another worker stays
+            if publish(path, data, exclusive=path == self.run_file(arm, run),
+                       check=lambda: not claimed or self.holds(arm, run)):
+                return True
+        except FileExistsError:
+            note(f'{arm} run {run}: stored by another worker while this one was stopped or slow; this '
+                 'worker\'s result is discarded')
+            return False
+        except TempRemoved:
+            pass
         note(f'{arm} run {run}: this worker\'s claim was taken over while it was stopped or slow; its result '
              'is discarded (the run is the other worker\'s)')
         return False
@@ -165,26 +174,31 @@ class Runs:
                         then='; the run will be redone by the next trainer command')
 
     def set_aside_odd_runs(self):
-        """For a trainer: move aside what holds a run file's name but is no file (a folder, a FIFO, a link),
-        so that the run is redone; raise StoreError if one cannot be moved (the run could never be redone,
-        and would be counted as done)."""
+        """For a trainer: move aside what holds a run file's name but cannot be one (a folder, a FIFO, a
+        link, a file shorter than the smallest zip), so that the run is redone; raise StoreError naming
+        why if one cannot be moved (the run could never be redone, and would be counted as done)."""
         for arm in self.arms:
             for run in self.stored(arm):
                 path = self.run_file(arm, run)
                 try:
-                    mode = os.lstat(path).st_mode
+                    st = os.lstat(path)
                 except OSError:
                     continue  # vanished meanwhile
-                if stat.S_ISREG(mode):
+                if stat.S_ISREG(st.st_mode) and st.st_size >= SMALLEST_ZIP:
                     continue
-                odd = f'{path} is {_kind(mode)}, expected a file'
-                if not self._set_aside(arm, f'{run:06d}.npz', odd, then='; the run will be redone'):
-                    raise StoreError(f'{odd}, and it could not be moved to corrupt/: run {run} of {arm} cannot be '
-                                     'redone while it is there. Remove it and rerun.')
+                odd = f'{path} is {_kind(st.st_mode)}, expected a file' if not stat.S_ISREG(st.st_mode) else \
+                    f'{path} holds {st.st_size} bytes, expected a run file (a zip of at least {SMALLEST_ZIP})'
+                try:
+                    self._set_aside(arm, f'{run:06d}.npz', odd, then='; the run will be redone', quiet=True)
+                except OSError as e:
+                    raise StoreError(f'{odd}, and it could not be moved to corrupt/ ({_why(e)}{_move_hint(e)}): '
+                                     f'run {run} of {arm} cannot be redone while it is there. Remove it and '
+                                     'rerun.') from e
 
-    def _set_aside(self, sub, name, reason, identity_read=None, then=''):
+    def _set_aside(self, sub, name, reason, identity_read=None, then='', quiet=False):
         """Move a bad file of the store to corrupt/ and say so (reason + then); -> False if it could not be
-        moved (then said without the promise `then`: no trainer can replace it)."""
+        moved (then said without the promise `then`: no trainer can replace it; quiet: the OSError raised
+        instead, for the caller's one line)."""
         src = os.path.join(self.path, sub, name)
         dst = os.path.join(self.path, 'corrupt', f'{sub}-{name}.{time.strftime("%Y%m%d-%H%M%S")}-{_tag()}')
         try:
@@ -193,8 +207,11 @@ class Runs:
         except FileNotFoundError:
             return True  # already moved by another process
         except OSError as e:
-            self._note_once(src, f'{reason}; left out, and it could not be moved to corrupt/ ({_why(e)}): no '
-                                 'trainer can replace it while it is there. Move or remove it by hand.')
+            if quiet:
+                raise
+            self._note_once(src, f'{reason}; left out, and it could not be moved to corrupt/ ({_why(e)}'
+                                 f'{_move_hint(e)}): no trainer can replace it while it is there. Move or remove '
+                                 'it by hand.')
             return False
         fsync_dir(os.path.dirname(src))
         if identity_read is not None:
@@ -208,6 +225,16 @@ class Runs:
                 return True
         note(f'{reason}{then}; moved to {dst}')
         return True
+
+
+SMALLEST_ZIP = 22  # bytes: an empty zip (its end record alone); a shorter run file is no run
+
+
+def _move_hint(e):
+    """Why a file of a writable store could not be moved: root gets EPERM only from an immutable file."""
+    if e.errno == errno.EPERM:
+        return '; an immutable or append-only file or folder? `lsattr` shows an i or a; `chattr -i` it'
+    return ''
 
 
 # The members a run file may hold, and the most bytes each may take: the expected logits bound what is read.

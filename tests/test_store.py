@@ -238,7 +238,7 @@ def test_another_hosts_claim_blocks_until_its_heartbeat_stops(tmp_path):
 KILLS = {
     'claim link': 'link:claims/with-000002',
     'claim temp open': 'open:claims/with-000002.tmp',
-    'run file rename': 'replace:with/000002.npz',
+    'run file link': 'link:with/000002.npz',  # a run file is linked into place: never over another
     'run file temp open': 'open:with/000002.npz.tmp',
     'release of a finished run': 'remove:claims/with-000002',
     'release marker link': 'link:claims/with-000002.takeover',
@@ -418,7 +418,8 @@ def test_run_file_replaced_after_packing_is_read_again(tmp_path):
     s = toy_store(tmp_path, 3)
     loaded(s)
     new = np.full((40, 10), 3.0, np.float16)
-    s.save_run('with', 1, 1, new, 1.0, 0.5)  # a redone run: same name, new content
+    os.remove(s.run_file('with', 1))  # a redone run: its file moved away, then the same name, new content
+    s.save_run('with', 1, 1, new, 1.0, 0.5)
     logits, _ = Store(tmp_path).load('with')
     assert np.array_equal(logits[1], new)
 

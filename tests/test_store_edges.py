@@ -385,3 +385,302 @@ def test_a_fifo_or_folder_as_the_pack_is_never_waited_on(tmp_path, kind):
     assert list(Store(tmp_path).load('with')[1]['run']) == [0, 1, 2]
     # a FIFO is replaced by a new pack; a folder cannot be, and the runs are read from their files
     assert os.path.isfile(tmp_path / 'packed' / 'with.npy') == (kind == 'fifo')
+
+
+# Report files: written as a user expects for any name, nothing that is not a regular file renamed over.
+
+import signal
+import subprocess
+import sys
+
+import viz_io
+
+ROW = {'index': np.arange(3), 'self_influence': np.array([0.5, -1.0, 2.0])}
+
+
+def test_a_device_is_written_into_never_replaced():
+    before = os.stat('/dev/null')
+    viz_io.write_csv(ROW, '/dev/null', ['index', 'self_influence'])
+    after = os.stat('/dev/null')
+    assert (after.st_ino, after.st_rdev, after.st_mode) == (before.st_ino, before.st_rdev, before.st_mode)
+
+
+def test_a_full_device_gives_the_write_error():
+    with pytest.raises(OSError) as e:
+        viz_io.write_json(ROW, '/dev/full', {}, ['index', 'self_influence'])
+    assert e.value.errno == errno.ENOSPC
+    assert os.stat('/dev/full').st_rdev != 0 and not os.path.isfile('/dev/full')
+
+
+def test_a_fifo_is_written_into(tmp_path):
+    fifo = tmp_path / 'pipe'
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(['cat', str(fifo)], stdout=subprocess.PIPE, text=True)
+    viz_io.write_csv(ROW, str(fifo), ['index', 'self_influence'])
+    assert reader.communicate(timeout=20)[0].splitlines()[0] == 'index,self_influence'
+    assert not os.path.isfile(fifo) and os.listdir(tmp_path) == ['pipe']
+
+
+def test_dash_is_standard_output(capsys):
+    viz_io.write_csv(ROW, '-', ['index', 'self_influence'])
+    assert capsys.readouterr().out.splitlines() == ['index,self_influence', '0,0.5', '1,-1.0', '2,2.0']
+
+
+def test_a_link_keeps_being_a_link_and_its_target_gets_the_report(tmp_path):
+    (tmp_path / 'real.csv').write_text('old')
+    os.symlink('real.csv', tmp_path / 'link.csv')
+    viz_io.write_csv(ROW, str(tmp_path / 'link.csv'), ['index'])
+    assert os.path.islink(tmp_path / 'link.csv')
+    assert (tmp_path / 'real.csv').read_text().splitlines() == ['index', '0', '1', '2']
+
+
+def test_a_folder_is_refused_not_replaced(tmp_path):
+    (tmp_path / 'out').mkdir()
+    with pytest.raises(IsADirectoryError):
+        viz_io.write_csv(ROW, str(tmp_path / 'out'), ['index'])
+    assert os.path.isdir(tmp_path / 'out') and os.listdir(tmp_path) == ['out']
+
+
+def test_a_legal_long_name_works(tmp_path):
+    name = tmp_path / ('r' * 240 + '.csv')  # 244 bytes: legal; a longer temporary name beside it was not
+    viz_io.write_csv(ROW, str(name), ['index'])
+    assert name.read_text().splitlines()[0] == 'index' and os.listdir(tmp_path) == [name.name]
+
+
+def test_stale_temporary_files_of_dead_processes_are_removed_by_the_next_viz(tmp_path):
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    stale = tmp_path / f'{viz_io.TMP_PREFIX}{dead.pid}-0123abcd'
+    live = tmp_path / f'{viz_io.TMP_PREFIX}{os.getpid()}-0123abcd'
+    earlier = tmp_path / f'report.csv.tmp-{dead.pid}-0123abcd'  # the form an earlier viz left
+    other = tmp_path / 'keep.csv'
+    others = tmp_path / f'keep.csv.tmp-{dead.pid}-0123abcd'  # not a name of this report: left alone
+    for p in (stale, live, earlier, other, others):
+        p.write_text('x')
+    viz_io.remove_stale_temps([str(tmp_path / 'report.csv')])
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name, others.name])
+
+
+def test_ctrl_c_in_viz_is_one_line(tmp_path):
+    code = ('import viz, viz_io\n'
+            'def stop(*a): raise KeyboardInterrupt\n'
+            'viz._main = stop\n'
+            'viz.main([])\n')
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, '-c', code], cwd=here, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and 'interrupted' in done.stderr
+    assert 'Traceback' not in done.stderr
+
+
+def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
+    def write(f):
+        f.write('partial')
+        os.kill(os.getpid(), signal.SIGTERM)
+    previous = signal.signal(signal.SIGTERM, viz._stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            viz_io.write_whole(str(tmp_path / 'r.csv'), write)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert os.listdir(tmp_path) == []
+
+
+# Liveness of claims: neither /proc, nor start times across time namespaces, nor clocks need agree.
+
+import time
+
+import store as store_module
+import store.claims as claims_module
+import store.files as files_module
+from test_store import fake_store
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FOREIGN = dict(host='elsewhere', boot='other', pidns='1', pid=1, start=5, token='x')  # another machine's
+
+
+def foreign_claim(store, run, mtime):
+    path = os.path.join(store.path, 'claims', f'with-{run:06d}')
+    with open(path, 'w') as f:
+        json.dump(FOREIGN, f)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_a_worker_in_another_time_namespace_leaves_a_live_claim(tmp_path):
+    s = fake_store(tmp_path)
+    assert s.claim('with', 2)
+    code = f'from store import Store; print(Store({str(tmp_path)!r}).claim("with", 2))'
+    done = subprocess.run(['unshare', '--time', '--boottime', '100000', sys.executable, '-c', code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, 'PYTHONPATH': ROOT})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ['False']  # its start times differ by 100000 s: the heartbeat decides
+    assert s.holds('with', 2)
+
+
+def test_a_process_hidden_by_hidepid_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
+    s = fake_store(tmp_path)
+    sleeper = subprocess.Popen(['sleep', '60'])
+    try:
+        me = store_module.identity()
+        live = dict(me, pid=sleeper.pid, start=files_module._start_time(sleeper.pid), token='x')
+        monkeypatch.setattr(files_module, '_start_time', lambda pid: None)  # /proc shows no other process
+        assert files_module.owner_alive(live, time.time())
+        assert not files_module.owner_alive(live, time.time() - store_module.CLAIM_TIMEOUT - 1)
+        dead = subprocess.Popen(['true'])
+        dead.wait()
+        assert not files_module.owner_alive(dict(live, pid=dead.pid), time.time())  # no such pid at all
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize('ahead', [660, -660])
+def test_a_host_whose_clock_differs_takes_no_live_claim(tmp_path, monkeypatch, ahead):
+    s = fake_store(tmp_path)
+    foreign_claim(s, 3, time.time())  # touched just now by the store's (the file server's) clock
+    real = time.time
+    monkeypatch.setattr(time, 'time', lambda: real() + ahead)  # this host's clock is 11 minutes off
+    assert not Store(tmp_path).claim('with', 3)
+    os.utime(os.path.join(s.path, 'claims', 'with-000003'), (real() - 601, real() - 601))
+    assert Store(tmp_path).claim('with', 3)  # silent for 601 s of the store's clock: taken over
+
+
+def test_a_heartbeat_a_day_in_the_future_that_does_not_advance_is_taken_over(tmp_path):
+    s = fake_store(tmp_path)
+    path = foreign_claim(s, 4, time.time() + 86400)
+    assert not s.claim('with', 4)  # suspect, not yet known dead
+    assert abs(os.stat(path).st_mtime - time.time()) < 5  # brought back to the store's now
+    later = time.time() - store_module.CLAIM_TIMEOUT - 1  # as if CLAIM_TIMEOUT passed without a touch
+    os.utime(path, (later, later))
+    assert Store(tmp_path).claim('with', 4)
+
+
+def test_a_heartbeat_that_cannot_be_corrected_is_trusted_only_while_it_changes(tmp_path, monkeypatch):
+    s = fake_store(tmp_path)
+    path = foreign_claim(s, 5, time.time() + 86400)
+    now = [time.time()]
+    monkeypatch.setattr(claims_module.Claims, '_store_now', lambda self: now[0])
+
+    def refused(*a, **k):
+        raise PermissionError(errno.EPERM, 'another user')
+    monkeypatch.setattr(claims_module.os, 'utime', refused)  # another user's claim file
+    assert not s.claim('with', 5)
+    now[0] += store_module.CLAIM_TIMEOUT - 10
+    assert not s.claim('with', 5)  # unchanged, but not yet for CLAIM_TIMEOUT
+    now[0] += 20
+    assert s.claim('with', 5)  # observed unchanged for CLAIM_TIMEOUT: its worker is gone
+
+
+# Every claim checked right before storing: a stored run is never replaced, a lost claim discarded in one line.
+
+def test_a_run_stored_meanwhile_by_another_worker_is_never_replaced(tmp_path, capsys):
+    s = fake_store(tmp_path)
+    late = Store(tmp_path)
+    assert s.claim('with', 1)
+    seed = store_module.seed_for(1, s.settings['seed_base'])
+    logits = np.zeros((s.settings['n_train'], 10))
+    assert s.save_run('with', 1, seed, logits, 1.0, 0.5)
+    s.release('with', 1)
+    stored = open(s.run_file('with', 1), 'rb').read()
+    assert late.claim('with', 1)  # stalled past the check for a stored run, then claims it afresh
+    assert not late.save_run('with', 1, seed, logits + 1, 2.0, 0.9)
+    assert open(s.run_file('with', 1), 'rb').read() == stored
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith('store: with run 1: stored by another worker') and 'discarded' in err[-1]
+
+
+def test_a_worker_stalled_between_writing_and_linking_its_claim_discards_it_in_one_line(tmp_path, monkeypatch,
+                                                                                         capsys):
+    s = fake_store(tmp_path)
+    capsys.readouterr()
+    link = os.link
+
+    def stalled(src, dst, **k):  # meanwhile another worker took this one for dead and cleaned up
+        os.remove(src)
+        return link(src, dst, **k)
+    monkeypatch.setattr(files_module.os, 'link', stalled)
+    assert not s.claim('with', 6)
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'with run 6' in err[0] and 'left to the other workers' in err[0]
+    assert os.listdir(os.path.join(s.path, 'claims')) == []
+    assert Store(tmp_path).claim('with', 6)
+
+
+# A run file that cannot be one: set aside and redone, or one line saying why it cannot be.
+
+def train_capture(path, runs, capsys):
+    capsys.readouterr()
+    code = experiment.main(store_worker, ['--smoke', '--runs', str(runs), '--out', str(path), '--device', 'cpu'])
+    out, err = capsys.readouterr()
+    return code, out, [line for line in err.splitlines() if not line.startswith('--smoke')]
+
+
+def test_a_zero_byte_run_file_is_redone_by_the_trainer(tmp_path, capsys):
+    s = fake_store(tmp_path, runs=3)
+    open(s.run_file('with', 2), 'w').close()
+    code, out, err = train_capture(tmp_path, 3, capsys)
+    assert code == 0 and 'with    run     2' in out
+    assert len(err) == 1 and 'holds 0 bytes' in err[0] and 'will be redone' in err[0]
+    assert s.read_run('with', 2)['run'] == 2
+
+
+@pytest.mark.parametrize('odd', ['zero bytes', 'folder'])
+def test_a_run_file_that_cannot_be_moved_stops_the_trainer_in_one_line_naming_why(tmp_path, capsys, monkeypatch,
+                                                                                   odd):
+    s = fake_store(tmp_path, runs=3)
+    path = s.run_file('with', 2)
+    os.remove(path)
+    os.mkdir(path) if odd == 'folder' else open(path, 'w').close()
+    rename = os.rename
+
+    def immutable(src, dst, **k):  # chattr +i: even root gets EPERM
+        if src == path:
+            raise PermissionError(errno.EPERM, 'Operation not permitted')
+        return rename(src, dst, **k)
+    monkeypatch.setattr(os, 'rename', immutable)
+    code, out, err = train_capture(tmp_path, 3, capsys)
+    assert code != 0 and 'runs with' not in out  # never counted as done
+    assert len(err) == 1 and 'Operation not permitted' in err[0] and 'chattr -i' in err[0], err
+    assert 'will be redone' not in err[0]
+
+
+def test_a_folder_as_a_run_file_in_viz_is_redone_only_where_viz_says_so(tmp_path, capsys, monkeypatch):
+    s = fake_store(tmp_path, runs=3)
+    os.remove(s.run_file('with', 1))
+    os.mkdir(s.run_file('with', 1))
+    rename = os.rename
+    monkeypatch.setattr(os, 'rename', lambda *a, **k: (_ for _ in ()).throw(PermissionError(errno.EPERM, 'no')))
+    capsys.readouterr()
+    viz.main([str(tmp_path), '--controls', '0'])
+    notes = [line for line in capsys.readouterr().err.splitlines() if '000001.npz' in line]
+    assert len(notes) == 1 and 'will be redone' not in notes[0] and 'by hand' in notes[0]
+    monkeypatch.setattr(os, 'rename', rename)
+    viz.main([str(tmp_path), '--controls', '0'])
+    notes = [line for line in capsys.readouterr().err.splitlines() if '000001.npz' in line]
+    assert len(notes) == 1 and 'will be redone' in notes[0]
+    code, out, _ = train_capture(tmp_path, 3, capsys)
+    assert code == 0 and 'with    run     1' in out  # as said: redone
+
+
+def test_a_store_out_of_inodes_says_so_in_one_line_not_that_the_disk_is_full(tmp_path, monkeypatch, capsys):
+    fake_store(tmp_path)
+    statvfs = os.statvfs
+    no_inode = type('fs', (), dict(f_files=1000, f_favail=0, f_ffree=0))
+    monkeypatch.setattr(files_module.os, 'statvfs', lambda p: no_inode if str(tmp_path) in str(p) else statvfs(p))
+    patch(monkeypatch, refuse(str(tmp_path), errno.ENOSPC))
+    code, _, err = train_capture(tmp_path, 2, capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith('error:'), err
+    assert 'No inode is left' in err[0] and 'df -i' in err[0] and 'disk is full' not in err[0]
+
+
+def test_viz_writes_into_dev_null_and_says_in_one_line_that_dev_full_is_full(tmp_path, capsys):
+    fake_store(tmp_path, runs=3)
+    viz.main([str(tmp_path), '--controls', '0', '--csv', '/dev/null'])
+    assert not os.path.isfile('/dev/null') and os.stat('/dev/null').st_rdev != 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        viz.main([str(tmp_path), '--controls', '0', '--json', '/dev/full'])
+    assert 'could not write /dev/full' in str(e.value) and 'No space left on device' in str(e.value)
+    assert '\n' not in str(e.value) and not os.path.isfile('/dev/full')
