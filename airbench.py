@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from design import kept_mask
-from experiment import override
+from experiment import nesterov_momentum, override
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -477,6 +477,7 @@ def make_hyp(**overrides):
         raise ValueError(f"flip={h['flip']!r}, expected 'random', 'alternate' or 'none'")
     if h['batching'] not in BATCHINGS:
         raise ValueError(f"batching={h['batching']!r}, expected 'paired' or 'rebatch'")
+    nesterov_momentum(h)
     return h
 
 

@@ -47,6 +47,12 @@ BAD = [
     (['--hyp', 'epochs=-1'], '--hyp epochs=-1: expected an integer >= 0'),
     (['--hyp', 'epochs=0'], 'a run would take 0 optimizer steps'),
     (['--hyp', 'nesterov=1'], '--hyp nesterov=1: expected true or false'),
+    (['--hyp', 'momentum=0.0'], '--hyp momentum=0.0: momentum=0.0: Nesterov momentum needs a number in (0, 1)'),
+    (['--hyp', 'momentum=1.0'], 'momentum=1.0: expected a number in [0, 1)'),
+    (['--hyp', 'label_smoothing=1.5'], 'label_smoothing=1.5: expected a number in [0, 1)'),
+    (['--hyp', 'schedule=[[0.0,0.1,0.2]]'], 'expected [[fraction, multiplier], ...] pairs'),
+    (['--hyp', 'schedule=[[0.5,1.0],[0.2,0.0]]'], 'fractions rising within [0, 1]'),
+    (['--hyp', 'schedule=[[0.0,-1.0]]'], 'each a finite number >= 0'),
     (['--hyp', 'learning_rate=3'], '--hyp learning_rate=3: expected KEY=VALUE with KEY one of'),
     (['--hyp', 'lr'], '--hyp lr: expected KEY=VALUE'),
     (['--hyp', 'lr=1', '--hyp', 'lr=2'], '--hyp lr= given twice'),
@@ -119,6 +125,24 @@ def test_each_trainers_help_says_what_that_trainer_does(name):
     assert example and example[1] in module.hyp
     command_line.parse_hyp([f'{example[1]}={example[2]}'], module.hyp)  # a value the trainer accepts
     assert ('--data-dir' in lines) == (name in ('trainer_airbench', 'trainer_madry'))
+
+
+@pytest.mark.parametrize('name', ['trainer_digits', 'trainer_digits_conv', 'trainer_madry', 'airbench'])
+def test_every_recipe_refuses_values_that_would_crash_its_run(name):
+    module = __import__(name)
+    for bad in [dict(momentum=1.0), dict(momentum=-0.1), dict(label_smoothing=1.0), dict(label_smoothing=-0.2)]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            module.make_hyp(**bad)
+    nesterov = name != 'trainer_madry'
+    if nesterov:
+        with pytest.raises(ValueError, match='Nesterov momentum needs'):
+            module.make_hyp(momentum=0.0)
+    else:
+        assert module.make_hyp(momentum=0.0)['momentum'] == 0.0  # heavy ball without momentum: plain SGD
+
+
+def test_plain_sgd_is_accepted_where_nesterov_is_a_choice():
+    assert trainer_digits.make_hyp(momentum=0.0, nesterov=False)['momentum'] == 0.0
 
 
 def test_madry_refuses_a_peak_after_the_last_epoch_before_writing(tmp_path):
