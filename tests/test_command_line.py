@@ -27,6 +27,7 @@ def inputs(tmp_path_factory):
         (folder / f'{name}.json').write_text(json.dumps(content))
     (folder / 'not json.json').write_text('{"random": [0,')
     (folder / 'a file').write_text('not a folder')
+    os.mkfifo(folder / 'fifo')  # no writer ever opens it: reading it would wait for ever
     return folder
 
 
@@ -73,6 +74,9 @@ BAD = [
     (['--held-out', '{inputs}/not json.json'], 'not valid JSON'),
     (['--held-out', '{inputs}/missing.json'], 'missing.json: No such file or directory'),
     (['--held-out', '{inputs}/outside.json'], 'indices [45114] are outside the 1437 training examples'),
+    (['--held-out', '{inputs}/fifo'], 'fifo: that is a FIFO, not a regular file'),
+    (['--held-out', '/dev/zero'], '/dev/zero: that is a device, not a regular file'),
+    (['--held-out', '{inputs}'], 'that is a folder, not a regular file'),
     (['--scan', '--design', 'factorial'], '--scan and --design factorial are two designs'),
     (['--design', 'mixed'], "invalid choice: 'mixed'"),
 ]
@@ -139,6 +143,14 @@ def test_every_recipe_refuses_values_that_would_crash_its_run(name):
             module.make_hyp(momentum=0.0)
     else:
         assert module.make_hyp(momentum=0.0)['momentum'] == 0.0  # heavy ball without momentum: plain SGD
+
+
+def test_a_held_out_file_over_the_size_bound_is_refused_without_reading_it_all(tmp_path, monkeypatch):
+    path = tmp_path / 'big.json'
+    path.write_text(json.dumps({'random': list(range(1000))}))
+    monkeypatch.setattr(command_line, 'MAX_HELD_OUT_BYTES', 100)
+    with pytest.raises(command_line.UsageError, match='big.json: over 100 bytes'):
+        command_line.read_held_out(str(path))
 
 
 def test_plain_sgd_is_accepted_where_nesterov_is_a_choice():
