@@ -188,11 +188,12 @@ def main(trainer, argv=None):
         settings = dict(trainer=t.NAME, hyp=hyp, held_out=held_out, n_train=len(labels),
                         data_fingerprint=airbench.fingerprint(images, labels), seed_base=seed_base,
                         arms=arms, versions=_versions())
+        print(held_out_line(held_out, args.held_out), file=sys.stderr, flush=True)
         holding()  # from here files are written and runs claimed: a signal waits for a check
         store = Store.create(out, settings, labels.numpy())
         if args.smoke:
-            print('--smoke: a short run of a small net, to check that everything runs; a test_acc near chance '
-                  '(0.10) is expected there and says nothing about the experiment.', file=sys.stderr)
+            print('--smoke: a short run of a small net, to check that everything runs; its test_acc is below a '
+                  'full run\'s and says nothing about the experiment.', file=sys.stderr)
         work(store, args.runs, t.train, t.infer, hyp, (images, labels), (test_images, test_labels), device,
              block=t.BLOCK, progress=not args.worker, steps=n_steps, say_cost=not args.smoke)
     except (airbench.DataError, StoreError, UsageError) as e:
@@ -204,6 +205,15 @@ def main(trainer, argv=None):
     finally:
         restore_signals()
     return 0
+
+
+def held_out_line(held_out, path):
+    """The first line of a trainer: which held-out set it uses, from where, its groups and their sizes (a
+    mistyped group name in a --held-out file shows here, not only in the report)."""
+    source = f'--held-out {path}' if path else "the trainer's default"
+    groups = ', '.join(f'{name} {len(g)}' for name, g in held_out.items())
+    total = sum(len(g) for g in held_out.values())
+    return f'held out: {total} examples from {source}: {groups}'
 
 
 def _versions():

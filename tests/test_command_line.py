@@ -171,3 +171,15 @@ def test_a_trainer_module_missing_or_mistyping_a_name_is_refused_naming_it():
     broken = types.SimpleNamespace(NAME='x', hyp={'lr': 1.0}, train=print, infer=print, SMOKE={'epochs': 1}, BLOCK=0)
     with pytest.raises(TypeError, match=r"SMOKE is \{'epochs': 1\}, expected a dict of keys of hyp; BLOCK is 0"):
         experiment.main(broken, [])
+
+
+def test_the_trainers_first_line_names_the_held_out_set_it_uses(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    path = tmp_path / 'mine.json'
+    path.write_text(json.dumps({'rand': [0, 1, 2], 'easy': [5]}))  # 'rand': a mistyped 'random' stays visible
+    code = experiment.main(trainer_digits, ['--smoke', '--runs', '2', '--device', 'cpu', '--held-out', str(path),
+                                            '--out', str(tmp_path / 'store')])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.splitlines()[0] == f'held out: 4 examples from --held-out {path}: rand 3, easy 1'
+    assert 'test_acc near chance' not in err
