@@ -4,7 +4,7 @@ What a worker does: claims runs nobody has stored, failed or claimed (the store/
 time, stores each run's logits with its seed, and gives back what it holds when stopped; one process per
 GPU (launch), any number of processes on any number of machines sharing one folder. How it behaves for a
 person: a progress bar on a terminal or a line now and then in a log, one line per run, a summary line;
-on a CPU, a few timed steps first and a note when the runs would take long. SIGTERM or SIGINT: the first
+on a CPU, a few timed steps first and a note when the runs would take long. SIGTERM, SIGINT or SIGHUP: the first
 gives back the runs in progress and stops (Stopped), a second ends the process at once.
 """
 import contextlib
@@ -256,7 +256,7 @@ def launch(gpus, out, runs):
         got.append((signum, time.monotonic()))
         if len(got) > 1 and got[-1][1] - got[0][1] > SAME_SIGNAL_S:
             os._exit(128 + signum)
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, forward)
     shown = None
     while any(p.poll() is None for p in procs):
@@ -319,6 +319,8 @@ class _Signals:
 
 
 _SIGNALS = _Signals()
+# SIGHUP: the terminal or ssh session closed; the worker gives its claims back as for SIGTERM
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def catch_signals():
@@ -327,7 +329,7 @@ def catch_signals():
     global _SIGNALS
     _SIGNALS = _Signals()
     _SIGNALS.abandonable = True
-    _SIGNALS.before = {signum: signal.signal(signum, _SIGNALS.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    _SIGNALS.before = {signum: signal.signal(signum, _SIGNALS.handle) for signum in STOP_SIGNALS}
 
 
 def holding():

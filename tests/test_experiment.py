@@ -276,7 +276,7 @@ def test_scan_run_trained_on_another_half_than_its_seed_draws_is_left_out(tmp_pa
     assert len(run_info['run']) == 0 and 'trained on other examples' in capsys.readouterr().err
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signalled_worker_gives_its_runs_back_at_once_and_names_them(tmp_path, signum):
     out = tmp_path / 'store'
     proc = spawn_digits(out, 60)  # 120 runs: a block of 100, then one of 20
