@@ -115,9 +115,22 @@ def summary(store, runs, seconds):
     line = f'{store.path}: ' + ', '.join(f'{counts[a]}/{runs} runs {a}' for a in store.arms)
     if failed:
         line += f', {failed} failed (see failed/)'
+    line += _summary_notes(store, runs)
     if seconds:
         line += f'; this worker: {len(seconds)} runs, {np.mean(seconds):.2f} s/run'
     return line
+
+
+def _summary_notes(store, runs):
+    """What a count up to `runs` leaves out: runs other live workers still hold, runs stored beyond --runs."""
+    note = ''
+    held = store.in_progress()
+    if held:
+        note += f', {held} more held by other live workers (the same command later completes any they give up)'
+    beyond = sum(r >= runs for a in store.arms for r in store.stored(a))
+    if beyond:
+        note += f'; the store also holds {beyond} run(s) beyond --runs {runs} (all of them are reported by viz)'
+    return note
 
 
 def train_block(store, jobs, train, infer, hyp, data, test, device, log, blocked):

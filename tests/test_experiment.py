@@ -16,6 +16,7 @@ import airbench
 import design
 import experiment
 import trainer_airbench
+import trainer_digits
 import workers
 from store import Store, StoreError
 
@@ -384,3 +385,24 @@ def test_a_run_given_back_by_another_worker_is_redone_by_a_worker_already_past_i
     images = torch.zeros(40, 1)
     workers.work(store, 2, train, infer, {}, (images, labels), (images[:10], labels[:10]), torch.device('cpu'))
     assert store.stored('with') == store.stored('without') == [0, 1]
+
+
+def test_a_smaller_runs_says_what_else_the_store_holds(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    common = ['--smoke', '--device', 'cpu', '--out', str(tmp_path / 'store')]
+    assert experiment.main(trainer_digits, [*common, '--runs', '3']) == 0
+    capsys.readouterr()
+    assert experiment.main(trainer_digits, [*common, '--runs', '2']) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert '2/2 runs with' in last and 'holds 2 run(s) beyond --runs 2' in last, last
+
+
+def test_the_summary_says_how_many_runs_other_workers_still_hold():
+    class Held:  # 16 of 80 stored, the other 64 claimed by live workers elsewhere
+        path, arms = 'S', ['with', 'without']
+        def counts(self, runs): return {'with': 8, 'without': 8}
+        def failed(self): return []
+        def in_progress(self): return 64
+        def stored(self, arm): return list(range(8))
+    line = workers.summary(Held(), 40, [])
+    assert '8/40 runs with' in line and '64 more held by other live workers' in line, line
