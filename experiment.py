@@ -191,6 +191,9 @@ def main(trainer, argv=None):
         print(held_out_line(held_out, args.held_out), file=sys.stderr, flush=True)
         holding()  # from here files are written and runs claimed: a signal waits for a check
         store = Store.create(out, settings, labels.numpy())
+        if args.runs < 2:
+            print(f'note: --runs {args.runs}: viz needs at least 2 runs per arm to report this store; the same '
+                  'command with --runs 2 or more adds to it.', file=sys.stderr)
         if args.smoke:
             print('--smoke: a short run of a small net, to check that everything runs; its test_acc is below a '
                   'full run\'s and says nothing about the experiment.', file=sys.stderr)

@@ -406,3 +406,10 @@ def test_the_summary_says_how_many_runs_other_workers_still_hold():
         def stored(self, arm): return list(range(8))
     line = workers.summary(Held(), 40, [])
     assert '8/40 runs with' in line and '64 more held by other live workers' in line, line
+
+
+def test_one_run_per_arm_says_that_viz_will_need_two(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    args = ['--smoke', '--device', 'cpu', '--out', str(tmp_path / 'store'), '--runs', '1']
+    assert experiment.main(trainer_digits, args) == 0
+    assert 'viz needs at least 2 runs per arm' in capsys.readouterr().err
