@@ -94,6 +94,8 @@ def load_cifar10(data_dir='data', train=True, download=True, md5=CIFAR10_MD5):
     names = TRAIN_FILES if train else TEST_FILES
     folder = os.path.join(data_dir, 'cifar-10-batches-py')
     archive = os.path.join(data_dir, 'cifar-10-python.tar.gz')
+    if not os.path.isdir(folder) and os.path.isfile(os.path.join(data_dir, names[0])):
+        folder = data_dir  # data_dir is the extracted cifar-10-batches-py/ folder itself
     if not os.path.isdir(folder) and not os.path.exists(archive):
         if not download:
             raise DataError(f'CIFAR-10 not found in {data_dir}: expected {folder}/ or {archive}. '
