@@ -198,7 +198,7 @@ def _download(data_dir, archive):
     from torchvision.datasets.utils import download_url
     print(f'downloading {CIFAR10_URL} (163 MB) to {data_dir}/', file=sys.stderr, flush=True)
     part = f'{archive}.part-{socket.gethostname()}-{os.getpid()}'
-    made = not os.path.exists(data_dir)  # the downloader makes it: a failed download removes it again
+    made = _missing_folders(data_dir)  # the downloader makes them: a failed download removes them again
     try:
         download_url(CIFAR10_URL, data_dir, os.path.basename(part))
         os.replace(part, archive)
@@ -209,10 +209,20 @@ def _download(data_dir, archive):
         if os.path.exists(part):
             os.remove(part)
         if made and not os.path.exists(archive):
-            try:
-                os.rmdir(data_dir)
-            except OSError:
-                pass  # not empty: something else was put there meanwhile
+            for folder in made:  # deepest first
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break  # not empty: something else was put there meanwhile
+
+
+def _missing_folders(path):
+    """The folders of `path` that do not exist yet, deepest first ([] if it exists)."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def fingerprint(images, labels):

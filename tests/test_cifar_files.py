@@ -12,3 +12,16 @@ def test_the_extracted_batches_folder_itself_is_accepted_as_data_dir(tmp_path):
     parent_images, parent_labels = airbench.load_cifar10(str(tmp_path), download=False)
     assert images.shape == (100, 32, 32, 3) and (images == parent_images).all() and (labels == parent_labels).all()
     assert sorted(os.listdir(folder)) == before  # nothing downloaded or written into it
+
+
+def test_a_failed_download_leaves_none_of_the_folders_it_made(tmp_path, monkeypatch):
+    import pytest
+    import torchvision.datasets.utils
+
+    def offline(url, root, filename):  # as torchvision does: the folders first, then the fetch fails
+        os.makedirs(root, exist_ok=True)
+        raise OSError('Network is unreachable')
+    monkeypatch.setattr(torchvision.datasets.utils, 'download_url', offline)
+    with pytest.raises(airbench.DataError, match='download failed'):
+        airbench.load_cifar10(str(tmp_path / 'nonexistent' / 'cifar'))
+    assert os.listdir(tmp_path) == []
