@@ -413,3 +413,16 @@ def test_one_run_per_arm_says_that_viz_will_need_two(tmp_path, monkeypatch, caps
     args = ['--smoke', '--device', 'cpu', '--out', str(tmp_path / 'store'), '--runs', '1']
     assert experiment.main(trainer_digits, args) == 0
     assert 'viz needs at least 2 runs per arm' in capsys.readouterr().err
+
+
+def test_a_full_disk_at_store_creation_says_the_disk_is_full(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+
+    def short_write(f, array):  # numpy's message on a full disk: an OSError without errno
+        raise OSError(f'{array.nbytes} requested and 1008 written')
+    monkeypatch.setattr(np, 'save', short_write)
+    monkeypatch.setattr(os, 'statvfs', lambda path: types.SimpleNamespace(f_bavail=0))
+    code = experiment.main(trainer_digits, ['--smoke', '--runs', '2', '--device', 'cpu', '--out',
+                                            str(tmp_path / 'store')])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith('error: ') and 'The disk is full' in err[-1], err
