@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from design import kept_mask, override
+from design import kept_mask, nesterov_momentum, override
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -115,6 +115,8 @@ def load_cifar10(data_dir='data', train=True, download=True, md5=CIFAR10_MD5):
     names = TRAIN_FILES if train else TEST_FILES
     folder = os.path.join(data_dir, 'cifar-10-batches-py')
     archive = os.path.join(data_dir, 'cifar-10-python.tar.gz')
+    if not os.path.isdir(folder) and os.path.isfile(os.path.join(data_dir, names[0])):
+        folder = data_dir  # data_dir is the extracted cifar-10-batches-py/ folder itself
     if not os.path.isdir(folder) and not os.path.exists(archive):
         if not download:
             raise DataError(f'CIFAR-10 not found in {data_dir}: expected {folder}/ or {archive}. '
@@ -217,7 +219,7 @@ def _download(data_dir, archive):
     from torchvision.datasets.utils import download_url
     print(f'downloading {CIFAR10_URL} (163 MB) to {data_dir}/', file=sys.stderr, flush=True)
     part = f'{archive}.part-{socket.gethostname()}-{os.getpid()}'
-    made = not os.path.exists(data_dir)  # the downloader makes it: a failed download removes it again
+    made = _missing_folders(data_dir)  # the downloader makes them: a failed download removes them again
     try:
         download_url(CIFAR10_URL, data_dir, os.path.basename(part))
         os.replace(part, archive)
@@ -228,10 +230,20 @@ def _download(data_dir, archive):
         if os.path.exists(part):
             os.remove(part)
         if made and not os.path.exists(archive):
-            try:
-                os.rmdir(data_dir)
-            except OSError:
-                pass  # not empty: something else was put there meanwhile
+            for folder in made:  # deepest first
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break  # not empty: something else was put there meanwhile
+
+
+def _missing_folders(path):
+    """The folders of `path` that do not exist yet, deepest first ([] if it exists)."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def fingerprint(images, labels):
@@ -539,6 +551,7 @@ def make_hyp(**overrides):
         raise ValueError(f"flip={h['flip']!r}, expected 'random', 'alternate' or 'none'")
     if h['batching'] not in BATCHINGS:
         raise ValueError(f"batching={h['batching']!r}, expected 'paired' or 'rebatch'")
+    nesterov_momentum(h)
     if h['norm'] not in NORMS:
         raise ValueError(f"norm={h['norm']!r}, expected 'batch' (BatchNorm), 'layer' (per example) or 'none'")
     if h['precision'] not in PRECISIONS:

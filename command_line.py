@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import stat
 
 from design import MAX_RUNS, SCAN_SEED_BASE
 from store import parse_json
@@ -209,14 +210,45 @@ def _unlike(value, like, size=False):
     return None
 
 
+MAX_HELD_OUT_BYTES = 16 * 2**20  # 50,000 indices take under 0.4 MB as JSON
+
+
+def read_small_file(path, limit):
+    """The text of the regular file `path`, at most `limit` bytes. Opened without blocking (a FIFO never waits
+    for a writer) and checked to be a regular file before reading (a device such as /dev/zero is never read):
+    ValueError saying what it is instead; OSError as open raises it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = 'a folder' if stat.S_ISDIR(mode) else 'a FIFO' if stat.S_ISFIFO(mode) else \
+                'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 'not a regular file'
+            raise ValueError(f'that is {kind}, not a regular file')
+        data = os.read(fd, limit + 1)
+        while len(data) <= limit:
+            more = os.read(fd, limit + 1 - len(data))
+            if not more:
+                break
+            data += more
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f'over {limit:,} bytes')
+    try:
+        return data.decode('utf-8')
+    except UnicodeDecodeError:
+        raise ValueError('not UTF-8 text') from None
+
+
 def read_held_out(path):
     """--held-out FILE -> {group: [indices]}, checked but for the range (that needs the dataset)."""
     example = '{"random": [0, 1], "easy": [45114]}'
     try:
-        with open(path) as f:
-            text = f.read()
+        text = read_small_file(path, MAX_HELD_OUT_BYTES)
     except OSError as e:
         raise UsageError(f'--held-out {path}: {e.strerror or e}; expected a JSON file like {example}') from None
+    except ValueError as e:
+        raise UsageError(f'--held-out {path}: {e}; expected a JSON file like {example}') from None
     groups, why = parse_json(text)
     if why:
         raise UsageError(f'--held-out {path}: not valid JSON ({why}); expected an object like {example}')

@@ -6,6 +6,8 @@ see: with/without (a run sees every example, or all but the held-out ones), the 
 by a fair coin drawn from the seed), and the scan (arm `scan`: each run on a random half); and `override`,
 where every trainer's make_hyp starts. numpy only.
 """
+import math
+
 import numpy as np
 
 ARMS = ('with', 'without')  # the experiment; a scan store has the single arm 'scan'
@@ -21,7 +23,45 @@ def override(hyp, overrides):
     unknown = set(overrides) - set(hyp)
     if unknown:
         raise TypeError(f'unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(hyp)}')
-    return {**hyp, **overrides}
+    h = {**hyp, **overrides}
+    check_values(h)
+    return h
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_values(h):
+    """ValueError for a value of a name shared by the trainers that would crash or mislead the run: momentum
+    in [0, 1) (above 0 where 'nesterov' is true: torch refuses Nesterov without momentum), label_smoothing in
+    [0, 1), batch_size a positive integer, weight_decay >= 0, schedule a list of [fraction, multiplier] pairs
+    with fractions rising within [0, 1] and multipliers >= 0. Names a trainer lacks are not checked."""
+    if 'momentum' in h and not (_number(h['momentum']) and 0 <= h['momentum'] < 1):
+        raise ValueError(f"momentum={h['momentum']!r}: expected a number in [0, 1)")
+    if h.get('nesterov') is True:
+        nesterov_momentum(h)
+    if 'label_smoothing' in h and not (_number(h['label_smoothing']) and 0 <= h['label_smoothing'] < 1):
+        raise ValueError(f"label_smoothing={h['label_smoothing']!r}: expected a number in [0, 1) (0: none)")
+    if 'batch_size' in h and not (isinstance(h['batch_size'], int) and not isinstance(h['batch_size'], bool)
+                                  and h['batch_size'] >= 1):
+        raise ValueError(f"batch_size={h['batch_size']!r}: expected a positive integer")
+    if 'weight_decay' in h and not (_number(h['weight_decay']) and h['weight_decay'] >= 0):
+        raise ValueError(f"weight_decay={h['weight_decay']!r}: expected a number >= 0")
+    if 'schedule' in h:
+        s = h['schedule']
+        pairs = isinstance(s, (list, tuple)) and len(s) >= 1 and all(
+            isinstance(k, (list, tuple)) and len(k) == 2 and all(_number(x) for x in k) for k in s)
+        if not (pairs and all(0 <= f <= 1 and m >= 0 for f, m in s)
+                and all(a[0] < b[0] for a, b in zip(s[:-1], s[1:]))):
+            raise ValueError(f'schedule={s!r}: expected [[fraction, multiplier], ...] pairs, fractions rising '
+                             'within [0, 1], multipliers >= 0, e.g. [[0.0, 0.1], [0.25, 1.0], [1.0, 0.0]]')
+
+
+def nesterov_momentum(h):
+    """ValueError unless momentum > 0: the check of a trainer whose SGD is Nesterov's."""
+    if not h['momentum'] > 0:
+        raise ValueError(f"momentum={h['momentum']!r}: Nesterov momentum needs a number in (0, 1)")
 
 
 def seed_for(run, seed_base=0):

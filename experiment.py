@@ -46,7 +46,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from command_line import UsageError, check_command, check_held_out, is_number, parse_args
-from design import ARMS, FACTORIAL_ARMS, SCAN_SEED_BASE, keep_for, override, seed_for  # noqa: F401 (override: trainers call experiment.override)
+from design import (ARMS, FACTORIAL_ARMS, SCAN_SEED_BASE, check_values, keep_for, nesterov_momentum,  # noqa: F401
+                    override, seed_for)  # check_values, nesterov_momentum, override: the trainers call experiment.*
 from store import Store, StoreError
 from workers import Stopped, catch_signals, holding, launch, restore_signals, work
 
@@ -165,11 +166,15 @@ def main(trainer, argv=None):
         settings = dict(trainer=t.NAME, hyp=hyp, held_out=held_out, n_train=len(labels),
                         data_fingerprint=airbench.fingerprint(images, labels), seed_base=seed_base,
                         arms=arms, versions=_versions())
+        print(held_out_line(held_out, args.held_out), file=sys.stderr, flush=True)
         holding()  # from here files are written and runs claimed: a signal waits for a check
         store = Store.create(out, settings, labels.numpy())
+        if args.runs < 2:
+            print(f'note: --runs {args.runs}: viz needs at least 2 runs per arm to report this store; the same '
+                  'command with --runs 2 or more adds to it.', file=sys.stderr)
         if args.smoke:
-            print('--smoke: a short run of a small net, to check that everything runs; a test_acc near chance '
-                  '(0.10) is expected there and says nothing about the experiment.', file=sys.stderr)
+            print('--smoke: a short run of a small net, to check that everything runs; its test_acc is below a '
+                  'full run\'s and says nothing about the experiment.', file=sys.stderr)
         block = t.BLOCK if not t.BLOCKS else plan['block'] or ('auto' if device.type == 'cuda' else 1)
         work(store, args.runs, t.train, t.infer, hyp, (images, labels), (test_images, test_labels), device,
              block=block, progress=not args.worker, steps=n_steps, say_cost=not args.smoke,
@@ -185,8 +190,13 @@ def main(trainer, argv=None):
     return 0
 
 
-def _steps_of(t, hyp, arm, seed, n_train, held_out):
-    keep = keep_for(arm, seed, n_train, held_out)
+def held_out_line(held_out, path):
+    """The first line of a trainer: which held-out set it uses, from where, its groups and their sizes (a
+    mistyped group name in a --held-out file shows here, not only in the report)."""
+    source = f'--held-out {path}' if path else "the trainer's default"
+    groups = ', '.join(f'{name} {len(g)}' for name, g in held_out.items())
+    total = sum(len(g) for g in held_out.values())
+    return f'held out: {total} examples from {source}: {groups}'
     return run_steps(t, hyp, n_train, n_train if keep is None else len(keep))
 
 

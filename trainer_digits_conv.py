@@ -78,6 +78,7 @@ def make_hyp(**overrides):
         raise ValueError(f"flip={h['flip']!r}, expected 'random' (per example per epoch) or 'none'")
     if h['norm'] not in NORMS:
         raise ValueError(f"norm={h['norm']!r}, expected 'batch' (BatchNorm), 'layer' (per example) or 'none'")
+    experiment.nesterov_momentum(h)
     return h
 
 

@@ -5,7 +5,7 @@ time (runs of equal optimizer steps; `auto`: the block size timed fastest per mo
 run's logits with its seed, and gives back what it holds when stopped; one or more processes per GPU (launch),
 any number of processes on any number of machines sharing one folder. How it behaves for a
 person: a progress bar on a terminal or a line now and then in a log, one line per run, a summary line;
-on a CPU, a few timed steps first and a note when the runs would take long. SIGTERM or SIGINT: the first
+on a CPU, a few timed steps first and a note when the runs would take long. SIGTERM, SIGINT or SIGHUP: the first
 gives back the runs in progress and stops (Stopped), a second ends the process at once.
 """
 import contextlib
@@ -132,9 +132,22 @@ def summary(store, runs, seconds):
     line = f'{store.path}: ' + ', '.join(f'{counts[a]}/{runs} runs {a}' for a in store.arms)
     if failed:
         line += f', {failed} failed (see failed/)'
+    line += _summary_notes(store, runs)
     if seconds:
         line += f'; this worker: {len(seconds)} runs, {np.mean(seconds):.2f} s/run'
     return line
+
+
+def _summary_notes(store, runs):
+    """What a count up to `runs` leaves out: runs other live workers still hold, runs stored beyond --runs."""
+    note = ''
+    held = store.in_progress()
+    if held:
+        note += f', {held} more held by other live workers (the same command later completes any they give up)'
+    beyond = sum(r >= runs for a in store.arms for r in store.stored(a))
+    if beyond:
+        note += f'; the store also holds {beyond} run(s) beyond --runs {runs} (all of them are reported by viz)'
+    return note
 
 
 def train_block(store, jobs, train, infer, hyp, data, test, device, log, blocked):
@@ -309,7 +322,7 @@ def launch(devices, out, runs):
         got.append((signum, time.monotonic()))
         if len(got) > 1 and got[-1][1] - got[0][1] > SAME_SIGNAL_S:
             os._exit(128 + signum)
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, forward)
     shown = None
     while any(p.poll() is None for p in procs):
@@ -372,6 +385,8 @@ class _Signals:
 
 
 _SIGNALS = _Signals()
+# SIGHUP: the terminal or ssh session closed; the worker gives its claims back as for SIGTERM
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def catch_signals():
@@ -380,7 +395,7 @@ def catch_signals():
     global _SIGNALS
     _SIGNALS = _Signals()
     _SIGNALS.abandonable = True
-    _SIGNALS.before = {signum: signal.signal(signum, _SIGNALS.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    _SIGNALS.before = {signum: signal.signal(signum, _SIGNALS.handle) for signum in STOP_SIGNALS}
 
 
 def holding():

@@ -195,7 +195,7 @@ def publish(path, data, exclusive=False, durable=True, check=None):
             raise TempRemoved(f'{tmp} was removed before it was put in place') from e
         raise StoreError(f'could not write {path} ({_why(e)}). {_write_advice(e)}') from e
     except OSError as e:
-        raise StoreError(f'could not write {path} ({_why(e)}). {_write_advice(e)}') from e
+        raise StoreError(f'could not write {path} ({_why(e)}). {_write_advice(e, path)}') from e
     finally:
         _remove(tmp)
 
@@ -204,11 +204,19 @@ def _why(e):
     return e.strerror or str(e)
 
 
-def _write_advice(e):
+def _disk_full(path):
+    """True if the file system of `path` has no block left for this user (numpy's short write has no errno)."""
+    try:
+        return os.statvfs(os.path.dirname(path) or '.').f_bavail == 0
+    except OSError:
+        return False
+
+
+def _write_advice(e, path=None):
     if e.errno == errno.ENOSPC and _out_of_inodes(e.filename):
         return ('No inode is left on that file system (`df -i` shows 100%), whatever space is free: remove '
                 'files there and rerun the same command; stored runs are intact.')
-    if e.errno == errno.ENOSPC:
+    if e.errno == errno.ENOSPC or (e.errno is None and path is not None and _disk_full(path)):
         return 'The disk is full: free space and rerun the same command; stored runs are intact.'
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return 'The store is not writable here: a trainer needs write access to its folder (viz.py does not).'

@@ -27,6 +27,7 @@ def inputs(tmp_path_factory):
         (folder / f'{name}.json').write_text(json.dumps(content))
     (folder / 'not json.json').write_text('{"random": [0,')
     (folder / 'a file').write_text('not a folder')
+    os.mkfifo(folder / 'fifo')  # no writer ever opens it: reading it would wait for ever
     return folder
 
 
@@ -47,6 +48,12 @@ BAD = [
     (['--hyp', 'epochs=-1'], '--hyp epochs=-1: expected an integer >= 0'),
     (['--hyp', 'epochs=0'], 'a run would take 0 optimizer steps'),
     (['--hyp', 'nesterov=1'], '--hyp nesterov=1: expected true or false'),
+    (['--hyp', 'momentum=0.0'], '--hyp momentum=0.0: momentum=0.0: Nesterov momentum needs a number in (0, 1)'),
+    (['--hyp', 'momentum=1.0'], 'momentum=1.0: expected a number in [0, 1)'),
+    (['--hyp', 'label_smoothing=1.5'], 'label_smoothing=1.5: expected a number in [0, 1)'),
+    (['--hyp', 'schedule=[[0.0,0.1,0.2]]'], 'expected [[fraction, multiplier], ...] pairs'),
+    (['--hyp', 'schedule=[[0.5,1.0],[0.2,0.0]]'], 'fractions rising within [0, 1]'),
+    (['--hyp', 'schedule=[[0.0,-1.0]]'], 'each a finite number >= 0'),
     (['--hyp', 'learning_rate=3'], '--hyp learning_rate=3: expected KEY=VALUE with KEY one of'),
     (['--hyp', 'lr'], '--hyp lr: expected KEY=VALUE'),
     (['--hyp', 'lr=1', '--hyp', 'lr=2'], '--hyp lr= given twice'),
@@ -67,6 +74,9 @@ BAD = [
     (['--held-out', '{inputs}/not json.json'], 'not valid JSON'),
     (['--held-out', '{inputs}/missing.json'], 'missing.json: No such file or directory'),
     (['--held-out', '{inputs}/outside.json'], 'indices [45114] are outside the 1437 training examples'),
+    (['--held-out', '{inputs}/fifo'], 'fifo: that is a FIFO, not a regular file'),
+    (['--held-out', '/dev/zero'], '/dev/zero: that is a device, not a regular file'),
+    (['--held-out', '{inputs}'], 'that is a folder, not a regular file'),
     (['--scan', '--design', 'factorial'], '--scan and --design factorial are two designs'),
     (['--design', 'mixed'], "invalid choice: 'mixed'"),
 ]
@@ -121,6 +131,32 @@ def test_each_trainers_help_says_what_that_trainer_does(name):
     assert ('--data-dir' in lines) == (name in ('trainer_airbench', 'trainer_madry'))
 
 
+@pytest.mark.parametrize('name', ['trainer_digits', 'trainer_digits_conv', 'trainer_madry', 'airbench'])
+def test_every_recipe_refuses_values_that_would_crash_its_run(name):
+    module = __import__(name)
+    for bad in [dict(momentum=1.0), dict(momentum=-0.1), dict(label_smoothing=1.0), dict(label_smoothing=-0.2)]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            module.make_hyp(**bad)
+    nesterov = name != 'trainer_madry'
+    if nesterov:
+        with pytest.raises(ValueError, match='Nesterov momentum needs'):
+            module.make_hyp(momentum=0.0)
+    else:
+        assert module.make_hyp(momentum=0.0)['momentum'] == 0.0  # heavy ball without momentum: plain SGD
+
+
+def test_a_held_out_file_over_the_size_bound_is_refused_without_reading_it_all(tmp_path, monkeypatch):
+    path = tmp_path / 'big.json'
+    path.write_text(json.dumps({'random': list(range(1000))}))
+    monkeypatch.setattr(command_line, 'MAX_HELD_OUT_BYTES', 100)
+    with pytest.raises(command_line.UsageError, match='big.json: over 100 bytes'):
+        command_line.read_held_out(str(path))
+
+
+def test_plain_sgd_is_accepted_where_nesterov_is_a_choice():
+    assert trainer_digits.make_hyp(momentum=0.0, nesterov=False)['momentum'] == 0.0
+
+
 def test_madry_refuses_a_peak_after_the_last_epoch_before_writing(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'trainer_madry.py'), '--hyp', 'epochs=4',
                              '--device', 'cpu'], capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -135,3 +171,15 @@ def test_a_trainer_module_missing_or_mistyping_a_name_is_refused_naming_it():
     broken = types.SimpleNamespace(NAME='x', hyp={'lr': 1.0}, train=print, infer=print, SMOKE={'epochs': 1}, BLOCK=0)
     with pytest.raises(TypeError, match=r"SMOKE is \{'epochs': 1\}, expected a dict of keys of hyp; BLOCK is 0"):
         experiment.main(broken, [])
+
+
+def test_the_trainers_first_line_names_the_held_out_set_it_uses(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    path = tmp_path / 'mine.json'
+    path.write_text(json.dumps({'rand': [0, 1, 2], 'easy': [5]}))  # 'rand': a mistyped 'random' stays visible
+    code = experiment.main(trainer_digits, ['--smoke', '--runs', '2', '--device', 'cpu', '--held-out', str(path),
+                                            '--out', str(tmp_path / 'store')])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.splitlines()[0] == f'held out: 4 examples from --held-out {path}: rand 3, easy 1'
+    assert 'test_acc near chance' not in err

@@ -16,6 +16,7 @@ import airbench
 import design
 import experiment
 import trainer_airbench
+import trainer_digits
 import workers
 from store import Store, StoreError
 
@@ -295,7 +296,7 @@ def test_scan_run_trained_on_another_half_than_its_seed_draws_is_left_out(tmp_pa
     assert len(run_info['run']) == 0 and 'trained on other examples' in capsys.readouterr().err
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signalled_worker_gives_its_runs_back_at_once_and_names_them(tmp_path, signum):
     out = tmp_path / 'store'
     proc = spawn_digits(out, 60)  # 120 runs: a block of 100, then one of 20
@@ -403,3 +404,44 @@ def test_a_run_given_back_by_another_worker_is_redone_by_a_worker_already_past_i
     images = torch.zeros(40, 1)
     workers.work(store, 2, train, infer, {}, (images, labels), (images[:10], labels[:10]), torch.device('cpu'))
     assert store.stored('with') == store.stored('without') == [0, 1]
+
+
+def test_a_smaller_runs_says_what_else_the_store_holds(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    common = ['--smoke', '--device', 'cpu', '--out', str(tmp_path / 'store')]
+    assert experiment.main(trainer_digits, [*common, '--runs', '3']) == 0
+    capsys.readouterr()
+    assert experiment.main(trainer_digits, [*common, '--runs', '2']) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert '2/2 runs with' in last and 'holds 2 run(s) beyond --runs 2' in last, last
+
+
+def test_the_summary_says_how_many_runs_other_workers_still_hold():
+    class Held:  # 16 of 80 stored, the other 64 claimed by live workers elsewhere
+        path, arms = 'S', ['with', 'without']
+        def counts(self, runs): return {'with': 8, 'without': 8}
+        def failed(self): return []
+        def in_progress(self): return 64
+        def stored(self, arm): return list(range(8))
+    line = workers.summary(Held(), 40, [])
+    assert '8/40 runs with' in line and '64 more held by other live workers' in line, line
+
+
+def test_one_run_per_arm_says_that_viz_will_need_two(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    args = ['--smoke', '--device', 'cpu', '--out', str(tmp_path / 'store'), '--runs', '1']
+    assert experiment.main(trainer_digits, args) == 0
+    assert 'viz needs at least 2 runs per arm' in capsys.readouterr().err
+
+
+def test_a_full_disk_at_store_creation_says_the_disk_is_full(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+
+    def short_write(f, array):  # numpy's message on a full disk: an OSError without errno
+        raise OSError(f'{array.nbytes} requested and 1008 written')
+    monkeypatch.setattr(np, 'save', short_write)
+    monkeypatch.setattr(os, 'statvfs', lambda path: types.SimpleNamespace(f_bavail=0))
+    code = experiment.main(trainer_digits, ['--smoke', '--runs', '2', '--device', 'cpu', '--out',
+                                            str(tmp_path / 'store')])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith('error: ') and 'The disk is full' in err[-1], err
