@@ -37,7 +37,9 @@ hyp = {
     'batching': 'paired',            # with keep=: 'paired' or 'rebatch', as in airbench.Loader
     'widths': (64, 128, 256, 128),   # channels: stem, stage 1, stage 2, head
     'scaling_factor': 0.2,           # fixed multiplier of the output logits
+    'precision': 'auto',             # 'float16': autocast + loss scaling, float16 inference; 'auto': float16 on CUDA
 }
+PRECISIONS = ('auto', 'float32', 'float16')
 
 # Overrides for --smoke: a net 1/16 as wide and 10 steps, to check the plumbing on a CPU.
 SMOKE = {
@@ -53,7 +55,16 @@ def make_hyp(**overrides):
     if not 0 <= h['lr_peak_epoch'] < h['epochs']:
         raise ValueError(f"lr_peak_epoch={h['lr_peak_epoch']} must lie in [0, epochs={h['epochs']}); "
                          'lower it together with epochs.')
+    if h['precision'] not in PRECISIONS:
+        raise ValueError(f"precision={h['precision']!r} must be one of {', '.join(PRECISIONS)}.")
     return h
+
+
+def resolve_precision(precision, device):
+    """'float32' or 'float16': 'auto' is float16 on CUDA, float32 elsewhere."""
+    if precision == 'auto':
+        return 'float16' if torch.device(device).type == 'cuda' else 'float32'
+    return precision
 
 
 ############################################
@@ -115,11 +126,12 @@ def train(images, labels, *, keep=None, seed=0, device=None, **overrides):
     images: uint8 (N, 32, 32, 3); labels int64 (N,); keep: indices of the examples to train on (default
     all; the others are never in a batch, and the run takes the same steps as without keep);
     seed fixes init, data order and augmentation; overrides: any key of `hyp`.
+    The net remembers its precision (net.precision) for infer.
     """
     h = make_hyp(**overrides)
     device = torch.device(device or airbench.default_device())
-    cuda = device.type == 'cuda'  # float16 autocast with loss scaling on CUDA; plain float32 on CPU
-    torch.backends.cudnn.benchmark = cuda  # autotune convs once per input shape
+    half = resolve_precision(h['precision'], device) == 'float16'  # autocast with loss scaling; else plain float32
+    torch.backends.cudnn.benchmark = device.type == 'cuda'  # autotune convs once per input shape
     torch.manual_seed(seed)
     net = make_net(h['widths'], h['scaling_factor'], device)
     # float32 inputs: the parameters stay float32 and autocast picks float16 per op
@@ -132,14 +144,14 @@ def train(images, labels, *, keep=None, seed=0, device=None, **overrides):
     peak_step = int(h['lr_peak_epoch'] * len(loader))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0, momentum=h['momentum'], nesterov=False,
                                 weight_decay=h['weight_decay'])
-    scaler = torch.amp.GradScaler(device.type, enabled=cuda)
+    scaler = torch.amp.GradScaler(device.type, enabled=half)
 
     net.train()
     step = 0
     for epoch in range(math.ceil(h['epochs'])):
         for x, y in loader:
             optimizer.param_groups[0]['lr'] = h['lr'] * lr_multiplier(step, peak_step, total_steps)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+            with torch.autocast(device.type, dtype=torch.float16, enabled=half):
                 loss = F.cross_entropy(net(x), y, label_smoothing=h['label_smoothing'])  # batch mean
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -154,14 +166,16 @@ def train(images, labels, *, keep=None, seed=0, device=None, **overrides):
             break
     net.eval()
     net.steps = step
+    net.precision = 'float16' if half else 'float32'
     return net
 
 
 def infer(net, images):
     """Logits (N, 10) float32 on the net's device for uint8 images (N, 32, 32, 3); no augmentation.
-    On CUDA a float16 copy of the whole net (BatchNorm included) runs, as the original's model.half();
-    on CPU the float32 net."""
-    if next(net.parameters()).is_cuda:
+    In float16 (the default on CUDA) a float16 copy of the whole net (BatchNorm included) runs, as the
+    original's model.half(); in float32 the net itself."""
+    device = next(net.parameters()).device
+    if resolve_precision(getattr(net, 'precision', 'auto'), device) == 'float16':
         net = copy.deepcopy(net).half()
     return airbench.infer(net, images, tta_level=0)
 

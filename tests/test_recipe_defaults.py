@@ -41,7 +41,7 @@ AIRBENCH_EXPERIMENT = {
 MADRY = {
     'lr': 0.5, 'momentum': 0.9, 'weight_decay': 5e-4, 'label_smoothing': 0.0, 'epochs': 24, 'lr_peak_epoch': 5,
     'batch_size': 512, 'flip': 'random', 'translate': 2, 'cutout': 4, 'batching': 'paired',
-    'widths': (64, 128, 256, 128), 'scaling_factor': 0.2,
+    'widths': (64, 128, 256, 128), 'scaling_factor': 0.2, 'precision': 'auto',
 }
 
 
