@@ -151,7 +151,10 @@ def main(trainer, argv=None):
         device = torch.device(args.device or (devices[0] if devices else airbench.default_device()))  # --gpus 1: cuda:1
         if 'precision' in hyp:  # the store records what the runs were made in, not 'auto'
             hyp['precision'] = resolve_precision(hyp['precision'], device)
-        images, labels, test_images, test_labels = t.load(args.data_dir)
+        try:
+            images, labels, test_images, test_labels = t.load(args.data_dir)
+        except airbench.DataError as e:
+            raise airbench.DataError(f'{e}{_made_from(out, args.data_dir)}') from e
         where = f'--held-out {args.held_out}' if args.held_out else 'the held-out set'
         held_out = plan['held_out'] or check_held_out(t.HELD_OUT, where)
         bad = [i for g in held_out.values() for i in g if i >= len(labels)]
@@ -166,6 +169,8 @@ def main(trainer, argv=None):
         settings = dict(trainer=t.NAME, hyp=hyp, held_out=held_out, n_train=len(labels),
                         data_fingerprint=airbench.fingerprint(images, labels), seed_base=seed_base,
                         arms=arms, versions=_versions())
+        if t.DATA_DIR:  # not binding: the same data may move; named when a rerun cannot find it
+            settings['data_dir'] = os.path.abspath(args.data_dir)
         print(held_out_line(held_out, args.held_out), file=sys.stderr, flush=True)
         holding()  # from here files are written and runs claimed: a signal waits for a check
         store = Store.create(out, settings, labels.numpy())
@@ -197,6 +202,21 @@ def held_out_line(held_out, path):
     groups = ', '.join(f'{name} {len(g)}' for name, g in held_out.items())
     total = sum(len(g) for g in held_out.values())
     return f'held out: {total} examples from {source}: {groups}'
+
+
+def _made_from(out, data_dir):
+    """' The store OUT was made from the data in DIR: ...' when `out` is a store made from another data folder."""
+    try:
+        made = Store(out).settings.get('data_dir')
+    except StoreError:
+        return ''
+    if not made or os.path.abspath(data_dir) == made:
+        return ''
+    return f' The store {out} was made from the data in {made}: pass --data-dir {made}.'
+
+
+def _steps_of(t, hyp, arm, seed, n_train, held_out):
+    keep = keep_for(arm, seed, n_train, held_out)
     return run_steps(t, hyp, n_train, n_train if keep is None else len(keep))
 
 

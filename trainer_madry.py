@@ -39,8 +39,6 @@ hyp = {
     'scaling_factor': 0.2,           # fixed multiplier of the output logits
     'precision': 'auto',             # 'float16': autocast + loss scaling, float16 inference; 'auto': float16 on CUDA
 }
-PRECISIONS = ('auto', 'float32', 'float16')
-
 # Overrides for --smoke: a net 1/16 as wide and 10 steps, to check the plumbing on a CPU.
 SMOKE = {
     'epochs': 0.1,             # 10 of the 97 batches of an epoch
@@ -55,16 +53,9 @@ def make_hyp(**overrides):
     if not 0 <= h['lr_peak_epoch'] < h['epochs']:
         raise ValueError(f"lr_peak_epoch={h['lr_peak_epoch']} must lie in [0, epochs={h['epochs']}); "
                          'lower it together with epochs.')
-    if h['precision'] not in PRECISIONS:
-        raise ValueError(f"precision={h['precision']!r} must be one of {', '.join(PRECISIONS)}.")
+    if h['precision'] not in airbench.PRECISIONS:
+        raise ValueError(f"precision={h['precision']!r} must be one of {', '.join(airbench.PRECISIONS)}.")
     return h
-
-
-def resolve_precision(precision, device):
-    """'float32' or 'float16': 'auto' is float16 on CUDA, float32 elsewhere."""
-    if precision == 'auto':
-        return 'float16' if torch.device(device).type == 'cuda' else 'float32'
-    return precision
 
 
 ############################################
@@ -130,7 +121,7 @@ def train(images, labels, *, keep=None, seed=0, device=None, **overrides):
     """
     h = make_hyp(**overrides)
     device = torch.device(device or airbench.default_device())
-    half = resolve_precision(h['precision'], device) == 'float16'  # autocast with loss scaling; else plain float32
+    half = airbench.resolve_precision(h['precision'], device) == 'float16'  # autocast with loss scaling; else plain float32
     torch.backends.cudnn.benchmark = device.type == 'cuda'  # autotune convs once per input shape
     torch.manual_seed(seed)
     net = make_net(h['widths'], h['scaling_factor'], device)
@@ -175,7 +166,7 @@ def infer(net, images):
     In float16 (the default on CUDA) a float16 copy of the whole net (BatchNorm included) runs, as the
     original's model.half(); in float32 the net itself."""
     device = next(net.parameters()).device
-    if resolve_precision(getattr(net, 'precision', 'auto'), device) == 'float16':
+    if airbench.resolve_precision(getattr(net, 'precision', 'auto'), device) == 'float16':
         net = copy.deepcopy(net).half()
     return airbench.infer(net, images, tta_level=0)
 

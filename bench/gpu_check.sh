@@ -2,7 +2,8 @@
 # The GPU check, as one script: library speed with the experiment's settings and with the library
 # defaults, the airbench==0.1.8 package on the same data (if its source folder is given), then both
 # trainers end to end and the analysis, all on random CIFAR-shaped uint8 data (same FLOPs as CIFAR-10;
-# the accuracies mean nothing).
+# the accuracies mean nothing): float16 on CUDA by default (--precision auto), --block auto, a block
+# against its runs alone, the factorial design, several workers per GPU.
 #   bash bench/gpu_check.sh OUT_DIR [FOLDER_HOLDING_THE_airbench_PACKAGE]
 set -u
 OUT=${1:-/tmp/gpu_check}; PKG=${2:+$(cd "$2" && pwd)}
@@ -35,6 +36,20 @@ sample() {  # GPU utilisation samples every 200 ms into $OUT/util_$1.csv while t
 }
 
 sample bench_experiment timeout 90 python3 bench/bench_airbench.py --runs 5
+sample bench_blocks timeout 150 python3 bench/bench_airbench.py --runs 2 --blocks 1,2,4,8
+# A block of 3 against the same 3 runs alone, in float16 on CUDA: same seeds, so the same data order;
+# logits agree to float16 noise (printed as the largest difference over the logit scale).
+timeout 120 python3 - <<'PY' 2>&1 | tee "$OUT/block_check.log" | tee -a "$OUT/summary.txt"
+import torch, airbench
+g = torch.Generator().manual_seed(0)
+images = torch.randint(0, 256, (10000, 32, 32, 3), dtype=torch.uint8, generator=g); labels = torch.randint(0, 10, (10000,), generator=g)
+hyp = dict(lr=5.0, label_smoothing=0.0, batch_size=512, flip='random', epochs=2)
+seeds = [0, 1, 2]; keeps = [None, list(range(40, 10000)), None]
+block = airbench.infer(airbench.train94(images, labels, keep=keeps, seed=seeds, device='cuda', **hyp), images)
+for k, (keep, seed) in enumerate(zip(keeps, seeds)):
+    alone = airbench.infer(airbench.train94(images, labels, keep=keep, seed=seed, device='cuda', **hyp), images)
+    print(f'block check seed {seed}: max |block - alone| / max |alone| = {((block[k] - alone).abs().max() / alone.abs().max()).item():.2e}')
+PY
 sample bench_library timeout 75 python3 bench/bench_airbench.py --preset library --runs 5
 if [ -n "$PKG" ]; then
   (cd "$DATA" && export PYTHONPATH="$PKG" && sample package timeout 75 python3 - <<'PY'
@@ -54,11 +69,13 @@ PY
 fi
 sample trainer_airbench timeout 120 python3 trainer_airbench.py --runs 10 --data-dir "$DATA" --out "$STORES/airbench"
 sample trainer_madry timeout 150 python3 trainer_madry.py --runs 2 --data-dir "$DATA" --out "$STORES/madry"
-timeout 30 python3 viz.py "$STORES/airbench" > "$OUT/viz.log" 2>&1
+sample trainer_factorial timeout 60 python3 trainer_airbench.py --design factorial --runs 4 --data-dir "$DATA" --out "$STORES/factorial"
+sample workers_per_gpu timeout 90 python3 trainer_airbench.py --runs 8 --block 1 --workers-per-gpu 4 --data-dir "$DATA" --out "$STORES/per_gpu"
+for s in airbench madry factorial; do timeout 30 python3 viz.py "$STORES/$s" > "$OUT/viz_$s.log" 2>&1; echo "viz $s: rc $?" | tee -a "$OUT/summary.txt"; done
 python3 - "$STORES" <<'PY' | tee -a "$OUT/summary.txt"
 import sys, json, numpy as np; sys.path.insert(0, '.')
 from experiment import Store, ARMS
-for t in ('airbench', 'madry'):
+for t in ('airbench', 'madry', 'per_gpu'):
     try:
         s = Store(f'{sys.argv[1]}/{t}')
     except Exception as e:
@@ -67,4 +84,4 @@ for t in ('airbench', 'madry'):
     print(f'{t}: {len(sec)} runs stored, {np.mean(sec):.2f} s/run mean (train + inference on 60k + store), '
           f'projected {2000 * np.mean(sec) / 3600:.2f} h for 1000 runs per arm on this GPU')
 PY
-grep -h "median" "$OUT"/*.log | tee -a "$OUT/summary.txt"
+grep -h "median\|^K=\|block auto" "$OUT"/*.log | tee -a "$OUT/summary.txt"

@@ -148,7 +148,7 @@ def test_corrupt_or_foreign_run_file_is_reported_left_out_and_redone(cifar_dir, 
     assert list(run_info['run']) == [0] and logits.shape[0] == 1
     assert len(os.listdir(tmp_path / 'a' / 'corrupt')) == 2  # moved aside, not deleted
     assert run_main(cifar_dir, held_out_file, tmp_path / 'a', 3) == 0
-    assert list(store.load('with')[1]['run']) == [0, 1, 2]
+    assert list(Store(tmp_path / 'a').load('with')[1]['run']) == [0, 1, 2]  # a Store object is one snapshot
 
 
 def test_diverged_run_is_recorded_as_failed_not_stored(cifar_dir, held_out_file, tmp_path, capsys):
@@ -172,6 +172,7 @@ def test_packed_arrays_hold_exactly_the_stored_runs(cifar_dir, held_out_file, tm
     for i, run in enumerate(run_info['run']):
         assert np.array_equal(logits[i], store.read_run('without', run)['logits'])
     assert run_main(cifar_dir, held_out_file, tmp_path, 3) == 0  # extending: the pack follows
+    store = Store(tmp_path)  # a Store object is one snapshot: a new one sees the runs added
     logits, run_info = store.load('without')
     assert logits.shape == (3, 1000, 10) and np.array_equal(logits[2], store.read_run('without', 2)['logits'])
     assert all(0 <= a <= 1 for a in run_info['test_acc']) and all(s > 0 for s in run_info['seconds'])
@@ -292,7 +293,7 @@ def test_scan_run_trained_on_another_half_than_its_seed_draws_is_left_out(tmp_pa
     real_keep_for = design.keep_for
     monkeypatch.setattr(design, 'keep_for', lambda arm, seed, n, held: real_keep_for(arm, seed + 1, n, held))
     (tmp_path / 'packed' / 'scan.json').unlink()  # force a repack that reads the run files again
-    logits, run_info = store.load('scan')
+    logits, run_info = Store(tmp_path).load('scan')  # a new snapshot
     assert len(run_info['run']) == 0 and 'trained on other examples' in capsys.readouterr().err
 
 
@@ -445,3 +446,20 @@ def test_a_full_disk_at_store_creation_says_the_disk_is_full(tmp_path, monkeypat
                                             str(tmp_path / 'store')])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith('error: ') and 'The disk is full' in err[-1], err
+
+
+def test_a_rerun_that_cannot_find_the_data_names_the_folder_the_store_was_made_from(
+        cifar_dir, held_out_file, tmp_path, monkeypatch, capsys):
+    import torchvision.datasets.utils
+
+    def offline(url, root, filename):
+        raise OSError('Network is unreachable')
+    monkeypatch.setattr(torchvision.datasets.utils, 'download_url', offline)
+    assert run_main(cifar_dir, held_out_file, tmp_path / 'store', 2) == 0
+    assert Store(tmp_path / 'store').settings['data_dir'] == os.path.abspath(cifar_dir)
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)  # a rerun from elsewhere, without --data-dir: ./data does not exist
+    args = [a for a in argv(cifar_dir, held_out_file, tmp_path / 'store', 4) if a not in ('--data-dir', cifar_dir)]
+    assert experiment.main(airbench_with(), args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
+    assert len(err) == 1 and f'was made from the data in {os.path.abspath(cifar_dir)}: pass --data-dir' in err[0]

@@ -686,7 +686,7 @@ def test_notes_about_the_store_go_to_stderr_and_stdout_is_the_report(tmp_path, c
     viz.main([str(tmp_path)])
     out, err = capsys.readouterr()
     assert 'corrupt or truncated' in err and 'corrupt' not in out and 'store:' not in out
-    assert out.startswith('Showing examples')
+    assert out.startswith('Answer') and '\n\nShowing examples' in out  # the answer, then the seed's table
 
 
 def test_the_store_module_imports_without_torch_and_viz_does_not_import_it():
