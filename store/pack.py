@@ -1,6 +1,5 @@
 """Packing the runs of an arm into one memory-mapped array for the analysis, rebuilt whenever a run file
 or the data file differs from its index."""
-import atexit
 import json
 import os
 import struct
@@ -82,10 +81,10 @@ class Pack:
             return None
         return index
 
-    def _map_pack(self, arm, index, private):
+    def _map_pack(self, arm, index):
         """Map the data file if it is the one the index was built with and holds its rows; else None.
-        private: map a link only this process uses, so that a rebuild by another process cannot
-        change the file under the mapping."""
+        Mapped through the file checked here, whatever its name holds by now: a rebuild by another
+        process renames a new file over the name and never writes into this one."""
         data = self._pack_paths(arm)[0]
         try:
             f = open_file(data)
@@ -93,7 +92,8 @@ class Pack:
             return None
         with f:
             st = os.fstat(f.fileno())
-            if [st.st_size, st.st_mtime_ns, st.st_ino] != index['data']:
+            # the change time too: bytes written in place with the mtime put back change it
+            if _data_stat(st) != index['data']:
                 return None
             try:
                 np.lib.format.read_magic(f)
@@ -105,28 +105,25 @@ class Pack:
             if shape != (n, self.settings['n_train'], 10) or fortran or dtype != np.float16 or \
                     offset + n * self.settings['n_train'] * 20 != st.st_size or n == 0:
                 return None
-            if not private:  # mapped through the file checked above, whatever its name holds by now
-                return np.memmap(f, np.float16, 'r', offset=offset, shape=shape)
-            path = _reader_link(data, st)
-            return None if path is None else np.memmap(path, np.float16, 'r', offset=offset, shape=shape)
+            return np.memmap(f, np.float16, 'r', offset=offset, shape=shape)
 
     def _open_pack(self, arm, files):
         index = self._read_index(arm)
         if index is None or dict(zip(index['run'], index['files'])) != files or len(index['run']) != len(files):
             return None
-        logits = self._map_pack(arm, index, private=True)
+        logits = self._map_pack(arm, index)
         if logits is None:
             return None
         return logits, {k: np.asarray(index[k]) for k in ('run', 'seed', 'seconds', 'test_acc')}
 
     def _pack(self, arm, files):
         """Write the pack of every valid run, sequentially, reusing the rows of the previous pack for
-        run files that did not change; bad run files are moved aside. Returns (logits, run_info) or None
-        if the store changed meanwhile; analyses from the run files if the pack cannot be written."""
+        run files that did not change; bad run files are moved aside. Returns (logits, run_info), mapped
+        from the file written here; analyses from the run files if the pack cannot be written."""
         n_train = self.settings['n_train']
         data, index_file = self._pack_paths(arm)
         old_index = self._read_index(arm)
-        old = self._map_pack(arm, old_index, private=False) if old_index else None
+        old = self._map_pack(arm, old_index) if old_index else None
         reuse = {} if old is None else {r: (i, f) for i, (r, f) in enumerate(zip(old_index['run'], old_index['files']))}
         tmp = f'{data}.tmp-{_tag()}'
         keys = ('run', 'seed', 'seconds', 'test_acc', 'files')
@@ -157,29 +154,29 @@ class Pack:
                     out.truncate(HEADER_BYTES + len(index['run']) * n_train * 20)
                 out.flush()
                 os.fsync(out.fileno())
-                st = os.fstat(out.fileno())
             del old
             self._set_aside_runs(arm, bad, good=len(index['run']))
             if not index['run']:
                 return self._empty()
-            private = _reader_link(tmp, st)
-            index.update(binding=self.binding, groups=list(self.settings['held_out']),
-                         data=[st.st_size, st.st_mtime_ns, st.st_ino])
-            try:  # publish for the next reader; this one maps its own link whatever happens here
+            shape = (len(index['run']), n_train, 10)
+            # this reader maps the file it wrote, whatever happens to its name from here on
+            with open(tmp, 'rb') as f:
+                mine = os.fstat(f.fileno()).st_ino
+                logits = np.memmap(f, np.float16, 'r', offset=HEADER_BYTES, shape=shape)
+            try:  # publish for the next reader, keyed on the file as renamed (a rename changes its ctime)
                 os.replace(tmp, data)
                 fsync_dir(os.path.dirname(data))
-                publish(index_file, json.dumps(index).encode())
+                st = os.stat(data)
+                if st.st_ino == mine:
+                    index.update(binding=self.binding, groups=list(self.settings['held_out']), data=_data_stat(st))
+                    publish(index_file, json.dumps(index).encode())
             except (OSError, StoreError):
                 pass
         except OSError as e:  # disk full, read-only store, no packed/ folder
             return self._from_files(arm, self._stats(arm), f'could not write {data} ({_why(e)})')
         finally:
             _remove(tmp)
-        if private in (None, tmp):  # the file changed, or no hard links here: map what was published
-            return None
-        shape = (len(index['run']), n_train, 10)
-        return (np.memmap(private, np.float16, 'r', offset=HEADER_BYTES, shape=shape),
-                {k: np.asarray(index[k]) for k in ('run', 'seed', 'seconds', 'test_acc')})
+        return logits, {k: np.asarray(index[k]) for k in ('run', 'seed', 'seconds', 'test_acc')}
 
     def _read_valid(self, arm, run, files, bad):
         """(record, stat) of one run file for packing, or None if it vanished or failed its checks (then
@@ -235,27 +232,6 @@ def _npy_header(shape):
     return b'\x93NUMPY\x01\x00' + struct.pack('<H', len(body)) + body.encode('latin1')
 
 
-_READERS = {}  # inode -> this process's private link to a pack
-
-
-def _reader_link(path, st):
-    """A hard link to the pack data `path` (whose stat is `st`) that only this process uses and removes
-    at exit: a rebuild by another process replaces the pack's name, never the file this process maps.
-    Falls back to `path` itself on a file system without hard links; None if `path` changed."""
-    if st.st_ino in _READERS and os.path.exists(_READERS[st.st_ino]):
-        return _READERS[st.st_ino]
-    base = path.split('.tmp-')[0]
-    link = f'{base}.reader-{_tag()}'
-    try:
-        os.link(path, link)
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return path
-    if os.stat(link).st_ino != st.st_ino:
-        _remove(link)
-        return None
-    if not _READERS:
-        atexit.register(lambda: [_remove(p) for p in _READERS.values()])
-    _READERS[st.st_ino] = link
-    return link
+def _data_stat(st):
+    """What the index records of the pack's data file: [size, mtime_ns, inode, ctime_ns]."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
