@@ -96,13 +96,12 @@ def column_chunks(logits, idx):
 
 
 def read_margins(store, arm, idx):
-    """Margins of the examples idx (m,) in every finished run of `arm`.
-    -> margins (N, m) float64, run_info (dict of (N,) arrays: run, seed, seconds, test_acc)."""
-    logits, run_info = store.load(arm)  # (N, n_train, 10) float16, memory-mapped
-    labels = store.labels[idx]
-    out = np.empty((len(logits), len(idx)))
-    for lo, chunk in column_chunks(logits, idx):
-        out[lo:lo + len(chunk)] = stats.margins(chunk, labels)
+    """Margins of the examples idx (m,) in every finished run of `arm` (Store.margin_chunks: from the margins
+    kept beside the pack). -> margins (N, m) float64, run_info (dict of (N,) arrays: run, seed, seconds, test_acc)."""
+    _, run_info = store.load(arm)
+    out = np.empty((len(run_info['run']), len(idx)))
+    for lo, chunk in store.margin_chunks(arm, idx):
+        out[lo:lo + len(chunk)] = chunk
     return out, run_info
 
 
@@ -122,14 +121,14 @@ def drop_nonfinite(arm, margins, run_info, idx, what='held-out examples'):
 
 def mean_margins(store, arm, run_numbers=None):
     """Every training example's mean margin over the runs of `arm` (those numbered in `run_numbers`, default all),
-    one streamed pass, CHUNK runs in memory at a time. A non-finite margin counts for nothing.
+    one streamed pass over its margins, a chunk of runs at a time. A non-finite margin counts for nothing.
     -> (n_train,) float64, NaN for an example with no finite margin."""
-    logits, run_info = store.load(arm)
-    use = np.ones(len(logits), bool) if run_numbers is None else np.isin(run_info['run'], run_numbers)
-    every = np.arange(store.settings['n_train'])
-    total, count = np.zeros(len(every)), np.zeros(len(every), np.int64)
-    for lo, chunk in column_chunks(logits, every):
-        m = stats.margins(chunk[use[lo:lo + len(chunk)]], store.labels)  # (k, n_train)
+    _, run_info = store.load(arm)
+    use = np.ones(len(run_info['run']), bool) if run_numbers is None else np.isin(run_info['run'], run_numbers)
+    n_train = store.settings['n_train']
+    total, count = np.zeros(n_train), np.zeros(n_train, np.int64)
+    for lo, chunk in store.margin_chunks(arm):
+        m = chunk[use[lo:lo + len(chunk)]]  # (k, n_train)
         ok = np.isfinite(m)
         total += np.where(ok, m, 0.0).sum(0)
         count += ok.sum(0)

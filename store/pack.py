@@ -117,6 +117,7 @@ class Pack:
         logits = self._map_pack(arm, index, private=True)
         if logits is None:
             return None
+        self.__dict__.setdefault('_pack_index', {})[arm] = index  # the margins' key (store/margins.py)
         return logits, {k: np.asarray(index[k]) for k in ('run', 'seed', 'seconds', 'test_acc')}
 
     def _pack(self, arm, files):
@@ -178,6 +179,7 @@ class Pack:
         if private in (None, tmp):  # the file changed, or no hard links here: map what was published
             return None
         shape = (len(index['run']), n_train, 10)
+        self.__dict__.setdefault('_pack_index', {})[arm] = index  # the margins' key (store/margins.py)
         return (np.memmap(private, np.float16, 'r', offset=HEADER_BYTES, shape=shape),
                 {k: np.asarray(index[k]) for k in ('run', 'seed', 'seconds', 'test_acc')})
 

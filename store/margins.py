@@ -1,0 +1,135 @@
+"""Each run's margins, computed once from the pack and kept beside it: packed/<arm>.margins.npy (N, n_train)
+float64, in the pack's run order, and its index packed/<arm>.margins.json. The reports read margins, never
+logits: a quarter less to read than the logits and no logsumexp per report.
+
+float64, not float32: the margin is a logsumexp (stats.margins), and the reports' numbers must be the ones
+computed from the logits, to the last bit. The index names the pack the margins were computed from (its
+binding, data file stat, runs and run files' stats) and the margins file's own stat: a cache of another pack,
+or one changed, truncated or damaged, is rebuilt, never read.
+"""
+import json
+import os
+
+import numpy as np
+
+from store.files import StoreError, _read_json, _remove, _tag, fsync_dir, open_file, publish
+from store.pack import HEADER_BYTES
+
+CHUNK = 16  # runs per chunk; the reports' sums go chunk by chunk, so their last bits depend on it
+
+
+class Margins:
+    """The margins part of Store; uses Pack's load and the index it recorded for each arm (_pack_index)."""
+
+    def margin_chunks(self, arm, columns=None):
+        """Yield (first run, (k, len(columns)) float64): the margins (stats.margins) of the examples
+        `columns` (default all) in the runs of load(arm), CHUNK runs at a time, in run order. Read from the
+        margins file, built on the first call for a pack without a valid one; computed from the logits where
+        the store cannot be written or the arm was read from its run files."""
+        logits, _ = self.load(arm)
+        source = self._margin_source(arm)
+        n, n_train = len(logits), self.settings['n_train']
+        pick = slice(None) if columns is None else np.asarray(columns)
+        if source is None:
+            from stats import margins  # scipy: the store itself needs numpy only
+            for lo in range(0, n, CHUNK):
+                part = _rows(logits, lo, min(lo + CHUNK, n))
+                yield lo, margins(part[:, pick, :], self.labels[pick])
+                del part
+            return
+        buf = np.empty((CHUNK, n_train))
+        for lo in range(0, n, CHUNK):
+            k = min(CHUNK, n - lo)
+            view = memoryview(buf[:k]).cast('B')
+            got = os.preadv(source.fileno(), [view], HEADER_BYTES + lo * n_train * 8)
+            if got != view.nbytes:
+                raise StoreError(f'{source.name} was truncated while it was read; run the command again')
+            yield lo, buf[:k, pick].copy()
+
+    def _margin_source(self, arm):
+        """The open margins file of this Store's snapshot of `arm`, or None (compute from the logits)."""
+        sources = self.__dict__.setdefault('_margin_sources', {})
+        if arm not in sources:
+            index = self.__dict__.get('_pack_index', {}).get(arm)
+            sources[arm] = None if index is None else (self._open_margins(arm, index) or
+                                                       self._write_margins(arm, index))
+        return sources[arm]
+
+    def _margin_paths(self, arm):
+        return (os.path.join(self.path, 'packed', f'{arm}.margins.npy'),
+                os.path.join(self.path, 'packed', f'{arm}.margins.json'))
+
+    @staticmethod
+    def _margin_key(index):
+        """What names a pack, as its JSON index holds it (lists, not tuples)."""
+        return json.loads(json.dumps({k: index[k] for k in ('binding', 'groups', 'data', 'run', 'files')}))
+
+    def _open_margins(self, arm, index):
+        """The margins file, open, if its index names this pack and its stat and header are as written."""
+        data, index_file = self._margin_paths(arm)
+        own = _read_json(index_file)
+        if not isinstance(own, dict) or own.get('pack') != self._margin_key(index):
+            return None
+        try:
+            f = open_file(data)
+        except (OSError, StoreError):
+            return None
+        st = os.fstat(f.fileno())
+        n, n_train = len(index['run']), self.settings['n_train']
+        if _stat(st) != own.get('file') or st.st_size != HEADER_BYTES + n * n_train * 8 or \
+                f.read(HEADER_BYTES) != _npy_header((n, n_train)):
+            f.close()
+            return None
+        return f
+
+    def _write_margins(self, arm, index):
+        """Compute every run's margins from the pack, write them sequentially to a temporary name, rename it
+        into place and publish its index. -> the written file, open for reading, or None if it cannot be
+        written (the margins are then computed from the logits at each read)."""
+        from stats import margins
+        logits, _ = self.load(arm)
+        n, n_train = len(logits), self.settings['n_train']
+        data, index_file = self._margin_paths(arm)
+        tmp = f'{data}.tmp-{_tag()}'
+        try:
+            with open(tmp, 'xb') as out:
+                out.write(_npy_header((n, n_train)))
+                for lo in range(0, n, CHUNK):
+                    part = _rows(logits, lo, min(lo + CHUNK, n))
+                    for run in part:  # one run at a time: 4 MB of float64 work space for 50,000 examples
+                        out.write(margins(run, self.labels).astype('<f8').tobytes())
+                    del part
+                out.flush()
+                os.fsync(out.fileno())
+            f = open(tmp, 'rb')  # this process reads what it wrote, whatever the names hold later
+        except OSError:
+            _remove(tmp)
+            return None
+        try:
+            os.replace(tmp, data)
+            fsync_dir(os.path.dirname(data))
+            st = os.fstat(f.fileno())  # after the rename, which changes the change time
+            publish(index_file, json.dumps({'pack': self._margin_key(index), 'file': _stat(st)}).encode())
+        except (OSError, StoreError):
+            _remove(tmp)
+        return f
+
+
+def _npy_header(shape):
+    """A .npy (version 1.0) header of exactly HEADER_BYTES for a C-ordered float64 array of `shape`."""
+    text = "{'descr': '<f8', 'fortran_order': False, 'shape': %r, }" % (tuple(shape),)
+    body = text.ljust(HEADER_BYTES - 11) + '\n'
+    return b'\x93NUMPY\x01\x00' + len(body).to_bytes(2, 'little') + body.encode('latin1')
+
+
+def _stat(st):
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
+def _rows(logits, lo, hi):
+    """Runs lo..hi of logits (N, n_train, 10), mapped afresh where logits is a mapping (see
+    viz_io.column_chunks: one mapping of the whole pack would end up resident)."""
+    if not isinstance(logits, np.memmap) or logits.filename is None or not logits.flags.c_contiguous:
+        return np.asarray(logits[lo:hi])
+    return np.memmap(logits.filename, logits.dtype, 'r', offset=logits.offset + lo * logits.strides[0],
+                     shape=(hi - lo, *logits.shape[1:]))
