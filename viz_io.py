@@ -125,6 +125,11 @@ def mean_margins(store, arm, run_numbers=None):
     -> (n_train,) float64, NaN for an example with no finite margin."""
     _, run_info = store.load(arm)
     use = np.ones(len(run_info['run']), bool) if run_numbers is None else np.isin(run_info['run'], run_numbers)
+    kept = store.margin_sums(arm) if use.all() else None  # summed in this order when the margins were kept
+    if kept is not None:
+        total, count = kept
+        with np.errstate(invalid='ignore', divide='ignore'):
+            return np.where(count > 0, total / count, np.nan)
     n_train = store.settings['n_train']
     total, count = np.zeros(n_train), np.zeros(n_train, np.int64)
     for lo, chunk in store.margin_chunks(arm):

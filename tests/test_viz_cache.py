@@ -137,7 +137,7 @@ def test_a_damaged_margins_file_or_index_is_rebuilt_never_a_traceback(tmp_path, 
     before = kept(Store(tmp_path))
     damage(files(tmp_path)[which])
     assert np.array_equal(kept(Store(tmp_path)), before)
-    assert os.path.getsize(files(tmp_path)[0]) == 128 + before.nbytes
+    assert os.path.getsize(files(tmp_path)[0]) == 128 + before.nbytes + 2 * N_TRAIN * 8  # the runs, then sums and counts
 
 
 def test_margins_copied_from_another_store_of_the_same_shape_are_rebuilt(tmp_path):
@@ -192,3 +192,17 @@ def test_reports_are_the_same_from_the_margins_file_from_a_rebuilt_one_and_from_
     assert reports(path, capsys, *args) == first  # rebuilt
     monkeypatch.setattr(Margins, '_margin_source', lambda self, arm: None)  # margins from the logits, as before
     assert reports(path, capsys, *args) == first
+
+
+def test_the_kernel_that_fills_the_margins_file_gives_stats_margins_bit_for_bit():
+    from store.margins import _Kernel
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 5000)
+    kernel = _Kernel(labels)
+    for scale in (0.01, 1, 10, 300, 30000):
+        x = rng.standard_normal((5000, 10)) * scale
+        x[rng.random(x.shape) < 0.01] *= 1000  # some logits far from the rest
+        x = np.clip(x, -65000, 65000).astype(np.float16)
+        x[5, 3], x[7], x[9], x[11, labels[11]] = np.nan, np.inf, -np.inf, np.inf
+        with np.errstate(invalid='ignore'):
+            assert np.array_equal(kernel(x), stats.margins(x, labels), equal_nan=True)
