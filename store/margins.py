@@ -111,11 +111,14 @@ class Margins:
         try:
             with open(tmp, 'xb') as out:
                 out.write(_npy_header((n + 2, n_train)))
+                chunk = np.empty((CHUNK, n_train), '<f8')
                 for lo in range(0, n, CHUNK):
                     part = _rows(logits, lo, min(lo + CHUNK, n))
-                    m = np.stack([kernel(run) for run in part])  # (k, n_train)
+                    m = chunk[:len(part)]  # (k, n_train)
+                    for row, run in zip(m, part):
+                        kernel(run, out=row)
                     del part
-                    out.write(m.astype('<f8').tobytes())
+                    out.write(memoryview(m).cast('B'))
                     ok = np.isfinite(m)  # as viz_io.mean_margins sums: chunk by chunk
                     total += np.where(ok, m, 0.0).sum(0)
                     count += ok.sum(0)
@@ -148,7 +151,7 @@ class _Kernel:
         self.at_label = np.asarray(labels) * n + np.arange(n)  # flat positions in (10, n)
         self.work = np.empty((10, n))
 
-    def __call__(self, logits):
+    def __call__(self, logits, out=None):
         x = self.work
         x[:] = logits.T
         flat = x.reshape(-1)
@@ -161,7 +164,9 @@ class _Kernel:
             s = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]))
             s += x[8]
             s += x[9]
-            return correct - top - np.log(s)
+            np.log(s, out=s)
+            np.subtract(correct, top, out=correct)
+            return np.subtract(correct, s, out=out)
 
 
 def _npy_header(shape):
