@@ -1,5 +1,5 @@
-"""viz_io.py: what the three reports share: reading margins out of a run store (streamed, CHUNK runs at a
-time, only the columns asked for), the notes on stderr, the group means and per-example table rows of the
+"""viz_io.py: what the three reports share: reading margins out of a run store (streamed, a chunk of runs
+at a time, from the margins kept beside the pack, only the columns asked for), the notes on stderr, the group means and per-example table rows of the
 with/without and factorial reports, and the CSV / JSON / forest-plot writers, which take a report's result.
 
 Reports: viz_with_without.py, viz_factorial.py, viz_scan.py; each offers analyse(store, ...) -> result dict,

@@ -14,8 +14,8 @@ extreme estimates next to what estimates with no effect anywhere would give (sim
 A scan estimates the effect of adding an example to models trained on half the data, not leave-one-out
 on the full set: confirm its picks on other seeds with a with/without or factorial store.
 
-How: one streamed pass over the runs, CHUNK at a time, all runs and both halves together, so memory does
-not grow with the number of runs; the no-effect simulation draws NULL_DRAWS scans whatever the number of
+How: one streamed pass over the runs' kept margins (store/margins.py), a chunk of runs at a time, all runs
+and both halves together, so memory does not grow with the number of runs; the no-effect simulation draws NULL_DRAWS scans whatever the number of
 runs (bench/bench_viz_reports.py measures both).
 """
 import textwrap
@@ -61,11 +61,13 @@ def scan_chunks(store, run_info, left_out):
     """Yield (margins (k, n_train) float64, included (k, n_train) bool, odd (k,) bool: odd run number),
     a chunk of the scan's runs at a time (Store.margin_chunks). Runs with a non-finite margin are skipped;
     their run numbers are appended to left_out."""
+    kept = store.kept_chunks('scan')  # kept beside the pack, or None: drawn again from the seeds
     for lo, m in store.margin_chunks('scan'):
         seeds, numbers = run_info['seed'][lo:lo + len(m)], run_info['run'][lo:lo + len(m)]
         ok = np.isfinite(m).all(1)
         left_out += [int(r) for r in numbers[~ok]]
-        yield m[ok], scan_masks(store, seeds[ok]), numbers[ok] % 2 == 1
+        included = scan_masks(store, seeds[ok]) if kept is None else next(kept)[1][ok]
+        yield m[ok], included, numbers[ok] % 2 == 1
 
 
 def analyse(store, alpha=0.01, top=TOP):

@@ -1,7 +1,8 @@
 """Each run's margins, computed once from the pack and kept beside it: packed/<arm>.margins.npy, (N + 2,
 n_train) float64: the N runs' margins in the pack's run order, then each example's sum of finite margins
 over all runs and their count (summed as viz_io.mean_margins sums, so its means are the same to the last
-bit); and its index packed/<arm>.margins.json. The reports read margins, never logits: 40% of the logits'
+bit); for a scan, then each run's examples (design.keep_for) as packed bits, (N, ceil(n_train / 8)) uint8,
+so that no report draws them again; and its index packed/<arm>.margins.json. The reports read margins, never logits: 40% of the logits'
 bytes, no logsumexp per report, and each example's mean margin over all runs without reading any run.
 
 float64, not float32: the margin is a logsumexp (stats.margins), and the reports' numbers must be the ones
@@ -14,6 +15,7 @@ import os
 
 import numpy as np
 
+from design import keep_for, kept_mask
 from store.files import StoreError, _read_json, _remove, _tag, fsync_dir, open_file, publish
 from store.pack import HEADER_BYTES
 
@@ -47,6 +49,31 @@ class Margins:
             if got != view.nbytes:
                 raise StoreError(f'{source.name} was truncated while it was read; run the command again')
             yield lo, buf[:k, pick].copy()
+
+    def kept_chunks(self, arm):
+        """Yield (first run, (k, n_train) bool): the examples each run of load(arm) trained on, the chunks of
+        margin_chunks; kept in the margins file of a scan. None where they are not kept (draw them from the
+        seeds: design.keep_for)."""
+        source = self._margin_source(arm)
+        if source is None or arm != 'scan':
+            return None
+        n, n_train = len(self.load(arm)[0]), self.settings['n_train']
+        width = -(-n_train // 8)
+        start = HEADER_BYTES + (n + 2) * n_train * 8
+
+        def chunks():
+            buf = np.empty((CHUNK, width), np.uint8)
+            for lo in range(0, n, CHUNK):
+                k = min(CHUNK, n - lo)
+                if os.preadv(source.fileno(), [memoryview(buf[:k]).cast('B')], start + lo * width) != k * width:
+                    raise StoreError(f'{source.name} was truncated while it was read; run the command again')
+                yield lo, np.unpackbits(buf[:k], axis=1, count=n_train).astype(bool)
+        return chunks()
+
+    def _margins_bytes(self, arm, n):
+        """Size of the margins file of `arm` with n runs."""
+        n_train = self.settings['n_train']
+        return HEADER_BYTES + (n + 2) * n_train * 8 + (n * -(-n_train // 8) if arm == 'scan' else 0)
 
     def margin_sums(self, arm):
         """(total, count): each example's sum of finite margins over every run of load(arm), (n_train,)
@@ -92,7 +119,7 @@ class Margins:
             return None
         st = os.fstat(f.fileno())
         n, n_train = len(index['run']), self.settings['n_train']
-        if _stat(st) != own.get('file') or st.st_size != HEADER_BYTES + (n + 2) * n_train * 8 or \
+        if _stat(st) != own.get('file') or st.st_size != self._margins_bytes(arm, n) or \
                 f.read(HEADER_BYTES) != _npy_header((n + 2, n_train)):
             f.close()
             return None
@@ -123,6 +150,10 @@ class Margins:
                     total += np.where(ok, m, 0.0).sum(0)
                     count += ok.sum(0)
                 out.write(total.astype('<f8').tobytes() + count.astype('<f8').tobytes())  # counts < 2^53: exact
+                if arm == 'scan':
+                    held_out = self.settings['held_out']
+                    for seed in self.load(arm)[1]['seed']:
+                        out.write(np.packbits(kept_mask(keep_for('scan', int(seed), n_train, held_out), n_train)))
                 out.flush()
                 os.fsync(out.fileno())
             f = open(tmp, 'rb')  # this process reads what it wrote, whatever the names hold later

@@ -206,3 +206,14 @@ def test_the_kernel_that_fills_the_margins_file_gives_stats_margins_bit_for_bit(
         x[5, 3], x[7], x[9], x[11, labels[11]] = np.nan, np.inf, -np.inf, np.inf
         with np.errstate(invalid='ignore'):
             assert np.array_equal(kernel(x), stats.margins(x, labels), equal_nan=True)
+
+
+def test_a_scans_kept_examples_are_the_ones_its_seeds_draw(tmp_path):
+    import viz_scan
+    from test_scan import make_scan_store
+    make_scan_store(tmp_path, 203, 35)  # not a multiple of 8: the last byte of bits padded
+    s = Store(tmp_path)
+    seeds = s.load('scan')[1]['seed']
+    chunks = list(s.kept_chunks('scan'))
+    assert [lo for lo, _ in chunks] == [lo for lo, _ in s.margin_chunks('scan')]
+    assert np.array_equal(np.concatenate([c for _, c in chunks]), viz_scan.scan_masks(s, seeds))
