@@ -66,8 +66,10 @@ def scan_chunks(store, run_info, left_out):
         seeds, numbers = run_info['seed'][lo:lo + len(m)], run_info['run'][lo:lo + len(m)]
         ok = np.isfinite(m).all(1)
         left_out += [int(r) for r in numbers[~ok]]
-        included = scan_masks(store, seeds[ok]) if kept is None else next(kept)[1][ok]
-        yield m[ok], included, numbers[ok] % 2 == 1
+        included = scan_masks(store, seeds[ok]) if kept is None else next(kept)[1]
+        if kept is not None and not ok.all():
+            included = included[ok]
+        yield (m if ok.all() else m[ok]), included, numbers[ok] % 2 == 1  # no copy of the usual whole chunk
 
 
 def analyse(store, alpha=0.01, top=TOP):
