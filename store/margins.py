@@ -11,6 +11,7 @@ binding, data file stat, runs and run files' stats) and the margins file's own s
 or one changed, truncated or damaged, is rebuilt, never read.
 """
 import json
+import mmap
 import os
 
 import numpy as np
@@ -36,10 +37,8 @@ class Margins:
         pick = slice(None) if columns is None else np.asarray(columns)
         if source is None:
             from stats import margins  # scipy: the store itself needs numpy only
-            for lo in range(0, n, CHUNK):
-                part = _rows(logits, lo, min(lo + CHUNK, n))
+            for lo, part in _pack_chunks(logits):
                 yield lo, margins(part[:, pick, :], self.labels[pick])
-                del part
             return
         buf = np.empty((CHUNK, n_train))  # 6.4 MB at 50,000 examples
         for lo in range(0, n, CHUNK):
@@ -139,12 +138,10 @@ class Margins:
             with open(tmp, 'xb') as out:
                 out.write(_npy_header((n + 2, n_train)))
                 chunk = np.empty((CHUNK, n_train), '<f8')
-                for lo in range(0, n, CHUNK):
-                    part = _rows(logits, lo, min(lo + CHUNK, n))
+                for lo, part in _pack_chunks(logits):
                     m = chunk[:len(part)]  # (k, n_train)
                     for row, run in zip(m, part):
                         kernel(run, out=row)
-                    del part
                     out.write(memoryview(m).cast('B'))
                     ok = np.isfinite(m)  # as viz_io.mean_margins sums: chunk by chunk
                     total += np.where(ok, m, 0.0).sum(0)
@@ -211,10 +208,20 @@ def _stat(st):
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
-def _rows(logits, lo, hi):
-    """Runs lo..hi of logits (N, n_train, 10), mapped afresh where logits is a mapping (see
-    viz_io.column_chunks: one mapping of the whole pack would end up resident)."""
-    if not isinstance(logits, np.memmap) or logits.filename is None or not logits.flags.c_contiguous:
-        return np.asarray(logits[lo:hi])
-    return np.memmap(logits.filename, logits.dtype, 'r', offset=logits.offset + lo * logits.strides[0],
-                     shape=(hi - lo, *logits.shape[1:]))
+def _pack_chunks(logits):
+    """Yield (first run, up to CHUNK runs of logits (N, n_train, 10)), each chunk's pages released from this
+    process once it has been used (they stay in the page cache): one mapping of the whole pack read through
+    would end up resident (see viz_io.column_chunks), whatever file or descriptor it maps."""
+    mm = getattr(logits, '_mmap', None)
+    release = isinstance(logits, np.memmap) and mm is not None and hasattr(mm, 'madvise')
+    for lo in range(0, len(logits), CHUNK):
+        part = logits[lo:lo + CHUNK]
+        yield lo, part
+        if release:
+            start = logits.offset % mmap.ALLOCATIONGRANULARITY + lo * logits.strides[0]  # in the mapping
+            end = min(start + len(part) * logits.strides[0], len(mm))
+            start -= start % mmap.PAGESIZE
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError):
+                pass  # only memory: the pages stay mapped
