@@ -2,6 +2,7 @@
 (every packed logit read once with numpy), at each size of --runs.
 
     python bench/bench_viz.py --runs 250,1000,4000   # 2 arms x R runs x 50000 x 10 float16, and a scan of R runs
+    python bench/bench_viz.py --runs 10000 --scan-only   # a scan of 10,000 runs alone
     python bench/bench_viz.py --runs 20              # a quick check of the bench itself
 
 For each R: (1) a with/without store of 2 x R runs and a scan store of R runs are written run by run through
@@ -151,21 +152,24 @@ def runs_list(text):
     return sizes
 
 
-def bench_size(runs, bench_dir, baseline):
-    """Write both stores of `runs` runs, measure every step on them, print one line each."""
-    gb = 3 * runs * N_TRAIN * 10 * 2 / 1e9  # 2 arms + a scan of logits
+def bench_size(runs, bench_dir, baseline, scan_only=False):
+    """Write both stores of `runs` runs (the scan's alone with scan_only), measure every step on them,
+    print one line each."""
+    gb = (1 if scan_only else 3) * runs * N_TRAIN * 10 * 2 / 1e9  # 2 arms + a scan of logits
     free = shutil.disk_usage(bench_dir).free / 1e9
     if free < 2.4 * gb:
         print(f'{runs} runs: skipped, {free:.1f} GB free in {bench_dir}, about {2.4 * gb:.1f} GB needed')
         return
-    print(f'\n{runs} runs: 2 arms x {runs} runs, and a scan of {runs} runs, x {N_TRAIN} x 10 float16 '
+    stores = '' if scan_only else f'2 arms x {runs} runs, and '
+    print(f'\n{runs} runs: {stores}a scan of {runs} runs, x {N_TRAIN} x 10 float16 '
           f'({gb:.2f} GB of logits) in {bench_dir}')
     t0 = time.perf_counter()
-    make_store(os.path.join(bench_dir, 'store'), runs)
+    if not scan_only:
+        make_store(os.path.join(bench_dir, 'store'), runs)
     make_scan_store(os.path.join(bench_dir, 'scan'), runs)
     print(f'  write run files      {time.perf_counter() - t0:7.1f} s  (Store.save_run, one fsync-ed file per run)')
-    got = {step: measure(step, bench_dir) for step in ('first', 'floor', 'report', 'controls0', 'scan_first',
-                                                       'scan_floor', 'scan')}
+    steps = ('first', 'floor', 'report', 'controls0')[4 * scan_only:] + ('scan_first', 'scan_floor', 'scan')
+    got = {step: measure(step, bench_dir) for step in steps}
     floors = {'first': 'floor', 'floor': 'floor', 'report': 'floor', 'controls0': 'floor',
               'scan_first': 'scan_floor', 'scan_floor': 'scan_floor', 'scan': 'scan_floor'}
     names = {'first': 'first call (packs)', 'floor': 'floor (numpy read)', 'report': 'default report',
@@ -174,7 +178,7 @@ def bench_size(runs, bench_dir, baseline):
     for step, m in got.items():
         print(f'  {names[step]:<20} {m["seconds"]:7.2f} s  peak {m["peak_mb"]:6.0f} MB  '
               f'{m["seconds"] / got[floors[step]]["seconds"]:5.1f} x floor')
-    if baseline:
+    if baseline and not scan_only:
         available, needed = available_gb(), BASELINE_RAM_PER_GB * gb * 2 / 3
         if available < needed:
             print(f'  baseline skipped: it needs about {needed:.1f} GB of RAM, {available:.1f} GB available')
@@ -192,7 +196,9 @@ def main():
     parser.add_argument('--dir', default='/tmp/bench_viz', help='where the generated stores go')
     parser.add_argument('--keep', action='store_true', help='keep the stores of the last size')
     parser.add_argument('--baseline', action='store_true',
-                        help=f'also the original analysis, all in RAM (about {BASELINE_RAM_PER_GB * 2:.0f} GB at 1000 runs)')
+                        help=f'also the original analysis, all in RAM '
+                             f'(about {BASELINE_RAM_PER_GB * 2:.0f} GB at 1000 runs)')
+    parser.add_argument('--scan-only', action='store_true', help='the scan alone (a third of the disk)')
     parser.add_argument('--child', choices=list(STEPS), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -207,7 +213,7 @@ def main():
     os.makedirs(args.dir, exist_ok=True)
     for i, runs in enumerate(args.runs):
         try:
-            bench_size(runs, args.dir, args.baseline)
+            bench_size(runs, args.dir, args.baseline, args.scan_only)
         finally:
             if not (args.keep and i == len(args.runs) - 1):
                 for name in ('store', 'scan'):  # only the bench's own folders, never --dir itself

@@ -1,9 +1,10 @@
 """Each run's margins, computed once from the pack and kept beside it: packed/<arm>.margins.npy, (N + 2,
 n_train) float64: the N runs' margins in the pack's run order, then each example's sum of finite margins
 over all runs and their count (summed as viz_io.mean_margins sums, so its means are the same to the last
-bit); for a scan, then each run's examples (design.keep_for) as packed bits, (N, ceil(n_train / 8)) uint8,
-so that no report draws them again; and its index packed/<arm>.margins.json. The reports read margins, never logits: 40% of the logits'
-bytes, no logsumexp per report, and each example's mean margin over all runs without reading any run.
+bit); for a scan, then each run's examples (design.keep_for) as packed bits, (N, ceil(n_train / 8))
+uint8, so that no report draws them again; and its index packed/<arm>.margins.json. The reports read
+margins, never logits: 40% of the logits' bytes, no logsumexp per report, and each example's mean margin
+over all runs without reading any run.
 
 float64, not float32: the margin is a logsumexp (stats.margins), and the reports' numbers must be the ones
 computed from the logits, to the last bit. The index names the pack the margins were computed from (its
@@ -186,7 +187,8 @@ class _Kernel:
         correct = flat[self.at_label]
         flat[self.at_label] = -np.inf
         top = x.max(0)
-        with np.errstate(invalid='ignore', over='ignore', divide='ignore'):  # NaN/inf logits: a non-finite margin, as stats.margins
+        # NaN/inf logits give a non-finite margin, as in stats.margins
+        with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
             x -= top
             np.exp(x, out=x)
             s = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]))

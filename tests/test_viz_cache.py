@@ -172,8 +172,8 @@ def reports(path, capsys, *args):
 
 
 @pytest.mark.parametrize('kind', ['with/without', 'scan'])
-def test_reports_are_the_same_from_the_margins_file_from_a_rebuilt_one_and_from_the_logits(tmp_path, monkeypatch,
-                                                                                             capsys, kind):
+def test_reports_are_the_same_from_the_margins_file_from_a_rebuilt_one_and_from_the_logits(
+        tmp_path, monkeypatch, capsys, kind):
     if kind == 'scan':
         from test_scan import make_scan_store
         path = tmp_path / 'scan'
