@@ -91,12 +91,13 @@ class Margins:
 
     def _margin_source(self, arm):
         """The open margins file of this Store's snapshot of `arm`, or None (compute from the logits)."""
+        logits = self.load(arm)[0]
         sources = self.__dict__.setdefault('_margin_sources', {})
-        if arm not in sources:
+        if arm not in sources or sources[arm][0] is not logits:  # a new snapshot: a run saved through this Store
             index = self.__dict__.get('_pack_index', {}).get(arm)
-            sources[arm] = None if index is None else (self._open_margins(arm, index) or
-                                                       self._write_margins(arm, index))
-        return sources[arm]
+            sources[arm] = (logits, None if index is None else (self._open_margins(arm, index) or
+                                                                self._write_margins(arm, index)))
+        return sources[arm][1]
 
     def _margin_paths(self, arm):
         return (os.path.join(self.path, 'packed', f'{arm}.margins.npy'),

@@ -217,3 +217,20 @@ def test_a_scans_kept_examples_are_the_ones_its_seeds_draw(tmp_path):
     chunks = list(s.kept_chunks('scan'))
     assert [lo for lo, _ in chunks] == [lo for lo, _ in s.margin_chunks('scan')]
     assert np.array_equal(np.concatenate([c for _, c in chunks]), viz_scan.scan_masks(s, seeds))
+
+
+def test_a_report_reads_its_own_snapshots_margins_while_another_rebuilds_them(tmp_path):
+    writer = make(tmp_path, 4)
+    report = Store(tmp_path)
+    before = kept(report)
+    add(tmp_path, writer)
+    os.remove(writer.run_file('with', 0))
+    assert len(kept(Store(tmp_path))) == 4  # runs 1, 2, 3, 5: the pack and its margins rebuilt meanwhile
+    assert np.array_equal(kept(report), before)  # the report's runs, from the file it opened
+
+
+def test_a_run_saved_through_a_store_is_in_its_next_margins(tmp_path):
+    s = make(tmp_path, 4)
+    kept(s)
+    add(tmp_path, s)
+    assert len(kept(s)) == 5
