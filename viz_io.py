@@ -1,6 +1,7 @@
 """viz_io.py: what the three reports share: reading margins out of a run store (streamed, a chunk of runs
-at a time, from the margins kept beside the pack, only the columns asked for), the notes on stderr, the group means and per-example table rows of the
-with/without and factorial reports, and the CSV / JSON / forest-plot writers, which take a report's result.
+at a time, from the margins kept beside the pack, only the columns asked for), the notes on stderr, the
+group means and per-example table rows of the with/without and factorial reports, and the CSV / JSON /
+forest-plot writers, which take a report's result.
 
 Reports: viz_with_without.py, viz_factorial.py, viz_scan.py; each offers analyse(store, ...) -> result dict,
 lines(result, ...) -> the printed report, COLUMNS (its per-example CSV / JSON columns), json_doc(result) and,
@@ -97,7 +98,8 @@ def column_chunks(logits, idx):
 
 def read_margins(store, arm, idx):
     """Margins of the examples idx (m,) in every finished run of `arm` (Store.margin_chunks: from the margins
-    kept beside the pack). -> margins (N, m) float64, run_info (dict of (N,) arrays: run, seed, seconds, test_acc)."""
+    kept beside the pack). -> margins (N, m) float64, run_info (dict of (N,) arrays: run, seed, seconds,
+    test_acc)."""
     _, run_info = store.load(arm)
     out = np.empty((len(run_info['run']), len(idx)))
     for lo, chunk in store.margin_chunks(arm, idx):
@@ -120,8 +122,9 @@ def drop_nonfinite(arm, margins, run_info, idx, what='held-out examples'):
 
 
 def mean_margins(store, arm, run_numbers=None):
-    """Every training example's mean margin over the runs of `arm` (those numbered in `run_numbers`, default all),
-    one streamed pass over its margins, a chunk of runs at a time. A non-finite margin counts for nothing.
+    """Every training example's mean margin over the runs of `arm` (those numbered in `run_numbers`, default
+    all): from the sums kept with the margins where every run is used, else one streamed pass over its
+    margins, a chunk of runs at a time. A non-finite margin counts for nothing.
     -> (n_train,) float64, NaN for an example with no finite margin."""
     _, run_info = store.load(arm)
     use = np.ones(len(run_info['run']), bool) if run_numbers is None else np.isin(run_info['run'], run_numbers)
