@@ -129,8 +129,8 @@ def analyse_pairs(res, a, b, info_with, info_without, alpha):
 
 def analyse_controls(store, res, a, b, info_with, info_without):
     """Controls of each held-out example (viz_controls): up to res['control_k'] training examples never held
-    out, with its label and the nearest mean margin over both arms (one streamed pass over each arm, then
-    only the controls' columns); a run's control value is the line through their margins at the example's
+    out, with its label and the nearest mean margin over both arms (from the sums kept with each arm's
+    margins, then only the controls' columns); a run's control value is the line through their margins at the example's
     mean margin. Tested on per-run differences example - control value: paired t-test over seed-matched
     runs when there are 2 or more, Welch otherwise. Adds to res what viz_controls.analyse lists.
 
