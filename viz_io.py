@@ -1,6 +1,7 @@
-"""viz_io.py: what the three reports share: reading margins out of a run store (streamed, CHUNK runs at a
-time, only the columns asked for), the notes on stderr, the group means and per-example table rows of the
-with/without and factorial reports, and the CSV / JSON / forest-plot writers, which take a report's result.
+"""viz_io.py: what the three reports share: reading margins out of a run store (streamed, a chunk of runs
+at a time, from the margins kept beside the pack, only the columns asked for), the notes on stderr, the
+group means and per-example table rows of the with/without and factorial reports, and the CSV / JSON /
+forest-plot writers, which take a report's result.
 
 Reports: viz_with_without.py, viz_factorial.py, viz_scan.py; each offers analyse(store, ...) -> result dict,
 lines(result, ...) -> the printed report, COLUMNS (its per-example CSV / JSON columns), json_doc(result) and,
@@ -23,7 +24,6 @@ import stats
 from store import StoreError
 
 LEVEL = 0.95  # confidence level of every interval
-CHUNK = 16    # runs mapped at a time (see column_chunks)
 
 
 def note(message):
@@ -78,31 +78,14 @@ def positions_of(groups):
     return out
 
 
-def column_chunks(logits, idx):
-    """Yield (first run, (k, len(idx), 10) float16) chunks of the columns idx of logits (N, n_train, 10),
-    reading nothing else. Each chunk of CHUNK runs is mapped afresh and unmapped after: the kernel maps
-    file pages in around every page it faults in (fault-around, large folios; measured up to the whole
-    1 MB of a 50000-example run), so one mapping of the whole file would end up with most of the data
-    resident. Per chunk, the resident size stays at CHUNK MB or less."""
-    if not isinstance(logits, np.memmap) or logits.filename is None or not logits.flags.c_contiguous:
-        yield 0, np.asarray(logits[:, idx, :])  # an in-memory array (an arm with no runs)
-        return
-    run_bytes = logits.strides[0]
-    for lo in range(0, len(logits), CHUNK):
-        part = np.memmap(logits.filename, logits.dtype, 'r', offset=logits.offset + lo * run_bytes,
-                         shape=(min(CHUNK, len(logits) - lo), *logits.shape[1:]))
-        yield lo, part[:, idx, :]  # fancy indexing copies: nothing keeps `part` mapped
-        del part
-
-
 def read_margins(store, arm, idx):
-    """Margins of the examples idx (m,) in every finished run of `arm`.
-    -> margins (N, m) float64, run_info (dict of (N,) arrays: run, seed, seconds, test_acc)."""
-    logits, run_info = store.load(arm)  # (N, n_train, 10) float16, memory-mapped
-    labels = store.labels[idx]
-    out = np.empty((len(logits), len(idx)))
-    for lo, chunk in column_chunks(logits, idx):
-        out[lo:lo + len(chunk)] = stats.margins(chunk, labels)
+    """Margins of the examples idx (m,) in every finished run of `arm` (Store.margin_chunks: from the margins
+    kept beside the pack). -> margins (N, m) float64, run_info (dict of (N,) arrays: run, seed, seconds,
+    test_acc)."""
+    _, run_info = store.load(arm)
+    out = np.empty((len(run_info['run']), len(idx)))
+    for lo, chunk in store.margin_chunks(arm, idx):
+        out[lo:lo + len(chunk)] = chunk
     return out, run_info
 
 
@@ -121,15 +104,21 @@ def drop_nonfinite(arm, margins, run_info, idx, what='held-out examples'):
 
 
 def mean_margins(store, arm, run_numbers=None):
-    """Every training example's mean margin over the runs of `arm` (those numbered in `run_numbers`, default all),
-    one streamed pass, CHUNK runs in memory at a time. A non-finite margin counts for nothing.
+    """Every training example's mean margin over the runs of `arm` (those numbered in `run_numbers`, default
+    all): from the sums kept with the margins where every run is used, else one streamed pass over its
+    margins, a chunk of runs at a time. A non-finite margin counts for nothing.
     -> (n_train,) float64, NaN for an example with no finite margin."""
-    logits, run_info = store.load(arm)
-    use = np.ones(len(logits), bool) if run_numbers is None else np.isin(run_info['run'], run_numbers)
-    every = np.arange(store.settings['n_train'])
-    total, count = np.zeros(len(every)), np.zeros(len(every), np.int64)
-    for lo, chunk in column_chunks(logits, every):
-        m = stats.margins(chunk[use[lo:lo + len(chunk)]], store.labels)  # (k, n_train)
+    _, run_info = store.load(arm)
+    use = np.ones(len(run_info['run']), bool) if run_numbers is None else np.isin(run_info['run'], run_numbers)
+    kept = store.margin_sums(arm) if use.all() else None  # summed in this order when the margins were kept
+    if kept is not None:
+        total, count = kept
+        with np.errstate(invalid='ignore', divide='ignore'):
+            return np.where(count > 0, total / count, np.nan)
+    n_train = store.settings['n_train']
+    total, count = np.zeros(n_train), np.zeros(n_train, np.int64)
+    for lo, chunk in store.margin_chunks(arm):
+        m = chunk[use[lo:lo + len(chunk)]]  # (k, n_train)
         ok = np.isfinite(m)
         total += np.where(ok, m, 0.0).sum(0)
         count += ok.sum(0)

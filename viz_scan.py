@@ -14,8 +14,8 @@ extreme estimates next to what estimates with no effect anywhere would give (sim
 A scan estimates the effect of adding an example to models trained on half the data, not leave-one-out
 on the full set: confirm its picks on other seeds with a with/without or factorial store.
 
-How: one streamed pass over the runs, CHUNK at a time, all runs and both halves together, so memory does
-not grow with the number of runs; the no-effect simulation draws NULL_DRAWS scans whatever the number of
+How: one streamed pass over the runs' kept margins (store/margins.py), a chunk of runs at a time, all runs
+and both halves together, so memory does not grow with the number of runs; the no-effect simulation draws NULL_DRAWS scans whatever the number of
 runs (bench/bench_viz_reports.py measures both).
 """
 import textwrap
@@ -25,7 +25,7 @@ import numpy as np
 import stats
 from design import keep_for, kept_mask
 from store import Store, StoreError
-from viz_io import LEVEL, column_chunks, group_title, listed, note, note_progress, ptext
+from viz_io import LEVEL, group_title, listed, note, note_progress, ptext
 
 HIGH_MARGIN_QUANTILE = 0.75  # high margin: mean margin when included at or above this quantile of the tested
 NULL_DRAWS = 200             # simulated scans with no effect, for the extremes (stats.null_extremes)
@@ -57,17 +57,19 @@ def scan_masks(store, seeds):
     return included
 
 
-def scan_chunks(store, logits, run_info, left_out):
+def scan_chunks(store, run_info, left_out):
     """Yield (margins (k, n_train) float64, included (k, n_train) bool, odd (k,) bool: odd run number),
-    CHUNK runs of logits (N, n_train, 10) at a time. Runs with a non-finite margin are skipped; their run
-    numbers are appended to left_out."""
-    every = np.arange(store.settings['n_train'])
-    for lo, chunk in column_chunks(logits, every):
-        seeds, numbers = run_info['seed'][lo:lo + len(chunk)], run_info['run'][lo:lo + len(chunk)]
-        m = stats.margins(chunk, store.labels)
+    a chunk of the scan's runs at a time (Store.margin_chunks). Runs with a non-finite margin are skipped;
+    their run numbers are appended to left_out."""
+    kept = store.kept_chunks('scan')  # kept beside the pack, or None: drawn again from the seeds
+    for lo, m in store.margin_chunks('scan'):
+        seeds, numbers = run_info['seed'][lo:lo + len(m)], run_info['run'][lo:lo + len(m)]
         ok = np.isfinite(m).all(1)
         left_out += [int(r) for r in numbers[~ok]]
-        yield m[ok], scan_masks(store, seeds[ok]), numbers[ok] % 2 == 1
+        included = scan_masks(store, seeds[ok]) if kept is None else next(kept)[1]
+        if kept is not None and not ok.all():
+            included = included[ok]
+        yield (m if ok.all() else m[ok]), included, numbers[ok] % 2 == 1  # no copy of the usual whole chunk
 
 
 def analyse(store, alpha=0.01, top=TOP):
@@ -85,7 +87,7 @@ def analyse(store, alpha=0.01, top=TOP):
                          'hundreds). Let the trainer finish more runs.')
     left_out = []
     try:
-        res, even, odd = stats.scan_test_halves(scan_chunks(store, logits, run_info, left_out))
+        res, even, odd = stats.scan_test_halves(scan_chunks(store, run_info, left_out))
     except ValueError:
         if len(left_out) < len(logits):
             raise

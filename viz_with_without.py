@@ -22,9 +22,10 @@ example - control value (paired by seed; Welch when no runs are seed-matched), p
 --all lists every held-out example with its CI, Holm and Benjamini-Hochberg adjusted p-values (over all
 held-out examples), raw and control-adjusted.
 
-How: without controls, only the held-out columns of the memory-mapped (runs, n_train, 10) float16 arrays
-are read (viz_io.read_margins); controls add one streamed pass over every column of each arm (the mean
-margin of every example, CHUNK runs in memory at a time) and the controls' columns of both arms. Runs with
+How: margins are read from the margins kept beside each arm's pack (store/margins.py: computed once per
+pack, float64, (runs, n_train), with each example's sum over all runs), a chunk of runs at a time: the
+held-out columns (viz_io.read_margins), every example's mean margin from the kept sums (viz_io.mean_margins)
+and the controls' columns of both arms. Runs with
 a non-finite logit at a held-out example (a diverged net) are left out of every statistic, with a note on
 stderr naming the runs and examples.
 """
@@ -128,8 +129,8 @@ def analyse_pairs(res, a, b, info_with, info_without, alpha):
 
 def analyse_controls(store, res, a, b, info_with, info_without):
     """Controls of each held-out example (viz_controls): up to res['control_k'] training examples never held
-    out, with its label and the nearest mean margin over both arms (one streamed pass over each arm, then
-    only the controls' columns); a run's control value is the line through their margins at the example's
+    out, with its label and the nearest mean margin over both arms (from the sums kept with each arm's
+    margins, then only the controls' columns); a run's control value is the line through their margins at the example's
     mean margin. Tested on per-run differences example - control value: paired t-test over seed-matched
     runs when there are 2 or more, Welch otherwise. Adds to res what viz_controls.analyse lists.
 

@@ -1,18 +1,20 @@
-"""bench/bench_viz.py: time and peak memory of viz's analysis on a full-size store, next to a
-straightforward baseline that loads every run into RAM.
+"""bench/bench_viz.py: time and peak memory of viz's reports on full-size stores, side by side with the floor
+(every packed logit read once with numpy), at each size of --runs.
 
-    python bench/bench_viz.py                 # 2 arms x 1000 runs x 50000 x 10 float16: 2 GB of logits
-    python bench/bench_viz.py --runs 20       # a quick check of the bench itself
+    python bench/bench_viz.py --runs 250,1000,4000   # 2 arms x R runs x 50000 x 10 float16, and a scan of R runs
+    python bench/bench_viz.py --runs 10000 --scan-only   # a scan of 10,000 runs alone
+    python bench/bench_viz.py --runs 20              # a quick check of the bench itself
 
-Steps, each timed: (1) write the store run by run through Store.save_run (random logits, a few planted
-effects), (2) the store packs each arm into one (N, 50000, 10) array on its first load (one-time cost),
-(3) the floor (every packed logit read once with numpy), viz's analysis with --controls 0 (memory-mapped,
-held-out columns only) and the default report (controls included), each with its ratio to the floor, and
-(4) the baseline (np.load of every run
-file, stacked, margins of all 50000 examples in float32, Welch t-tests of all columns). Each of these runs
-in their own process so that the peak memories (ru_maxrss, which includes the ~70 MB of numpy and scipy)
-are separate. Needs about twice the logits on disk (run files + packed arrays), in DIR/store (--dir,
-default /tmp/bench_viz), deleted at the end unless --keep.
+For each R: (1) a with/without store of 2 x R runs and a scan store of R runs are written run by run through
+Store.save_run (random logits, a few planted effects; not timed against the floor); (2) the first call
+(python viz.py STORE on a store never read: packing and the kept margins included), then, page cache warm,
+the floor (both packed arms read once), the default report (50 controls), --controls 0, and the same for the
+scan (its first call, its floor: the scan arm read once, the warm scan report), each with its ratio to its
+floor. Each step runs viz.main in a fresh interpreter, imports not timed (about 1 s), so that the peak
+memories (ru_maxrss, which includes the ~70 MB of numpy and scipy) are separate. --baseline adds what the
+original analysis did (np.load of every run file, all in RAM). Needs about 1 MB per run for the run files
+and as much again for the pack, in DIR (--dir, default /tmp/bench_viz); each size's stores are deleted after
+it is measured unless --keep.
 """
 import argparse
 import glob
@@ -67,35 +69,37 @@ def make_store(path, runs):
             store.save_run(arm, run, seed_for(run), logits.astype(np.float16), seconds=0.0, test_acc=0.0)
 
 
-def child_pack(path):
-    from store import Store
-    store = Store(path)
-    for arm in ('with', 'without'):
-        store.load(arm)
+def make_scan_store(path, runs):
+    """runs x (50000, 10) float16 logits of a scan (each run on a random half), as a scan trainer writes them."""
+    from experiment import HELD_OUT
+    from store import SCAN_SEED_BASE, Store, seed_for
+    rng = np.random.default_rng(1)
+    settings = dict(trainer='bench', hyp={}, held_out=HELD_OUT, n_train=N_TRAIN, data_fingerprint='bench',
+                    seed_base=SCAN_SEED_BASE, arms=['scan'])
+    store = Store.create(path, settings, rng.integers(0, 10, N_TRAIN))
+    for run in range(runs):
+        logits = rng.standard_normal((N_TRAIN, 10), dtype=np.float32) * 2
+        store.save_run('scan', run, seed_for(run, SCAN_SEED_BASE), logits.astype(np.float16), seconds=0.0,
+                       test_acc=0.0)
 
 
-def child_viz(path):
-    import viz_with_without
-    from store import Store
-    res = viz_with_without.analyse(Store(path), controls=0)  # held-out columns only; bench_viz_reports.py times controls
-    return '\n'.join(viz_with_without.faithful_table(res) + viz_with_without.summary(res))
+def child_viz(path, *args):
+    """python viz.py PATH ARGS, its report sent to /dev/null."""
+    import contextlib
+    import viz
+    with open(os.devnull, 'w') as null, contextlib.redirect_stdout(null):
+        viz.main([path, *args])
+    return ''
 
 
-def child_floor(path):
-    """The floor: every logit of both packed arms read once with numpy (sequential chunks of 50 runs)."""
+def child_floor(path, arms=('with', 'without')):
+    """The floor: every logit of the packed arms read once with numpy (sequential chunks of 50 runs)."""
     total = 0.0
-    for arm in ('with', 'without'):
+    for arm in arms:
         logits = np.load(os.path.join(path, 'packed', f'{arm}.npy'), mmap_mode='r')  # (N, 50000, 10) float16
         for lo in range(0, len(logits), 50):
             total += float(np.asarray(logits[lo:lo + 50]).sum(dtype=np.float32))
     return f'sum of every logit {total:.3g}'
-
-
-def child_report(path):
-    import viz_with_without
-    from store import Store
-    res = viz_with_without.analyse(Store(path))  # the default report: CONTROLS controls per held-out example
-    return '\n'.join(viz_with_without.faithful_table(res))
 
 
 def child_baseline(path):
@@ -119,6 +123,16 @@ def child_baseline(path):
     return f'{int((t.pvalue[idx] < 0.01).sum())} held-out examples with p < 0.01'
 
 
+STEPS = {'first': lambda d: child_viz(os.path.join(d, 'store')),
+         'floor': lambda d: child_floor(os.path.join(d, 'store')),
+         'report': lambda d: child_viz(os.path.join(d, 'store')),
+         'controls0': lambda d: child_viz(os.path.join(d, 'store'), '--controls', '0'),
+         'scan_first': lambda d: child_viz(os.path.join(d, 'scan'), '--scan'),
+         'scan_floor': lambda d: child_floor(os.path.join(d, 'scan'), ('scan',)),
+         'scan': lambda d: child_viz(os.path.join(d, 'scan'), '--scan'),
+         'baseline': lambda d: child_baseline(os.path.join(d, 'store'))}
+
+
 def measure(step, bench_dir):
     """Run one step in a fresh interpreter -> dict: seconds of the step, peak MB of that process, its text."""
     out = subprocess.run([sys.executable, os.path.abspath(__file__), '--child', step, '--dir', bench_dir],
@@ -128,69 +142,86 @@ def measure(step, bench_dir):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def runs_list(text):
+    try:
+        sizes = [int(x) for x in text.split(',')]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 2:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected runs per arm, 2 or more, comma-separated (e.g. 250,1000)')
+    return sizes
+
+
+def bench_size(runs, bench_dir, baseline, scan_only=False):
+    """Write both stores of `runs` runs (the scan's alone with scan_only), measure every step on them,
+    print one line each."""
+    gb = (1 if scan_only else 3) * runs * N_TRAIN * 10 * 2 / 1e9  # 2 arms + a scan of logits
+    free = shutil.disk_usage(bench_dir).free / 1e9
+    if free < 2.4 * gb:
+        print(f'{runs} runs: skipped, {free:.1f} GB free in {bench_dir}, about {2.4 * gb:.1f} GB needed')
+        return
+    stores = '' if scan_only else f'2 arms x {runs} runs, and '
+    print(f'\n{runs} runs: {stores}a scan of {runs} runs, x {N_TRAIN} x 10 float16 '
+          f'({gb:.2f} GB of logits) in {bench_dir}')
+    t0 = time.perf_counter()
+    if not scan_only:
+        make_store(os.path.join(bench_dir, 'store'), runs)
+    make_scan_store(os.path.join(bench_dir, 'scan'), runs)
+    print(f'  write run files      {time.perf_counter() - t0:7.1f} s  (Store.save_run, one fsync-ed file per run)')
+    steps = ('first', 'floor', 'report', 'controls0')[4 * scan_only:] + ('scan_first', 'scan_floor', 'scan')
+    got = {step: measure(step, bench_dir) for step in steps}
+    floors = {'first': 'floor', 'floor': 'floor', 'report': 'floor', 'controls0': 'floor',
+              'scan_first': 'scan_floor', 'scan_floor': 'scan_floor', 'scan': 'scan_floor'}
+    names = {'first': 'first call (packs)', 'floor': 'floor (numpy read)', 'report': 'default report',
+             'controls0': '--controls 0', 'scan_first': 'scan, first call', 'scan_floor': 'scan floor',
+             'scan': 'scan report'}
+    for step, m in got.items():
+        print(f'  {names[step]:<20} {m["seconds"]:7.2f} s  peak {m["peak_mb"]:6.0f} MB  '
+              f'{m["seconds"] / got[floors[step]]["seconds"]:5.1f} x floor')
+    if baseline and not scan_only:
+        available, needed = available_gb(), BASELINE_RAM_PER_GB * gb * 2 / 3
+        if available < needed:
+            print(f'  baseline skipped: it needs about {needed:.1f} GB of RAM, {available:.1f} GB available')
+        else:
+            base = measure('baseline', bench_dir)
+            print(f'  baseline (all in RAM){base["seconds"]:7.2f} s  peak {base["peak_mb"]:6.0f} MB  '
+                  f'{base["seconds"] / got["floor"]["seconds"]:5.1f} x floor  ({base["text"]})')
+    print(f'  load average: {" ".join(f"{x:.1f}" for x in os.getloadavg())}')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--runs', type=int, default=1000, help='runs per arm')
-    parser.add_argument('--dir', default='/tmp/bench_viz', help='where the generated store goes')
-    parser.add_argument('--keep', action='store_true', help='keep the generated store (reused if the size matches)')
-    parser.add_argument('--skip-baseline', action='store_true',
-                        help=f'the baseline needs about {BASELINE_RAM_PER_GB * 2:.0f} GB of RAM at 1000 runs')
-    parser.add_argument('--child', choices=('pack', 'floor', 'viz', 'report', 'baseline'), help=argparse.SUPPRESS)
+    parser.add_argument('--runs', type=runs_list, default=[250, 1000, 4000],
+                        help='runs per arm and of the scan, comma-separated sizes (default 250,1000,4000)')
+    parser.add_argument('--dir', default='/tmp/bench_viz', help='where the generated stores go')
+    parser.add_argument('--keep', action='store_true', help='keep the stores of the last size')
+    parser.add_argument('--baseline', action='store_true',
+                        help=f'also the original analysis, all in RAM '
+                             f'(about {BASELINE_RAM_PER_GB * 2:.0f} GB at 1000 runs)')
+    parser.add_argument('--scan-only', action='store_true', help='the scan alone (a third of the disk)')
+    parser.add_argument('--child', choices=list(STEPS), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    store_path = os.path.join(args.dir, 'store')
 
     if args.child:
         for name in ('scipy.special', 'scipy.stats', 'viz'):  # imports (~1 s, ~50 MB) are not part of the timed step
             importlib.import_module(name)
         t0 = time.perf_counter()
-        text = {'pack': child_pack, 'floor': child_floor, 'viz': child_viz, 'report': child_report,
-                'baseline': child_baseline}[args.child](store_path)
+        text = STEPS[args.child](args.dir)
         print(json.dumps(dict(seconds=time.perf_counter() - t0, peak_mb=peak_mb(), text=text or '')))
         return
 
-    gb = 2 * args.runs * N_TRAIN * 10 * 2 / 1e9
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(args.dir)) or '/').free / 1e9
-    if free < 2.2 * gb:
-        sys.exit(f'{args.dir}: {free:.1f} GB free, the bench needs about {2.2 * gb:.1f} GB '
-                 f'(run files + packed arrays of {gb:.1f} GB). Pass a smaller --runs or another --dir.')
-    run_file = lambda run: os.path.join(store_path, 'with', f'{run:06d}.npz')
-    reuse = args.keep and os.path.exists(run_file(args.runs - 1)) and not os.path.exists(run_file(args.runs))
-    print(f'store: 2 arms x {args.runs} runs x {N_TRAIN} x 10 float16 = {gb:.2f} GB of logits in {store_path}')
-    if not reuse:
-        shutil.rmtree(store_path, ignore_errors=True)  # only the bench's own folder, never --dir itself
-        t0 = time.perf_counter()
-        make_store(store_path, args.runs)
-        print(f'write run files:      {time.perf_counter() - t0:7.1f} s  (Store.save_run, one fsync-ed file per run)')
+    os.makedirs(args.dir, exist_ok=True)
+    for i, runs in enumerate(args.runs):
+        try:
+            bench_size(runs, args.dir, args.baseline, args.scan_only)
+        finally:
+            if not (args.keep and i == len(args.runs) - 1):
+                for name in ('store', 'scan'):  # only the bench's own folders, never --dir itself
+                    shutil.rmtree(os.path.join(args.dir, name), ignore_errors=True)
     try:
-        pack = measure('pack', args.dir)
-        print(f'pack (one-time):      {pack["seconds"]:7.1f} s  peak {pack["peak_mb"]:7.0f} MB')
-        floor = measure('floor', args.dir)
-        print(f'floor (numpy read):   {floor["seconds"]:7.2f} s  peak {floor["peak_mb"]:7.0f} MB  (both packed arms once)')
-        fast = measure('viz', args.dir)
-        print(f'viz analysis:         {fast["seconds"]:7.2f} s  peak {fast["peak_mb"]:7.0f} MB  (--controls 0)  '
-              f'{fast["seconds"] / floor["seconds"]:5.1f} x floor')
-        report = measure('report', args.dir)
-        print(f'viz default report:   {report["seconds"]:7.2f} s  peak {report["peak_mb"]:7.0f} MB  (default controls)  '
-              f'{report["seconds"] / floor["seconds"]:5.1f} x floor')
-        print(f'first call:           {pack["seconds"] + report["seconds"]:7.2f} s  (pack + default report)  '
-              f'{(pack["seconds"] + report["seconds"]) / floor["seconds"]:5.1f} x floor')
-        available, needed = available_gb(), BASELINE_RAM_PER_GB * gb
-        if not args.skip_baseline and available < needed:
-            print(f'baseline skipped: it needs about {needed:.1f} GB of RAM, {available:.1f} GB available')
-        elif not args.skip_baseline:
-            base = measure('baseline', args.dir)
-            print(f'baseline (all in RAM):{base["seconds"]:7.2f} s  peak {base["peak_mb"]:7.0f} MB')
-            print(f'ratio baseline / viz: {base["seconds"] / fast["seconds"]:7.1f} x time, '
-                  f'{base["peak_mb"] / fast["peak_mb"]:.1f} x peak memory')
-            print(f'baseline check: {base["text"]}')
-        print('\n' + fast['text'])
-    finally:
-        if not args.keep:
-            shutil.rmtree(store_path, ignore_errors=True)
-            try:
-                os.rmdir(args.dir)  # only if the bench left it empty
-            except OSError:
-                pass
+        os.rmdir(args.dir)  # only if the bench left it empty
+    except OSError:
+        pass
 
 
 if __name__ == '__main__':

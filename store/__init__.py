@@ -2,8 +2,9 @@
 
 One module per job: settings.py (the settings that bind a store), files.py (atomic publishing and who
 owns a file), claims.py (runs in progress), runs.py (finished and failed run files and their checks),
-pack.py (the packed arrays the analysis reads), layout.py (opening and creating a store). Which
-examples a run may see is design.py's. numpy only: viz.py reads a store without torch.
+pack.py (the packed arrays the analysis reads), margins.py (each run's margins, kept beside the pack),
+layout.py (opening and creating a store). Which examples a run may see is design.py's. numpy only: viz.py
+reads a store without torch.
 The layout of a store and every guarantee, with the test that checks it: docs/store.md.
 """
 from design import (ARMS, DESIGNS, FACTORIAL_ARMS, MAX_RUNS, SCAN_SEED_BASE, factorial_split, held_out_indices,

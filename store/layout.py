@@ -11,6 +11,7 @@ from design import ARMS
 from store.claims import CLAIM_NAME, TAKEOVER, Claims
 from store.files import (OWN_TEMP, READER_TIMEOUT, StoreError, Unreadable, _mtime, _read_bytes, _remove, _tag_owner,
                          _why, _write_advice, check_folder, identity, note, open_file, owner_alive, parse_json, publish)
+from store.margins import Margins
 from store.pack import Pack
 from store.runs import Runs
 from store.settings import BINDING, FORMAT, check_settings, checksums, differences, digest, labels_digest
@@ -18,7 +19,7 @@ from store.settings import BINDING, FORMAT, check_settings, checksums, differenc
 SUBFOLDERS = ('failed', 'claims', 'corrupt', 'packed')
 
 
-class Store(Claims, Runs, Pack):
+class Store(Claims, Runs, Pack, Margins):
     def __init__(self, path):
         self.path = str(path)
         settings_file = os.path.join(self.path, 'settings.json')

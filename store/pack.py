@@ -114,6 +114,7 @@ class Pack:
         logits = self._map_pack(arm, index)
         if logits is None:
             return None
+        self.__dict__.setdefault('_pack_index', {})[arm] = index  # the margins' key (store/margins.py)
         return logits, {k: np.asarray(index[k]) for k in ('run', 'seed', 'seconds', 'test_acc')}
 
     def _pack(self, arm, files):
@@ -176,6 +177,8 @@ class Pack:
             return self._from_files(arm, self._stats(arm), f'could not write {data} ({_why(e)})')
         finally:
             _remove(tmp)
+        if 'data' in index:  # published: the margins' key (store/margins.py)
+            self.__dict__.setdefault('_pack_index', {})[arm] = index
         return logits, {k: np.asarray(index[k]) for k in ('run', 'seed', 'seconds', 'test_acc')}
 
     def _read_valid(self, arm, run, files, bad):

@@ -157,7 +157,10 @@ class Runs:
         if 'logits' not in rec or rec['logits'].shape != (n_train, 10) or rec['logits'].dtype != np.float16:
             raise StoreError(f'{path}: logits missing or not ({n_train}, 10) float16')
         # The analysis redraws each run's kept examples from its arm and seed: they must be the ones trained on.
-        bits = kept_bits(arm, seed, n_train, self.settings['held_out'])
+        drawn = self.__dict__.setdefault('_kept_bits', {})  # with, without: the same examples whatever the seed
+        bits = drawn[arm] if arm in drawn else kept_bits(arm, seed, n_train, self.settings['held_out'])
+        if arm in ('with', 'without'):
+            drawn[arm] = bits
         if bits is not None and not np.array_equal(rec.get('kept'), bits):
             raise StoreError(f'{path}: trained on other examples than its arm and seed draw now '
                              '(another numpy version?); keep it out of this store')

@@ -320,16 +320,6 @@ def test_store_being_written_is_said_and_analysed(planted, capsys):
     assert 'still being written (1 run(s) in progress)' in err and res['n_with'] == 30
 
 
-def test_chunked_reading_matches_indexing_the_whole_array(planted, monkeypatch):
-    monkeypatch.setattr(viz_io, "CHUNK", 7)  # 30 runs: chunks of 7, 7, 7, 7, 2
-    store = Store(planted)
-    logits, _ = store.load('with')
-    idx = np.array([79, 0, 63, 5])
-    chunks = list(viz_io.column_chunks(logits, idx))
-    assert [lo for lo, _ in chunks] == [0, 7, 14, 21, 28]
-    np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), np.asarray(logits)[:, idx, :])
-
-
 # ---- controls (more in test_controls.py) ----
 
 GOLDEN = os.path.join(ROOT, 'tests', 'golden', 'viz_default.txt')

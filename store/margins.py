@@ -1,0 +1,231 @@
+"""Each run's margins, computed once from the pack and kept beside it: packed/<arm>.margins.npy, (N + 2,
+n_train) float64: the N runs' margins in the pack's run order, then each example's sum of finite margins
+over all runs and their count (summed as viz_io.mean_margins sums, so its means are the same to the last
+bit); for a scan, then each run's examples (design.keep_for) as packed bits, (N, ceil(n_train / 8))
+uint8, so that no report draws them again; and its index packed/<arm>.margins.json. The reports read
+margins, never logits: 40% of the logits' bytes, no logsumexp per report, and each example's mean margin
+over all runs without reading any run.
+
+float64, not float32: the margin is a logsumexp (stats.margins), and the reports' numbers must be the ones
+computed from the logits, to the last bit. The index names the pack the margins were computed from (its
+binding, data file stat, runs and run files' stats) and the margins file's own stat: a cache of another pack,
+or one changed, truncated or damaged, is rebuilt, never read.
+"""
+import json
+import mmap
+import os
+
+import numpy as np
+
+from design import keep_for, kept_mask
+from store.files import StoreError, _read_json, _remove, _tag, fsync_dir, open_file, publish
+from store.pack import HEADER_BYTES
+
+CHUNK = 16  # runs per chunk; the reports' sums go chunk by chunk, so their last bits depend on it
+
+
+class Margins:
+    """The margins part of Store; uses Pack's load and the index it recorded for each arm (_pack_index)."""
+
+    def margin_chunks(self, arm, columns=None):
+        """Yield (first run, (k, len(columns)) float64): the margins (stats.margins) of the examples
+        `columns` (default all) in the runs of load(arm), CHUNK runs at a time, in run order. Read from the
+        margins file, built on the first call for a pack without a valid one; computed from the logits where
+        the store cannot be written or the arm was read from its run files."""
+        logits, _ = self.load(arm)
+        source = self._margin_source(arm)
+        n, n_train = len(logits), self.settings['n_train']
+        pick = slice(None) if columns is None else np.asarray(columns)
+        if source is None:
+            from stats import margins  # scipy: the store itself needs numpy only
+            for lo, part in _pack_chunks(logits):
+                yield lo, margins(part[:, pick, :], self.labels[pick])
+            return
+        buf = np.empty((CHUNK, n_train))  # 6.4 MB at 50,000 examples
+        for lo in range(0, n, CHUNK):
+            k = min(CHUNK, n - lo)
+            view = memoryview(buf[:k]).cast('B')
+            got = os.preadv(source.fileno(), [view], HEADER_BYTES + lo * n_train * 8)
+            if got != view.nbytes:
+                raise StoreError(f'{source.name} was truncated while it was read; run the command again')
+            yield lo, buf[:k, pick].copy()
+
+    def kept_chunks(self, arm):
+        """Yield (first run, (k, n_train) bool): the examples each run of load(arm) trained on, the chunks of
+        margin_chunks; kept in the margins file of a scan. None where they are not kept (draw them from the
+        seeds: design.keep_for)."""
+        source = self._margin_source(arm)
+        if source is None or arm != 'scan':
+            return None
+        n, n_train = len(self.load(arm)[0]), self.settings['n_train']
+        width = -(-n_train // 8)
+        start = HEADER_BYTES + (n + 2) * n_train * 8
+
+        def chunks():
+            buf = np.empty((CHUNK, width), np.uint8)
+            for lo in range(0, n, CHUNK):
+                k = min(CHUNK, n - lo)
+                if os.preadv(source.fileno(), [memoryview(buf[:k]).cast('B')], start + lo * width) != k * width:
+                    raise StoreError(f'{source.name} was truncated while it was read; run the command again')
+                yield lo, np.unpackbits(buf[:k], axis=1, count=n_train).astype(bool)
+        return chunks()
+
+    def _margins_bytes(self, arm, n):
+        """Size of the margins file of `arm` with n runs."""
+        n_train = self.settings['n_train']
+        return HEADER_BYTES + (n + 2) * n_train * 8 + (n * -(-n_train // 8) if arm == 'scan' else 0)
+
+    def margin_sums(self, arm):
+        """(total, count): each example's sum of finite margins over every run of load(arm), (n_train,)
+        float64, and their number, (n_train,) int64; summed chunk by chunk as viz_io.mean_margins sums.
+        None where the margins are not kept (then mean_margins streams them)."""
+        source = self._margin_source(arm)
+        if source is None:
+            return None
+        n, n_train = len(self.load(arm)[0]), self.settings['n_train']
+        sums = np.empty((2, n_train))
+        view = memoryview(sums).cast('B')
+        if os.preadv(source.fileno(), [view], HEADER_BYTES + n * n_train * 8) != view.nbytes:
+            raise StoreError(f'{source.name} was truncated while it was read; run the command again')
+        return sums[0], sums[1].astype(np.int64)
+
+    def _margin_source(self, arm):
+        """The open margins file of this Store's snapshot of `arm`, or None (compute from the logits)."""
+        logits = self.load(arm)[0]
+        sources = self.__dict__.setdefault('_margin_sources', {})
+        if arm not in sources or sources[arm][0] is not logits:  # a new snapshot: a run saved through this Store
+            index = self.__dict__.get('_pack_index', {}).get(arm)
+            sources[arm] = (logits, None if index is None else (self._open_margins(arm, index) or
+                                                                self._write_margins(arm, index)))
+        return sources[arm][1]
+
+    def _margin_paths(self, arm):
+        return (os.path.join(self.path, 'packed', f'{arm}.margins.npy'),
+                os.path.join(self.path, 'packed', f'{arm}.margins.json'))
+
+    @staticmethod
+    def _margin_key(index):
+        """What names a pack, as its JSON index holds it (lists, not tuples)."""
+        return json.loads(json.dumps({k: index[k] for k in ('binding', 'groups', 'data', 'run', 'files')}))
+
+    def _open_margins(self, arm, index):
+        """The margins file, open, if its index names this pack and its stat and header are as written."""
+        data, index_file = self._margin_paths(arm)
+        own = _read_json(index_file)
+        if not isinstance(own, dict) or own.get('pack') != self._margin_key(index):
+            return None
+        try:
+            f = open_file(data)
+        except (OSError, StoreError):
+            return None
+        st = os.fstat(f.fileno())
+        n, n_train = len(index['run']), self.settings['n_train']
+        if _stat(st) != own.get('file') or st.st_size != self._margins_bytes(arm, n) or \
+                f.read(HEADER_BYTES) != _npy_header((n + 2, n_train)):
+            f.close()
+            return None
+        return f
+
+    def _write_margins(self, arm, index):
+        """Compute every run's margins from the pack, write them sequentially to a temporary name, rename it
+        into place and publish its index. -> the written file, open for reading, or None if it cannot be
+        written (the margins are then computed from the logits at each read)."""
+        logits, _ = self.load(arm)
+        n, n_train = len(logits), self.settings['n_train']
+        data, index_file = self._margin_paths(arm)
+        tmp = f'{data}.tmp-{_tag()}'
+        kernel = _Kernel(self.labels)
+        total, count = np.zeros(n_train), np.zeros(n_train, np.int64)
+        try:
+            with open(tmp, 'xb') as out:
+                out.write(_npy_header((n + 2, n_train)))
+                chunk = np.empty((CHUNK, n_train), '<f8')
+                for lo, part in _pack_chunks(logits):
+                    m = chunk[:len(part)]  # (k, n_train)
+                    for row, run in zip(m, part):
+                        kernel(run, out=row)
+                    out.write(memoryview(m).cast('B'))
+                    ok = np.isfinite(m)  # as viz_io.mean_margins sums: chunk by chunk
+                    total += np.where(ok, m, 0.0).sum(0)
+                    count += ok.sum(0)
+                out.write(total.astype('<f8').tobytes() + count.astype('<f8').tobytes())  # counts < 2^53: exact
+                if arm == 'scan':
+                    held_out = self.settings['held_out']
+                    for seed in self.load(arm)[1]['seed']:
+                        out.write(np.packbits(kept_mask(keep_for('scan', int(seed), n_train, held_out), n_train)))
+                out.flush()
+                os.fsync(out.fileno())
+            f = open(tmp, 'rb')  # this process reads what it wrote, whatever the names hold later
+        except OSError:
+            _remove(tmp)
+            return None
+        try:
+            os.replace(tmp, data)
+            fsync_dir(os.path.dirname(data))
+            st = os.fstat(f.fileno())  # after the rename, which changes the change time
+            publish(index_file, json.dumps({'pack': self._margin_key(index), 'file': _stat(st)}).encode())
+        except (OSError, StoreError):
+            _remove(tmp)
+        return f
+
+
+class _Kernel:
+    """stats.margins of one run, (n_train, 10) float16 -> (n_train,) float64, equal to it bit for bit
+    (tests/test_viz_cache.py) and about twice as fast: the ten classes as rows of a (10, n_train) array,
+    so the max and the sum are elementwise over rows. The sum adds the exponentials in the order numpy's
+    pairwise sum adds ten contiguous values (eight partial sums paired, then the last two in turn);
+    anything else could change the last bit."""
+
+    def __init__(self, labels):
+        n = len(labels)
+        self.at_label = np.asarray(labels) * n + np.arange(n)  # flat positions in (10, n)
+        self.work = np.empty((10, n))
+
+    def __call__(self, logits, out=None):
+        x = self.work
+        x[:] = logits.T
+        flat = x.reshape(-1)
+        correct = flat[self.at_label]
+        flat[self.at_label] = -np.inf
+        top = x.max(0)
+        # NaN/inf logits give a non-finite margin, as in stats.margins
+        with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
+            x -= top
+            np.exp(x, out=x)
+            s = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]))
+            s += x[8]
+            s += x[9]
+            np.log(s, out=s)
+            np.subtract(correct, top, out=correct)
+            return np.subtract(correct, s, out=out)
+
+
+def _npy_header(shape):
+    """A .npy (version 1.0) header of exactly HEADER_BYTES for a C-ordered float64 array of `shape`."""
+    text = "{'descr': '<f8', 'fortran_order': False, 'shape': %r, }" % (tuple(shape),)
+    body = text.ljust(HEADER_BYTES - 11) + '\n'
+    return b'\x93NUMPY\x01\x00' + len(body).to_bytes(2, 'little') + body.encode('latin1')
+
+
+def _stat(st):
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
+def _pack_chunks(logits):
+    """Yield (first run, up to CHUNK runs of logits (N, n_train, 10)), each chunk's pages released from this
+    process once it has been used (they stay in the page cache), whatever file or descriptor it maps: the
+    kernel maps file pages in around every page it faults in (fault-around, large folios; measured up to the
+    whole 1 MB of a 50000-example run), so one mapping of the whole pack read through would end up resident."""
+    mm = getattr(logits, '_mmap', None)
+    release = isinstance(logits, np.memmap) and mm is not None and hasattr(mm, 'madvise')
+    for lo in range(0, len(logits), CHUNK):
+        part = logits[lo:lo + CHUNK]
+        yield lo, part
+        if release:
+            start = logits.offset % mmap.ALLOCATIONGRANULARITY + lo * logits.strides[0]  # in the mapping
+            end = min(start + len(part) * logits.strides[0], len(mm))
+            start -= start % mmap.PAGESIZE
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError):
+                pass  # only memory: the pages stay mapped

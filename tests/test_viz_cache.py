@@ -1,0 +1,236 @@
+"""The margins kept beside the pack (store/margins.py): the margins of the logits to the last bit, rebuilt
+whenever the pack or a run file changes or the file is damaged, never required (a store that cannot be
+written is analysed without), and the reports the same with and without them."""
+import builtins
+import errno
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import stats
+import viz
+from store import Store
+from store.margins import Margins
+
+HELD = {'random': [0, 1, 2, 3], 'easy': [20, 21, 22, 23]}
+N_TRAIN = 60
+
+
+def make(path, runs, rng_seed=0):
+    """A with/without store of random logits, some far apart (a margin a float32 would round)."""
+    rng = np.random.default_rng(rng_seed)
+    settings = dict(trainer='toy', hyp={}, held_out=HELD, n_train=N_TRAIN, data_fingerprint='toy', seed_base=0)
+    s = Store.create(path, settings, np.arange(N_TRAIN) % 10)
+    for run in range(runs):
+        for arm in ('with', 'without'):
+            s.save_run(arm, run, run, logits(rng), 1.0, 0.5)
+    return s
+
+
+def logits(rng):
+    x = rng.normal(0, 3, (N_TRAIN, 10))
+    x[::7] *= 3000  # up to about +-30,000: exponents far apart
+    return x.astype(np.float16)
+
+
+def kept(s, arm='with'):
+    """The margins a Store reads, checked against the margins of the logits it loads."""
+    rows = np.concatenate([c for _, c in s.margin_chunks(arm)])
+    assert np.array_equal(rows, stats.margins(np.asarray(s.load(arm)[0]), s.labels), equal_nan=True)
+    return rows
+
+
+def files(path, arm='with'):
+    return [os.path.join(path, 'packed', f'{arm}.margins.{ext}') for ext in ('npy', 'json')]
+
+
+def test_margins_are_kept_beside_the_pack_and_equal_the_logits_margins_to_the_last_bit(tmp_path):
+    s = make(tmp_path, 20)
+    rows = kept(s)
+    assert all(os.path.isfile(f) for f in files(tmp_path))
+    assert rows.dtype == np.float64 and rows.shape == (20, N_TRAIN)
+    assert not np.array_equal(rows, rows.astype(np.float32).astype(np.float64))  # float32 would round these
+    cols = np.array([3, 21, 59, 0])
+    again = Store(tmp_path)  # read back from the file
+    assert np.array_equal(np.concatenate([c for _, c in again.margin_chunks('with', cols)]), rows[:, cols])
+
+
+def test_a_valid_margins_file_is_read_not_rebuilt(tmp_path):
+    make(tmp_path, 3)
+    kept(Store(tmp_path))
+    before = [os.stat(f).st_ino for f in files(tmp_path)]
+    kept(Store(tmp_path))
+    assert [os.stat(f).st_ino for f in files(tmp_path)] == before
+
+
+def add(path, s):
+    s.save_run('with', 5, 5, logits(np.random.default_rng(9)), 1.0, 0.5)
+
+
+def remove(path, s):
+    os.remove(s.run_file('with', 1))
+
+
+def replace(path, s):
+    os.remove(s.run_file('with', 1))
+    s.save_run('with', 1, 1, np.full((N_TRAIN, 10), 3.0, np.float16), 1.0, 0.5)
+
+
+def rewrite_with_mtime_put_back(path, s):
+    other = make(path.parent / 'other', 5, rng_seed=1)
+    run = s.run_file('with', 1)
+    st = os.stat(run)
+    data = open(other.run_file('with', 1), 'rb').read()
+    assert len(data) == st.st_size
+    with open(run, 'r+b') as f:  # same inode, same size, same mtime: only the change time tells
+        f.write(data)
+    os.utime(run, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def repack(path, s):  # the pack rebuilt from the same runs: another data file
+    for name in ('with.npy', 'with.json'):
+        os.remove(path / 'packed' / name)
+
+
+@pytest.mark.parametrize('change', [add, remove, replace, rewrite_with_mtime_put_back, repack])
+def test_margins_are_rebuilt_whenever_a_run_file_or_the_pack_changes(tmp_path, change):
+    path = tmp_path / 'store'
+    s = make(path, 5)
+    before = kept(s)
+    change(path, s)
+    after = kept(Store(path))  # equal to the margins of the logits loaded now
+    if change is not repack:
+        assert not np.array_equal(before, after)
+    key = json.load(open(files(path)[1]))['pack']
+    assert key['data'] == json.load(open(path / 'packed' / 'with.json'))['data']
+
+
+def truncate(path):
+    with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) - 8)
+
+
+def zeros_with_mtime_put_back(path):
+    st = os.stat(path)
+    with open(path, 'r+b') as f:
+        f.seek(200)
+        f.write(bytes(64))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def garbage(path):
+    with open(path, 'wb') as f:
+        f.write(b'\x93NUMPY garbage')
+
+
+def emptied(path):
+    open(path, 'wb').close()
+
+
+@pytest.mark.parametrize('damage', [truncate, zeros_with_mtime_put_back, garbage, emptied])
+@pytest.mark.parametrize('which', [0, 1])  # the margins file, its index
+def test_a_damaged_margins_file_or_index_is_rebuilt_never_a_traceback(tmp_path, damage, which):
+    make(tmp_path, 4)
+    before = kept(Store(tmp_path))
+    damage(files(tmp_path)[which])
+    assert np.array_equal(kept(Store(tmp_path)), before)
+    assert os.path.getsize(files(tmp_path)[0]) == 128 + before.nbytes + 2 * N_TRAIN * 8  # the runs, then sums and counts
+
+
+def test_margins_copied_from_another_store_of_the_same_shape_are_rebuilt(tmp_path):
+    make(tmp_path / 'a', 4)
+    kept(Store(tmp_path / 'a'))
+    kept(make(tmp_path / 'b', 4, rng_seed=1))
+    for f, g in zip(files(tmp_path / 'b'), files(tmp_path / 'a')):
+        shutil.copy(f, g)
+    kept(Store(tmp_path / 'a'))
+
+
+def test_a_store_where_the_margins_cannot_be_written_is_analysed_without_them(tmp_path, monkeypatch):
+    make(tmp_path, 4)
+    Store(tmp_path).load('with')  # packed, no margins yet
+    real = builtins.open
+
+    def refuse(file, mode='r', *args, **kwargs):
+        if 'margins' in str(file) and 'x' in mode:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
+        return real(file, mode, *args, **kwargs)
+    monkeypatch.setattr(builtins, 'open', refuse)
+    kept(Store(tmp_path))
+    assert not any(os.path.exists(f) for f in files(tmp_path))
+    assert not [n for n in os.listdir(tmp_path / 'packed') if '.tmp-' in n]
+
+
+def reports(path, capsys, *args):
+    """(stdout, the JSON file) of viz on the store at path."""
+    out = path.parent / f'{path.name}.json'
+    viz.main([str(path), '--json', str(out), *args])
+    return capsys.readouterr().out, out.read_text()
+
+
+@pytest.mark.parametrize('kind', ['with/without', 'scan'])
+def test_reports_are_the_same_from_the_margins_file_from_a_rebuilt_one_and_from_the_logits(
+        tmp_path, monkeypatch, capsys, kind):
+    if kind == 'scan':
+        from test_scan import make_scan_store
+        path = tmp_path / 'scan'
+        make_scan_store(path, 200, 30, effect=np.where(np.arange(200) == 5, -1.0, 0.0))
+        args = ['--scan']
+    else:
+        path = tmp_path / 'store'
+        make(path, 12)
+        args = ['--controls', '5']
+    first = reports(path, capsys, *args)  # builds the margins file
+    assert os.path.exists(files(path, 'scan' if kind == 'scan' else 'with')[0])
+    assert reports(path, capsys, *args) == first  # reads it
+    for f in os.listdir(path / 'packed'):
+        if '.margins.' in f:
+            os.remove(path / 'packed' / f)
+    assert reports(path, capsys, *args) == first  # rebuilt
+    monkeypatch.setattr(Margins, '_margin_source', lambda self, arm: None)  # margins from the logits, as before
+    assert reports(path, capsys, *args) == first
+
+
+def test_the_kernel_that_fills_the_margins_file_gives_stats_margins_bit_for_bit():
+    from store.margins import _Kernel
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 5000)
+    kernel = _Kernel(labels)
+    for scale in (0.01, 1, 10, 300, 30000):
+        x = rng.standard_normal((5000, 10)) * scale
+        x[rng.random(x.shape) < 0.01] *= 1000  # some logits far from the rest
+        x = np.clip(x, -65000, 65000).astype(np.float16)
+        x[5, 3], x[7], x[9], x[11, labels[11]] = np.nan, np.inf, -np.inf, np.inf
+        with np.errstate(invalid='ignore'):
+            assert np.array_equal(kernel(x), stats.margins(x, labels), equal_nan=True)
+
+
+def test_a_scans_kept_examples_are_the_ones_its_seeds_draw(tmp_path):
+    import viz_scan
+    from test_scan import make_scan_store
+    make_scan_store(tmp_path, 203, 35)  # not a multiple of 8: the last byte of bits padded
+    s = Store(tmp_path)
+    seeds = s.load('scan')[1]['seed']
+    chunks = list(s.kept_chunks('scan'))
+    assert [lo for lo, _ in chunks] == [lo for lo, _ in s.margin_chunks('scan')]
+    assert np.array_equal(np.concatenate([c for _, c in chunks]), viz_scan.scan_masks(s, seeds))
+
+
+def test_a_report_reads_its_own_snapshots_margins_while_another_rebuilds_them(tmp_path):
+    writer = make(tmp_path, 4)
+    report = Store(tmp_path)
+    before = kept(report)
+    add(tmp_path, writer)
+    os.remove(writer.run_file('with', 0))
+    assert len(kept(Store(tmp_path))) == 4  # runs 1, 2, 3, 5: the pack and its margins rebuilt meanwhile
+    assert np.array_equal(kept(report), before)  # the report's runs, from the file it opened
+
+
+def test_a_run_saved_through_a_store_is_in_its_next_margins(tmp_path):
+    s = make(tmp_path, 4)
+    kept(s)
+    add(tmp_path, s)
+    assert len(kept(s)) == 5
