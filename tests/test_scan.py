@@ -12,6 +12,7 @@ import viz_scan
 from conftest import body, report, written
 from planted_stores import logits_with_margins
 from store import SCAN_SEED_BASE, Store, keep_for, seed_for
+from store import margins as kept_margins
 
 HELD = {'random': [0, 1, 2], 'easy': [150, 151]}
 
@@ -125,7 +126,7 @@ def test_example_never_excluded_gets_no_test():
 
 
 def test_viz_scan_equals_a_direct_computation_on_the_store(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(viz_io, "CHUNK", 7)  # 23 runs: chunks of 7, 7, 7, 2
+    monkeypatch.setattr(kept_margins, "CHUNK", 7)  # 23 runs: chunks of 7, 7, 7, 2
     store, _ = make_scan_store(tmp_path / 's', n_train=160, runs=23)
     res, _, _ = report(['--scan', tmp_path / 's'], capsys)
     logits, run_info = store.load('scan')

@@ -141,14 +141,17 @@ class Cluster:
             tasks[fields.get('ArrayTaskId', '0')] = (fields['JobState'], fields['ExitCode'])
         return tasks
 
-    def wait(self, job, timeout=240):
+    def wait(self, job, timeout=240, logs=None):
+        """-> {task: (state, exit code)} once every task has ended; a timeout names the tasks still running
+        and shows the logs matching the glob `logs`."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             tasks = self.tasks(job)
             if tasks and all(state in ENDED for state, _ in tasks.values()):
                 return tasks
             time.sleep(0.5)
-        raise AssertionError(f'job {job} still running after {timeout} s: {self.tasks(job)}')
+        said = ''.join(f'--- {path}\n{text[-3000:]}' for path, text in read_logs(logs or '').items())
+        raise AssertionError(f'job {job} still running after {timeout} s: {self.tasks(job)}\n{said}')
 
 
 def slurm_conf(root, host, munge_socket):
@@ -302,7 +305,8 @@ def test_a_task_stopped_by_its_time_limit_is_continued_by_resubmitting(slurm, ou
     assert done < 600 and leftovers(store) == []
 
     again = slurm.sbatch(f'--output={out}/again-%a.out', *command)
-    assert all(state == 'COMPLETED' for state, _ in slurm.wait(again).values()), read_logs(f'{out}/again-*.out')
+    tasks = slurm.wait(again, logs=f'{out}/again-*.out')
+    assert all(state == 'COMPLETED' for state, _ in tasks.values()), read_logs(f'{out}/again-*.out')
     assert Store(store).stored('with') == Store(store).stored('without') == list(range(300))
     assert leftovers(store) == []
 

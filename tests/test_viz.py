@@ -10,7 +10,6 @@ import pytest
 from scipy import stats as sps
 
 import viz
-import viz_io
 import viz_with_without
 from conftest import body, report
 from store import Store
