@@ -173,6 +173,7 @@ def main(trainer, argv=None):
             settings['data_dir'] = os.path.abspath(args.data_dir)
         print(held_out_line(held_out, args.held_out), file=sys.stderr, flush=True)
         holding()  # from here files are written and runs claimed: a signal waits for a check
+        existed = os.path.lexists(out)
         store = Store.create(out, settings, labels.numpy())
         if args.runs < 2:
             print(f'note: --runs {args.runs}: viz needs at least 2 runs per arm to report this store; the same '
@@ -181,9 +182,14 @@ def main(trainer, argv=None):
             print('--smoke: a short run of a small net, to check that everything runs; its test_acc is below a '
                   'full run\'s and says nothing about the experiment.', file=sys.stderr)
         block = t.BLOCK if not t.BLOCKS else plan['block'] or ('auto' if device.type == 'cuda' else 1)
-        work(store, args.runs, t.train, t.infer, hyp, (images, labels), (test_images, test_labels), device,
-             block=block, progress=not args.worker, steps=n_steps, say_cost=not args.smoke,
-             steps_of=lambda arm, run: _steps_of(t, hyp, arm, seed_for(run, seed_base), len(labels), held_out))
+        try:
+            work(store, args.runs, t.train, t.infer, hyp, (images, labels), (test_images, test_labels), device,
+                 block=block, progress=not args.worker, steps=n_steps, say_cost=not args.smoke,
+                 steps_of=lambda arm, run: _steps_of(t, hyp, arm, seed_for(run, seed_base), len(labels), held_out))
+        except Exception:  # a failure, not a signal: a folder this command made for nothing is not left behind
+            if not existed and store.remove_if_unused():
+                print(f'note: removed {out}, which this command made: no run was stored', file=sys.stderr)
+            raise
     except (airbench.DataError, StoreError, UsageError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

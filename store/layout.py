@@ -96,6 +96,24 @@ class Store(Claims, Runs, Pack, Margins):
                              '\nUse another --out folder for these settings, or rerun with the store\'s settings.')
         return store
 
+    def remove_if_unused(self):
+        """Remove a store this process just made and nothing has used: no run file, failure record, claim,
+        pack or anything else. settings.json goes first (a folder without it is no store), then labels.npy,
+        then each folder by rmdir, which leaves any folder something was written into meanwhile.
+        -> whether the folder is gone."""
+        arms = self.settings['arms']
+        if any(self._names(sub) for sub in (*arms, *SUBFOLDERS)):
+            return False
+        for name in ('settings.json', 'labels.npy'):
+            _remove(os.path.join(self.path, name))
+        try:
+            for sub in (*arms, *SUBFOLDERS):
+                os.rmdir(os.path.join(self.path, sub))
+            os.rmdir(self.path)
+        except OSError:
+            return False
+        return True
+
     @staticmethod
     def _make(path, settings, labels):
         other = _not_ours(path, settings['arms'])

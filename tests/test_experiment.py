@@ -463,3 +463,23 @@ def test_a_rerun_that_cannot_find_the_data_names_the_folder_the_store_was_made_f
     assert experiment.main(airbench_with(), args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
     assert len(err) == 1 and f'was made from the data in {os.path.abspath(cifar_dir)}: pass --data-dir' in err[0]
+
+
+def test_a_run_that_fails_before_any_result_leaves_no_store_folder_a_store_with_runs_stays(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    args = ['--smoke', '--device', 'cpu', '--runs', '2']
+    new = tmp_path / 'new'
+
+    def broken(*a, **k):  # a fault of the trainer, e.g. an op torch refuses: not a diverged run
+        raise RuntimeError('planted fault')
+    digits = types.SimpleNamespace(**{**vars(trainer_digits), 'train': broken})
+    with pytest.raises(RuntimeError, match='planted fault'):
+        experiment.main(digits, [*args, '--out', str(new)])
+    assert not new.exists() and f'removed {new}' in capsys.readouterr().err
+
+    kept = tmp_path / 'kept'
+    assert experiment.main(trainer_digits, [*args, '--out', str(kept)]) == 0
+    with pytest.raises(RuntimeError, match='planted fault'):
+        experiment.main(digits, ['--smoke', '--device', 'cpu', '--runs', '4', '--out', str(kept)])
+    assert Store(kept).stored('with') == [0, 1] and 'removed' not in capsys.readouterr().err

@@ -305,7 +305,7 @@ def test_a_task_stopped_by_its_time_limit_is_continued_by_resubmitting(slurm, ou
     assert done < 600 and leftovers(store) == []
 
     again = slurm.sbatch(f'--output={out}/again-%a.out', *command)
-    tasks = slurm.wait(again, logs=f'{out}/again-*.out')
+    tasks = slurm.wait(again, timeout=480, logs=f'{out}/again-*.out')  # 4-5 blocks of 20 s, on a slower CI machine
     assert all(state == 'COMPLETED' for state, _ in tasks.values()), read_logs(f'{out}/again-*.out')
     assert Store(store).stored('with') == Store(store).stored('without') == list(range(300))
     assert leftovers(store) == []
