@@ -15,8 +15,8 @@ A scan estimates the effect of adding an example to models trained on half the d
 on the full set: confirm its picks on other seeds with a with/without or factorial store.
 
 How: one streamed pass over the runs' kept margins (store/margins.py), a chunk of runs at a time, all runs
-and both halves together, so memory does not grow with the number of runs; the no-effect simulation draws NULL_DRAWS scans whatever the number of
-runs (bench/bench_viz_reports.py measures both).
+and both halves together, so memory does not grow with the number of runs; the no-effect simulation draws
+NULL_DRAWS scans whatever the number of runs (bench/bench_viz_reports.py measures both).
 """
 import textwrap
 

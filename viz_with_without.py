@@ -25,9 +25,8 @@ held-out examples), raw and control-adjusted.
 How: margins are read from the margins kept beside each arm's pack (store/margins.py: computed once per
 pack, float64, (runs, n_train), with each example's sum over all runs), a chunk of runs at a time: the
 held-out columns (viz_io.read_margins), every example's mean margin from the kept sums (viz_io.mean_margins)
-and the controls' columns of both arms. Runs with
-a non-finite logit at a held-out example (a diverged net) are left out of every statistic, with a note on
-stderr naming the runs and examples.
+and the controls' columns of both arms. Runs with a non-finite logit at a held-out example (a diverged net)
+are left out of every statistic, with a note on stderr naming the runs and examples.
 """
 import numpy as np
 
@@ -130,9 +129,9 @@ def analyse_pairs(res, a, b, info_with, info_without, alpha):
 def analyse_controls(store, res, a, b, info_with, info_without):
     """Controls of each held-out example (viz_controls): up to res['control_k'] training examples never held
     out, with its label and the nearest mean margin over both arms (from the sums kept with each arm's
-    margins, then only the controls' columns); a run's control value is the line through their margins at the example's
-    mean margin. Tested on per-run differences example - control value: paired t-test over seed-matched
-    runs when there are 2 or more, Welch otherwise. Adds to res what viz_controls.analyse lists.
+    margins, then only the controls' columns); a run's control value is the line through their margins at
+    the example's mean margin. Tested on per-run differences example - control value: paired t-test over
+    seed-matched runs when there are 2 or more, Welch otherwise. Adds to res what viz_controls.analyse lists.
 
     Why both arms: a control's mean margin in `with` shares its noise with its shift with - without, so
     controls and line weights chosen on it lean the shift (by about the noise variance of a mean margin /

@@ -19,7 +19,7 @@ import numpy as np
 
 from design import keep_for, kept_mask
 from store.files import StoreError, _read_json, _remove, _tag, fsync_dir, open_file, publish
-from store.pack import HEADER_BYTES
+from store.pack import HEADER_BYTES, _data_stat, _npy_header
 
 CHUNK = 16  # runs per chunk; the reports' sums go chunk by chunk, so their last bits depend on it
 
@@ -44,10 +44,7 @@ class Margins:
         buf = np.empty((CHUNK, n_train))  # 6.4 MB at 50,000 examples
         for lo in range(0, n, CHUNK):
             k = min(CHUNK, n - lo)
-            view = memoryview(buf[:k]).cast('B')
-            got = os.preadv(source.fileno(), [view], HEADER_BYTES + lo * n_train * 8)
-            if got != view.nbytes:
-                raise StoreError(f'{source.name} was truncated while it was read; run the command again')
+            _read_into(source, buf[:k], HEADER_BYTES + lo * n_train * 8)
             yield lo, buf[:k, pick].copy()
 
     def kept_chunks(self, arm):
@@ -65,8 +62,7 @@ class Margins:
             buf = np.empty((CHUNK, width), np.uint8)
             for lo in range(0, n, CHUNK):
                 k = min(CHUNK, n - lo)
-                if os.preadv(source.fileno(), [memoryview(buf[:k]).cast('B')], start + lo * width) != k * width:
-                    raise StoreError(f'{source.name} was truncated while it was read; run the command again')
+                _read_into(source, buf[:k], start + lo * width)
                 yield lo, np.unpackbits(buf[:k], axis=1, count=n_train).astype(bool)
         return chunks()
 
@@ -84,9 +80,7 @@ class Margins:
             return None
         n, n_train = len(self.load(arm)[0]), self.settings['n_train']
         sums = np.empty((2, n_train))
-        view = memoryview(sums).cast('B')
-        if os.preadv(source.fileno(), [view], HEADER_BYTES + n * n_train * 8) != view.nbytes:
-            raise StoreError(f'{source.name} was truncated while it was read; run the command again')
+        _read_into(source, sums, HEADER_BYTES + n * n_train * 8)
         return sums[0], sums[1].astype(np.int64)
 
     def _margin_source(self, arm):
@@ -120,8 +114,8 @@ class Margins:
             return None
         st = os.fstat(f.fileno())
         n, n_train = len(index['run']), self.settings['n_train']
-        if _stat(st) != own.get('file') or st.st_size != self._margins_bytes(arm, n) or \
-                f.read(HEADER_BYTES) != _npy_header((n + 2, n_train)):
+        if _data_stat(st) != own.get('file') or st.st_size != self._margins_bytes(arm, n) or \
+                f.read(HEADER_BYTES) != _npy_header((n + 2, n_train), '<f8'):
             f.close()
             return None
         return f
@@ -138,7 +132,7 @@ class Margins:
         total, count = np.zeros(n_train), np.zeros(n_train, np.int64)
         try:
             with open(tmp, 'xb') as out:
-                out.write(_npy_header((n + 2, n_train)))
+                out.write(_npy_header((n + 2, n_train), '<f8'))
                 chunk = np.empty((CHUNK, n_train), '<f8')
                 for lo, part in _pack_chunks(logits):
                     m = chunk[:len(part)]  # (k, n_train)
@@ -163,7 +157,7 @@ class Margins:
             os.replace(tmp, data)
             fsync_dir(os.path.dirname(data))
             st = os.fstat(f.fileno())  # after the rename, which changes the change time
-            publish(index_file, json.dumps({'pack': self._margin_key(index), 'file': _stat(st)}).encode())
+            publish(index_file, json.dumps({'pack': self._margin_key(index), 'file': _data_stat(st)}).encode())
         except (OSError, StoreError):
             _remove(tmp)
         return f
@@ -200,15 +194,11 @@ class _Kernel:
             return np.subtract(correct, s, out=out)
 
 
-def _npy_header(shape):
-    """A .npy (version 1.0) header of exactly HEADER_BYTES for a C-ordered float64 array of `shape`."""
-    text = "{'descr': '<f8', 'fortran_order': False, 'shape': %r, }" % (tuple(shape),)
-    body = text.ljust(HEADER_BYTES - 11) + '\n'
-    return b'\x93NUMPY\x01\x00' + len(body).to_bytes(2, 'little') + body.encode('latin1')
-
-
-def _stat(st):
-    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+def _read_into(source, buf, offset):
+    """Fill the array `buf` from the open margins file at byte `offset`; a short read is an error."""
+    view = memoryview(buf).cast('B')
+    if os.preadv(source.fileno(), [view], offset) != view.nbytes:
+        raise StoreError(f'{source.name} was truncated while it was read; run the command again')
 
 
 def _pack_chunks(logits):

@@ -59,7 +59,7 @@ class Pack:
                 st = os.stat(self.run_file(arm, run))
             except FileNotFoundError:
                 continue
-            out[run] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+            out[run] = _data_stat(st)
         return out
 
     def _empty(self):
@@ -228,13 +228,15 @@ class Pack:
         return logits[:len(run_info['run'])], {k: np.asarray(v) for k, v in run_info.items()}
 
 
-def _npy_header(shape):
-    """A .npy (version 1.0) header of exactly HEADER_BYTES for a C-ordered float16 array of `shape`."""
-    text = "{'descr': '<f2', 'fortran_order': False, 'shape': %r, }" % (tuple(shape),)
+def _npy_header(shape, descr='<f2'):
+    """A .npy (version 1.0) header of exactly HEADER_BYTES for a C-ordered array of `shape` (float16 by
+    default), so that the shape can be rewritten in place."""
+    text = "{'descr': '%s', 'fortran_order': False, 'shape': %r, }" % (descr, tuple(shape))
     body = text.ljust(HEADER_BYTES - 11) + '\n'
     return b'\x93NUMPY\x01\x00' + struct.pack('<H', len(body)) + body.encode('latin1')
 
 
 def _data_stat(st):
-    """What the index records of the pack's data file: [size, mtime_ns, inode, ctime_ns]."""
+    """What an index records of a file: [size, mtime_ns, inode, ctime_ns] (the change time: bytes written in
+    place with the mtime put back change it)."""
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
