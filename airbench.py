@@ -639,15 +639,19 @@ class BlockNorm(nn.Module):
     """The norm layers of k models over their k x C channels, model m's at channels m C .. (m+1) C.
     BatchNorm: each channel's statistics are its model's own; `valid` (B, k) bool, set by BlockNet for a
     batch with padded rows, leaves those rows out of the statistics (they still get an output, which the
-    loss ignores). LayerNorm: GroupNorm with k groups, one per model. In float32, as the single layers."""
+    loss ignores). LayerNorm: GroupNorm with k groups, one per model. In the parameters' dtype (float32 for
+    a float16 net), as the single layers.
+    A trained BatchNorm scale (torch's nn.BatchNorm2d, as the Madry ResNet-9) is stacked as the bias is."""
 
     def __init__(self, layers):
         super().__init__()
         first = layers[0]
         self.k, self.channels = len(layers), len(first.bias)
-        self.kind = 'batch' if isinstance(first, BatchNorm) else 'layer' if isinstance(first, LayerNorm) else 'none'
+        self.kind = 'batch' if isinstance(first, nn.BatchNorm2d) else 'layer' if isinstance(first, LayerNorm) else 'none'
         self.eps, self.momentum = getattr(first, 'eps', None), getattr(first, 'momentum', None)
         self.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]))
+        trained_scale = getattr(first, 'weight', None) is not None and first.weight.requires_grad
+        self.weight = nn.Parameter(torch.cat([m.weight.detach() for m in layers])) if trained_scale else None
         if self.kind == 'batch':
             self.register_buffer('running_mean', torch.cat([m.running_mean for m in layers]))
             self.register_buffer('running_var', torch.cat([m.running_var for m in layers]))
@@ -657,21 +661,22 @@ class BlockNorm(nn.Module):
         if self.kind == 'none':
             return x + self.bias.to(x.dtype).view(1, -1, 1, 1)
         if self.kind == 'layer':
-            return F.group_norm(x.float(), self.k, None, self.bias, self.eps).to(x.dtype)
+            return F.group_norm(x.to(self.bias.dtype), self.k, None, self.bias, self.eps).to(x.dtype)
         if not self.training or self.valid is None:
-            return F.batch_norm(x, self.running_mean, self.running_var, None, self.bias, self.training,
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
                                 self.momentum, self.eps)
         b, _, height, width = x.shape
         rows = self.valid.repeat_interleave(self.channels, 1).view(b, -1, 1, 1)        # (B, k C, 1, 1)
         count = self.valid.sum(0).repeat_interleave(self.channels) * (height * width)  # (k C,) pixels per channel
-        xf = torch.where(rows, x.float(), 0.0)
-        mean = xf.sum((0, 2, 3)) / count
-        centred = x.float() - mean.view(1, -1, 1, 1)
+        xf = x.to(self.bias.dtype)  # float32 for a float16 net
+        mean = torch.where(rows, xf, 0.0).sum((0, 2, 3)) / count
+        centred = xf - mean.view(1, -1, 1, 1)
         var = torch.where(rows, centred, 0.0).square().sum((0, 2, 3)) / count         # biased, to normalise
         with torch.no_grad():  # PyTorch's running variance is unbiased
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * count / (count - 1), self.momentum)
-        out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        scale = torch.rsqrt(var + self.eps) if self.weight is None else torch.rsqrt(var + self.eps) * self.weight
+        out = centred * scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
         return out.to(x.dtype)
 
 
@@ -692,14 +697,14 @@ def fuse(modules):
     channels, heads batched; the weights copied, so model m's start is exactly its single net's."""
     first, k = modules[0], len(modules)
     if isinstance(first, nn.Conv2d):
-        conv = nn.Conv2d(k * first.in_channels, k * first.out_channels, first.kernel_size, padding=first.padding,
-                         bias=first.bias is not None, groups=k, device='meta')
+        conv = nn.Conv2d(k * first.in_channels, k * first.out_channels, first.kernel_size, stride=first.stride,
+                         padding=first.padding, bias=first.bias is not None, groups=k, device='meta')
         conv.weight = nn.Parameter(torch.cat([m.weight.detach() for m in modules]).contiguous(
             memory_format=torch.channels_last), requires_grad=first.weight.requires_grad)
         if first.bias is not None:
             conv.bias = nn.Parameter(torch.cat([m.bias.detach() for m in modules]))
         return conv
-    if isinstance(first, NORM_LAYERS):
+    if isinstance(first, (*NORM_LAYERS, nn.BatchNorm2d)):
         return BlockNorm(modules)
     if isinstance(first, nn.Linear):
         return BlockLinear(modules)
