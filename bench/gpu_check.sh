@@ -50,6 +50,22 @@ for k, (keep, seed) in enumerate(zip(keeps, seeds)):
     alone = airbench.infer(airbench.train94(images, labels, keep=keep, seed=seed, device='cuda', **hyp), images)
     print(f'block check seed {seed}: max |block - alone| / max |alone| = {((block[k] - alone).abs().max() / alone.abs().max()).item():.2e}')
 PY
+sample bench_madry_blocks timeout 120 python3 bench/bench_airbench.py --recipe madry --epochs 2 --runs 1 --blocks 1,2,4,8
+# The same for the Madry ResNet-9 (autocast float16, a loss scale per model), 2 epochs on 10,000 images;
+# its training amplifies rounding (docs/fidelity.md), so the noise line is the yardstick: one run alone twice.
+timeout 120 python3 - <<'PY' 2>&1 | tee "$OUT/madry_block_check.log" | tee -a "$OUT/summary.txt"
+import torch, trainer_madry
+g = torch.Generator().manual_seed(0)
+images = torch.randint(0, 256, (10000, 32, 32, 3), dtype=torch.uint8, generator=g); labels = torch.randint(0, 10, (10000,), generator=g)
+hyp = dict(epochs=2, lr_peak_epoch=0.5)
+seeds = [0, 1, 2]; keeps = [None, list(range(40, 10000)), None]
+block = trainer_madry.infer(trainer_madry.train(images, labels, keep=keeps, seed=seeds, device='cuda', **hyp), images)
+for k, (keep, seed) in enumerate(zip(keeps, seeds)):
+    alone = trainer_madry.infer(trainer_madry.train(images, labels, keep=keep, seed=seed, device='cuda', **hyp), images)
+    print(f'madry block check seed {seed}: max |block - alone| / max |alone| = {((block[k] - alone).abs().max() / alone.abs().max()).item():.2e}')
+again = trainer_madry.infer(trainer_madry.train(images, labels, keep=keeps[-1], seed=seeds[-1], device='cuda', **hyp), images)
+print(f'madry noise: the same run alone twice (cuDNN is not deterministic): {((again - alone).abs().max() / alone.abs().max()).item():.2e}')
+PY
 sample bench_library timeout 75 python3 bench/bench_airbench.py --preset library --runs 5
 if [ -n "$PKG" ]; then
   (cd "$DATA" && export PYTHONPATH="$PKG" && sample package timeout 75 python3 - <<'PY'
