@@ -1,11 +1,16 @@
 """airbench's precision setting on the CPU: 'float16' runs the arithmetic of the CUDA path (a float16
-channels-last net, norm layers in float32) on any device; 'auto' is float16 on CUDA only."""
+channels-last net, norm layers in float32) on any device; 'auto' is float16 on CUDA only. And float16
+stores of both CIFAR-10 trainers made and reported through the command line."""
+import importlib
+
 import numpy as np
 import pytest
 import torch
 
 import airbench
-from conftest import fake_cifar_images
+import experiment
+from conftest import fake_cifar_images, report
+from store import Store
 
 # A small net that learns the generated task in 12 steps (about 55% test accuracy in float32, chance
 # 10%): float16 convolutions' backward passes take about 1 s per step here on a CPU.
@@ -54,3 +59,24 @@ def test_a_diverged_float16_run_raises(data):
     # lr 1e6 per 1024 examples: steps of about 130 x the gradient (8,000 for the biases), each still a float16
     with pytest.raises(airbench.Diverged):
         airbench.train94(*train, seed=0, device='cpu', precision='float16', **dict(FAST, epochs=0.5, lr=1e6))
+
+
+@pytest.mark.parametrize('name', ['trainer_airbench', 'trainer_madry'])
+def test_a_float16_store_of_either_cifar_trainer_is_made_and_reported(name, cifar_dir, tmp_path, capsys):
+    """The GPU's arithmetic end to end on the CPU: --precision float16 through the command line stores finite
+    float16 logits with the precision in the store's settings, and viz reports the store."""
+    held_out = tmp_path / 'held_out.json'
+    held_out.write_text('{"random": [0, 1, 2, 3, 4], "easy": [900, 901, 902, 903, 904]}')
+    out = tmp_path / 'store'
+    argv = ['--smoke', '--runs', '2', '--out', str(out), '--data-dir', cifar_dir, '--device', 'cpu', '--held-out',
+            str(held_out), '--precision', 'float16', '--hyp', 'batch_size=100']  # 2 steps of 100 a run
+    if name == 'trainer_airbench':  # float16 convolutions' backward is slow on a CPU: 10 s a run at the smoke widths
+        argv += ['--hyp', 'widths=[8,8,8]']
+    assert experiment.main(importlib.import_module(name), argv) == 0
+    store = Store(out)
+    assert store.settings['hyp']['precision'] == 'float16'
+    for arm in experiment.ARMS:
+        logits, _ = store.load(arm)
+        assert logits.shape == (2, 1000, 10) and logits.dtype == np.float16 and np.isfinite(logits).all()
+    _, lines, _ = report([out], capsys)
+    assert any(line.startswith('Easy examples') for line in lines)
