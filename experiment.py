@@ -160,7 +160,7 @@ def main(trainer, argv=None):
         bad = [i for g in held_out.values() for i in g if i >= len(labels)]
         if bad:
             raise UsageError(f'{where}: indices {bad} are outside the {len(labels)} training examples (0 to '
-                             f'{len(labels) - 1})')
+                             f'{len(labels) - 1}).{_held_out_hint(out, args.held_out)}')
         n_steps = t.steps(hyp, len(labels))
         if n_steps is not None and n_steps < 1:
             raise UsageError(f'--hyp {" ".join(args.hyp) or "(defaults)"}: a run would take {n_steps} optimizer '
@@ -219,6 +219,19 @@ def _made_from(out, data_dir):
     if not made or os.path.abspath(data_dir) == made:
         return ''
     return f' The store {out} was made from the data in {made}: pass --data-dir {made}.'
+
+
+def _held_out_hint(out, given):
+    """What to pass instead of a held-out set that does not fit the data: the store's own set, when OUT is a
+    store, else (no --held-out given) a file of this data's indices."""
+    try:
+        held = Store(out).settings.get('held_out') or {}
+    except StoreError:
+        held = {}
+    if held:
+        groups = ', '.join(f'{len(v)} {k}' for k, v in held.items())
+        return f' The store {out} holds out {groups} examples: pass the --held-out file it was made with.'
+    return '' if given else ' Pass --held-out FILE.json, {"random": [...], "easy": [...]}, with indices of this data.'
 
 
 def _steps_of(t, hyp, arm, seed, n_train, held_out):

@@ -11,6 +11,7 @@ import torch
 
 import command_line
 import experiment
+import trainer_airbench
 import trainer_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,3 +184,22 @@ def test_the_trainers_first_line_names_the_held_out_set_it_uses(tmp_path, monkey
     assert code == 0, err
     assert err.splitlines()[0] == f'held out: 4 examples from --held-out {path}: rand 3, easy 1'
     assert 'test_acc near chance' not in err
+
+
+def test_a_held_out_set_that_does_not_fit_the_data_says_what_to_pass(inputs, cifar_dir, tmp_path, capsys):
+    # the experiment's CIFAR-10 indices on a small CIFAR-format folder: a file of this data's indices is asked for
+    out = tmp_path / 'small'
+    assert experiment.main(trainer_airbench, ['--smoke', '--out', str(out), '--data-dir', cifar_dir,
+                                              '--device', 'cpu']) == 2
+    err = capsys.readouterr().err
+    assert 'are outside the 1000 training examples (0 to 999). Pass --held-out FILE.json' in err and not out.exists()
+    # a store's own set is named when another file does not fit
+    store = tmp_path / 'digits'
+    assert experiment.main(trainer_digits, ['--smoke', '--runs', '1', '--out', str(store)]) == 0
+    held = json.loads((store / 'settings.json').read_text())['held_out']
+    capsys.readouterr()
+    assert experiment.main(trainer_digits, ['--smoke', '--runs', '1', '--out', str(store), '--held-out',
+                                            f'{inputs}/outside.json']) == 2
+    groups = ', '.join(f'{len(v)} {k}' for k, v in held.items())
+    assert f'The store {store} holds out {groups} examples: pass the --held-out file it was made with' in \
+        capsys.readouterr().err
