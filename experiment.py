@@ -30,6 +30,7 @@ A trainer is a module that defines these names (docs/trainers.md has a worked ex
                alone); the command line then offers --block K|auto [False]. Runs of one block take equal
                steps (run_steps)
     RUNS       int >= 1: the default of --runs [1000]
+    MIN_STEPS  int >= 1: a run of fewer optimizer steps ends at its initial weights (a note then says so) [1]
     steps(hyp, n_train) -> int: optimizer steps of one run, for the cost note and the progress bar
                [default_steps: ceil(epochs x (n_train // batch_size))]
     __doc__    the top of --help: what the trainer does and how to run it
@@ -92,7 +93,7 @@ def load_cifar10(data_dir):
 
 # The optional names of a trainer module, at the value the harness takes when the module leaves one out.
 OPTIONAL = dict(SMOKE={}, make_hyp=None, load=load_cifar10, DATA_DIR=True, HELD_OUT=HELD_OUT, BLOCK=1, BLOCKS=False,
-                RUNS=1000, steps=default_steps)
+                RUNS=1000, MIN_STEPS=1, steps=default_steps)
 
 
 def read_trainer(module):
@@ -112,6 +113,8 @@ def read_trainer(module):
         ('SMOKE', t.SMOKE, isinstance(t.SMOKE, dict) and set(t.SMOKE) <= set(t.hyp), 'a dict of keys of hyp'),
         ('BLOCK', t.BLOCK, is_number(t.BLOCK) and t.BLOCK == int(t.BLOCK) >= 1, 'an integer >= 1'),
         ('RUNS', t.RUNS, is_number(t.RUNS) and t.RUNS == int(t.RUNS) >= 1, 'an integer >= 1'),
+        ('MIN_STEPS', t.MIN_STEPS, is_number(t.MIN_STEPS) and t.MIN_STEPS == int(t.MIN_STEPS) >= 1,
+         'an integer >= 1'),
         ('DATA_DIR', t.DATA_DIR, isinstance(t.DATA_DIR, bool), 'True or False'),
         ('BLOCKS', t.BLOCKS, isinstance(t.BLOCKS, bool) and not (t.BLOCKS and t.BLOCK != 1),
          'True or False, and True only with BLOCK 1 (a fixed block, or blocks of any size)')] if not ok]
@@ -178,6 +181,11 @@ def main(trainer, argv=None):
         if args.runs < 2:
             print(f'note: --runs {args.runs}: viz needs at least 2 runs per arm to report this store; the same '
                   'command with --runs 2 or more adds to it.', file=sys.stderr)
+        if n_steps is not None and n_steps < t.MIN_STEPS:
+            print(f'note: a run takes {n_steps} optimizer steps here ({len(labels)} examples, batch_size '
+                  f'{hyp["batch_size"]}, epochs {hyp["epochs"]}); this trainer\'s weights first move at step '
+                  f'{t.MIN_STEPS}, so every run ends at its initial weights and the report will show no effect: '
+                  'raise --hyp epochs or lower batch_size.', file=sys.stderr)
         if args.smoke:
             print('--smoke: a short run of a small net, to check that everything runs; its test_acc is below a '
                   'full run\'s and says nothing about the experiment.', file=sys.stderr)

@@ -29,6 +29,7 @@ hyp = airbench.make_hyp(
 SMOKE = dict(widths=(16, 32, 32), epochs=0.2)  # a tiny net, a fifth of an epoch
 make_hyp = airbench.make_hyp
 BLOCKS = True  # train takes keep and seed lists too: a block of models trained at once as one fused net
+MIN_STEPS = 5  # the lookahead's first update; a shorter run ends at the EMA's start, its initial weights
 
 
 def train(images, labels, *, keep, seed, device, **hyp):

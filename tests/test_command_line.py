@@ -203,3 +203,17 @@ def test_a_held_out_set_that_does_not_fit_the_data_says_what_to_pass(inputs, cif
     groups = ', '.join(f'{len(v)} {k}' for k, v in held.items())
     assert f'The store {store} holds out {groups} examples: pass the --held-out file it was made with' in \
         capsys.readouterr().err
+
+
+def test_runs_too_short_to_move_airbenchs_weights_are_named(cifar_dir, tmp_path, capsys):
+    # 1,000 images at batch 512 for 0.2 epochs: 1 step. airbench's lookahead first pulls the weights at step 5
+    # and its last update puts the EMA back, so such a run ends at its initial weights: nothing to report.
+    held_out = tmp_path / 'held_out.json'
+    held_out.write_text('{"random": [0, 1], "easy": [900, 901]}')
+    argv = ['--smoke', '--runs', '1', '--data-dir', cifar_dir, '--device', 'cpu', '--held-out', str(held_out)]
+    assert experiment.main(trainer_airbench, [*argv, '--out', str(tmp_path / 'short')]) == 0
+    assert 'note: a run takes 1 optimizer steps here (1000 examples, batch_size 512, epochs 0.2); this ' \
+           "trainer's weights first move at step 5" in capsys.readouterr().err
+    assert experiment.main(trainer_airbench, [*argv, '--out', str(tmp_path / 'long'), '--hyp', 'batch_size=100',
+                                              '--hyp', 'epochs=0.5']) == 0  # 5 steps
+    assert 'weights first move' not in capsys.readouterr().err
