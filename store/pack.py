@@ -158,7 +158,7 @@ class Pack:
                                    test_acc=found['test_acc'].item(), files=stat)
                         rows.read(found)
                     # written in order, never through a mapping: a full disk is an OSError, not a SIGBUS
-                    out.write(np.ascontiguousarray(logits, dtype='<f2').tobytes())
+                    out.write(memoryview(np.ascontiguousarray(logits, dtype='<f2')).cast('B'))  # no copy
                     for k in keys:
                         index[k].append(rec[k])
                 if len(index['run']) < len(files):  # some runs were bad: the header says how many are here
