@@ -17,8 +17,9 @@ import os
 
 import numpy as np
 
-from design import keep_for, kept_mask
+from design import keep_for, kept_bits, kept_mask
 from store.files import StoreError, _read_json, _remove, _tag, fsync_dir, open_file, publish
+from store.kernel import Kernel
 from store.pack import HEADER_BYTES, _data_stat, _npy_header
 
 CHUNK = 16  # runs per chunk; the reports' sums go chunk by chunk, so their last bits depend on it
@@ -121,77 +122,181 @@ class Margins:
         return f
 
     def _write_margins(self, arm, index):
-        """Compute every run's margins from the pack, write them sequentially to a temporary name, rename it
-        into place and publish its index. -> the written file, open for reading, or None if it cannot be
-        written (the margins are then computed from the logits at each read)."""
-        logits, _ = self.load(arm)
-        n, n_train = len(logits), self.settings['n_train']
-        data, index_file = self._margin_paths(arm)
-        tmp = f'{data}.tmp-{_tag()}'
-        kernel = _Kernel(self.labels)
-        total, count = np.zeros(n_train), np.zeros(n_train, np.int64)
-        try:
-            with open(tmp, 'xb') as out:
-                out.write(_npy_header((n + 2, n_train), '<f8'))
-                chunk = np.empty((CHUNK, n_train), '<f8')
-                for lo, part in _pack_chunks(logits):
-                    m = chunk[:len(part)]  # (k, n_train)
-                    for row, run in zip(m, part):
-                        kernel(run, out=row)
-                    out.write(memoryview(m).cast('B'))
-                    ok = np.isfinite(m)  # as viz_io.mean_margins sums: chunk by chunk
-                    total += np.where(ok, m, 0.0).sum(0)
-                    count += ok.sum(0)
-                out.write(total.astype('<f8').tobytes() + count.astype('<f8').tobytes())  # counts < 2^53: exact
-                if arm == 'scan':
-                    held_out = self.settings['held_out']
-                    for seed in self.load(arm)[1]['seed']:
-                        out.write(np.packbits(kept_mask(keep_for('scan', int(seed), n_train, held_out), n_train)))
-                out.flush()
-                os.fsync(out.fileno())
-            f = open(tmp, 'rb')  # this process reads what it wrote, whatever the names hold later
-        except OSError:
-            _remove(tmp)
+        """Compute every run's margins from the pack (the pack is there, its margins file is not valid),
+        write them sequentially to a temporary name, rename it into place and publish its index. -> the
+        written file, open for reading, or None if it cannot be written (the margins are then computed
+        from the logits at each read)."""
+        logits, run_info = self.load(arm)
+        writer = self._margins_writer(arm)
+        if writer is None:
             return None
+        kernel = Kernel(self.labels)
+        n_train, held_out = self.settings['n_train'], self.settings['held_out']
         try:
-            os.replace(tmp, data)
+            for lo, part in _pack_chunks(logits):
+                for run, seed in zip(part, run_info['seed'][lo:lo + len(part)]):
+                    kernel(run, out=writer.row())
+                    writer.add(np.packbits(kept_mask(keep_for('scan', int(seed), n_train, held_out), n_train))
+                               if arm == 'scan' else None)
+        except OSError:
+            writer.abandon()
+            return None
+        return self._publish_margins(arm, index, writer)
+
+    def _margin_rows(self, arm, old, old_runs):
+        """The margins rows of a pack being written (_Rows); old: the previous pack's margins file, open,
+        or None; old_runs: its runs."""
+        return _Rows(self, arm, old, old_runs)
+
+    def _margins_writer(self, arm):
+        """A _Writer of the margins file of `arm` at a temporary name, None if it cannot be made."""
+        try:
+            return _Writer(self._margin_paths(arm)[0], self.settings['n_train'], arm == 'scan')
+        except OSError:
+            return None
+
+    def _publish_margins(self, arm, index, writer):
+        """Finish `writer`, rename its file into place and publish its index, naming the pack `index`.
+        -> the file, open for reading (whatever the names hold later), or None if it could not be finished."""
+        try:
+            f = writer.finish()
+        except OSError:
+            writer.abandon()
+            return None
+        data, index_file = self._margin_paths(arm)
+        try:
+            os.replace(writer.tmp, data)
             fsync_dir(os.path.dirname(data))
             st = os.fstat(f.fileno())  # after the rename, which changes the change time
             publish(index_file, json.dumps({'pack': self._margin_key(index), 'file': _data_stat(st)}).encode())
         except (OSError, StoreError):
-            _remove(tmp)
+            _remove(writer.tmp)
         return f
 
 
-class _Kernel:
-    """stats.margins of one run, (n_train, 10) float16 -> (n_train,) float64, equal to it bit for bit
-    (tests/test_viz_cache.py) and about twice as fast: the ten classes as rows of a (10, n_train) array,
-    so the max and the sum are elementwise over rows. The sum adds the exponentials in the order numpy's
-    pairwise sum adds ten contiguous values (eight partial sums paired, then the last two in turn);
-    anything else could change the last bit."""
+class _Rows:
+    """The margins file written beside a pack in the same pass (Pack._pack): each run's row copied from
+    the previous margins file (a row of the previous pack reused), from the run file (its own margins,
+    checked when it was read), or computed from its logits where neither has them; a write that fails
+    leaves the pack without a margins file (built when first read, as for an older pack)."""
 
-    def __init__(self, labels):
-        n = len(labels)
-        self.at_label = np.asarray(labels) * n + np.arange(n)  # flat positions in (10, n)
-        self.work = np.empty((10, n))
+    def __init__(self, store, arm, old, old_runs):
+        self.labels, self.n_train, self.scan = store.labels, store.settings['n_train'], arm == 'scan'
+        self.held_out = store.settings['held_out']
+        self.store, self.arm, self.old, self.old_runs = store, arm, old, old_runs
+        self.writer = store._margins_writer(arm)
+        self.kernel = None
 
-    def __call__(self, logits, out=None):
-        x = self.work
-        x[:] = logits.T
-        flat = x.reshape(-1)
-        correct = flat[self.at_label]
-        flat[self.at_label] = -np.inf
-        top = x.max(0)
-        # NaN/inf logits give a non-finite margin, as in stats.margins
-        with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
-            x -= top
-            np.exp(x, out=x)
-            s = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]))
-            s += x[8]
-            s += x[9]
-            np.log(s, out=s)
-            np.subtract(correct, top, out=correct)
-            return np.subtract(correct, s, out=out)
+    def _margins_of(self, logits, row):
+        if self.kernel is None:
+            self.kernel = Kernel(self.labels)
+        self.kernel(logits, out=row)
+
+    def reused(self, i, logits, seed):
+        """Row i of the previous pack, (n_train, 10) logits, its run's seed."""
+        if self.writer is None:
+            return
+        width = -(-self.n_train // 8)
+        bits = np.empty(width, np.uint8) if self.scan else None
+        try:
+            row = self.writer.row()
+            if self.old is None:
+                self._margins_of(logits, row)
+                if self.scan:
+                    bits = kept_bits('scan', int(seed), self.n_train, self.held_out)
+            else:
+                _read_into(self.old, row, HEADER_BYTES + i * self.n_train * 8)
+                if self.scan:
+                    _read_into(self.old, bits, HEADER_BYTES + (self.old_runs + 2) * self.n_train * 8 + i * width)
+            self.writer.add(bits)
+        except (OSError, StoreError):
+            self._drop()
+
+    def read(self, found):
+        """A run file's record, as Runs._read_run returns it."""
+        if self.writer is None:
+            return
+        try:
+            row = self.writer.row()
+            if 'margins' in found:
+                row[:] = found['margins']
+            else:
+                self._margins_of(found['logits'], row)
+            self.writer.add(found['kept'] if self.scan else None)
+        except OSError:
+            self._drop()
+
+    def _drop(self):
+        self.writer.abandon()
+        self.writer = None
+
+    def close(self, keep):
+        """The previous margins file closed; keep: the pack was published (else nothing is)."""
+        if self.old is not None:
+            self.old.close()
+            self.old = None
+        if not keep and self.writer is not None:
+            self._drop()
+
+    def publish(self, index):
+        """-> the margins file, open for reading, or None if there is none."""
+        return None if self.writer is None else self.store._publish_margins(self.arm, index, self.writer)
+
+
+class _Writer:
+    """A margins file written sequentially at a temporary name beside `path`: each run's margins in run
+    order (filled in place: row(), then add()), CHUNK runs at a time, each example's sum and count of
+    finite margins summed chunk by chunk as viz_io.mean_margins sums them, then (a scan) each run's
+    examples as bits; the header, which holds the number of runs, written last."""
+
+    def __init__(self, path, n_train, scan):
+        self.tmp = f'{path}.tmp-{_tag()}'
+        self.out = open(self.tmp, 'xb')
+        self.out.seek(HEADER_BYTES)
+        self.chunk = np.empty((CHUNK, n_train), '<f8')  # 6.4 MB at 50,000 examples
+        self.k = self.runs = 0
+        self.total, self.count = np.zeros(n_train), np.zeros(n_train, np.int64)
+        self.bits = [] if scan else None  # (ceil(n_train / 8),) uint8 per run
+
+    def row(self):
+        """The next run's row, (n_train,) float64, to be filled before add()."""
+        return self.chunk[self.k]
+
+    def add(self, bits=None):
+        """The row filled; bits: a scan run's examples, packed (design.kept_bits)."""
+        if self.bits is not None:
+            self.bits.append(bits)
+        self.k += 1
+        if self.k == CHUNK:
+            self._flush()
+
+    def _flush(self):
+        m = self.chunk[:self.k]  # (k, n_train)
+        self.out.write(memoryview(m).cast('B'))
+        ok = np.isfinite(m)  # as viz_io.mean_margins sums: chunk by chunk
+        self.total += np.where(ok, m, 0.0).sum(0)
+        self.count += ok.sum(0)
+        self.runs += self.k
+        self.k = 0
+
+    def finish(self):
+        """Write what is left, the sums, the bits and the header; sync. -> the file, open for reading."""
+        if self.k:
+            self._flush()
+        out = self.out
+        out.write(self.total.astype('<f8').tobytes() + self.count.astype('<f8').tobytes())  # counts < 2^53: exact
+        for bits in self.bits or ():
+            out.write(bits.tobytes())
+        out.seek(0)
+        out.write(_npy_header((self.runs + 2, len(self.total)), '<f8'))
+        out.flush()
+        os.fsync(out.fileno())
+        out.close()
+        return open(self.tmp, 'rb')
+
+    def abandon(self):
+        self.out.close()
+        _remove(self.tmp)
 
 
 def _read_into(source, buf, offset):

@@ -3,8 +3,11 @@ or the data file differs from its index."""
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from design import kept_bits, seed_for
 
 from store.files import (OWN_TEMP, StoreError, Unreadable, _Vanished, _read_json, _remove, _tag, _why, fsync_dir,
                          open_file, publish)
@@ -118,18 +121,24 @@ class Pack:
         return logits, {k: np.asarray(index[k]) for k in ('run', 'seed', 'seconds', 'test_acc')}
 
     def _pack(self, arm, files):
-        """Write the pack of every valid run, sequentially, reusing the rows of the previous pack for
-        run files that did not change; bad run files are moved aside. Returns (logits, run_info), mapped
-        from the file written here; analyses from the run files if the pack cannot be written."""
+        """Write the pack of every valid run and its margins file (store/margins.py) in one sequential
+        pass, reusing the rows (logits and margins) of the previous pack for run files that did not
+        change; a run file's own margins are copied (checked at a few examples), computed only for a file
+        without them; bad run files are moved aside. Returns (logits, run_info), mapped from the file
+        written here; analyses from the run files if the pack cannot be written."""
         n_train = self.settings['n_train']
         data, index_file = self._pack_paths(arm)
         old_index = self._read_index(arm)
         old = self._map_pack(arm, old_index) if old_index else None
         reuse = {} if old is None else {r: (i, f) for i, (r, f) in enumerate(zip(old_index['run'], old_index['files']))}
+        old_margins = None if old is None else self._open_margins(arm, old_index)  # rows of the old pack's runs
         tmp = f'{data}.tmp-{_tag()}'
         keys = ('run', 'seed', 'seconds', 'test_acc', 'files')
         index = {k: [] for k in keys}
         bad = []
+        rows = self._margin_rows(arm, old_margins, None if old is None else len(old))
+        to_read = [run for run in sorted(files) if run not in reuse or reuse[run][1] != files[run]]
+        ahead = _draw_ahead(self, arm, to_read)  # a scan's halves, drawn in another thread meanwhile
         try:
             with open(tmp, 'xb') as out:
                 out.write(_npy_header((len(files), n_train, 10)))
@@ -137,16 +146,19 @@ class Pack:
                     if run in reuse and reuse[run][1] == files[run]:
                         i = reuse[run][0]
                         logits, rec = old[i], {k: old_index[k][i] for k in keys}
+                        rows.reused(i, logits, rec['seed'])
                     else:
-                        got = self._read_valid(arm, run, files, bad)
+                        got = self._read_valid(arm, run, files, bad, drop=True,
+                                               expected_bits=None if ahead is None else ahead.get(run))
                         if got is None:
                             continue
                         found, stat = got
                         logits = found['logits']
                         rec = dict(run=run, seed=found['seed'].item(), seconds=found['seconds'].item(),
                                    test_acc=found['test_acc'].item(), files=stat)
+                        rows.read(found)
                     # written in order, never through a mapping: a full disk is an OSError, not a SIGBUS
-                    out.write(np.ascontiguousarray(logits, dtype='<f2').tobytes())
+                    out.write(memoryview(np.ascontiguousarray(logits, dtype='<f2')).cast('B'))  # no copy
                     for k in keys:
                         index[k].append(rec[k])
                 if len(index['run']) < len(files):  # some runs were bad: the header says how many are here
@@ -177,15 +189,22 @@ class Pack:
             return self._from_files(arm, self._stats(arm), f'could not write {data} ({_why(e)})')
         finally:
             _remove(tmp)
-        if 'data' in index:  # published: the margins' key (store/margins.py)
+            rows.close(keep='data' in index)
+            if ahead is not None:
+                ahead.close()
+        if 'data' in index:  # published: the margins' key (store/margins.py), and the margins beside it
             self.__dict__.setdefault('_pack_index', {})[arm] = index
+            written = rows.publish(index)
+            if written is not None:  # this snapshot reads the file written here
+                self.__dict__.setdefault('_margin_sources', {})[arm] = (logits, written)
         return logits, {k: np.asarray(index[k]) for k in ('run', 'seed', 'seconds', 'test_acc')}
 
-    def _read_valid(self, arm, run, files, bad):
+    def _read_valid(self, arm, run, files, bad, drop=False, expected_bits=None):
         """(record, stat) of one run file for packing, or None if it vanished or failed its checks (then
-        appended to `bad` with the reason, to be moved aside). An unreadable file stops the reading."""
+        appended to `bad` with the reason, to be moved aside). An unreadable file stops the reading.
+        drop, expected_bits: as Runs._read_run takes them."""
         try:
-            return self._read_run(arm, run)
+            return self._read_run(arm, run, drop=drop, expected_bits=expected_bits)
         except _Vanished:
             return None
         except Unreadable:
@@ -226,6 +245,28 @@ class Pack:
                 run_info[k].append(rec[k].item())
         self._set_aside_runs(arm, bad, good=len(run_info['run']))
         return logits[:len(run_info['run'])], {k: np.asarray(v) for k, v in run_info.items()}
+
+
+class _DrawAhead:
+    """The kept examples (design.kept_bits) of a scan's runs to be read, drawn in order by one other
+    thread while this one reads and checks run files (numpy's permutation and sort release the GIL)."""
+
+    def __init__(self, store, runs):
+        n_train, held_out, base = store.settings['n_train'], store.settings['held_out'], store.settings['seed_base']
+        self.pool = ThreadPoolExecutor(1)
+        self.drawn = {run: self.pool.submit(kept_bits, 'scan', seed_for(run, base), n_train, held_out)
+                      for run in runs}
+
+    def get(self, run):
+        """A function returning the bits of `run` (waiting for them if need be)."""
+        return self.drawn[run].result
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)  # no draw outlives the pack
+
+
+def _draw_ahead(store, arm, runs):
+    return _DrawAhead(store, runs) if arm == 'scan' and runs else None
 
 
 def _npy_header(shape, descr='<f2'):

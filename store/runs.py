@@ -3,15 +3,19 @@ import errno
 import json
 import os
 import re
+import io
 import stat
+import struct
 import time
 import zipfile
+import zlib
 
 import numpy as np
 
 from design import MAX_RUNS, kept_bits, seed_for
 from store.files import (OWN_TEMP, NotRegular, StoreError, TempRemoved, Unreadable, _Vanished, _kind, _short, _tag, _why, fsync_dir,
                          note, open_file, publish)
+from store.kernel import Kernel, margins_agree
 
 RUN_NAME = re.compile(r'(\d{6})\.npz')
 
@@ -42,15 +46,20 @@ class Runs:
 
     def save_run(self, arm, run, seed, logits, seconds, test_acc, **extra):
         """Store one finished run; logits (n_train, 10). Atomic: the file is complete or absent.
-        A run that saw only some examples also records which, as bits (checked on loading).
+        A run that saw only some examples also records which, as bits (checked on loading). The run's
+        margins (stats.margins of its logits, float64) are kept in the file too, so that packing copies
+        them instead of computing them.
         -> False if this process had claimed the run and lost the claim: nothing was stored."""
         self._check_run_index(arm, run, seed)
         logits = np.asarray(logits, dtype=np.float16)
         n_train = self.settings['n_train']
         if logits.shape != (n_train, 10):
             raise ValueError(f'logits of shape {logits.shape}, expected ({n_train}, 10)')
-        record = dict(logits=logits, arm=arm, run=run, seed=seed, binding=self.binding, seconds=seconds,
-                      test_acc=test_acc, meta=json.dumps(extra))
+        kernel = self.__dict__.get('_kernel')
+        if kernel is None:
+            kernel = self.__dict__['_kernel'] = Kernel(self.labels)
+        record = dict(logits=logits, margins=kernel(logits), arm=arm, run=run, seed=seed, binding=self.binding,
+                      seconds=seconds, test_acc=test_acc, meta=json.dumps(extra))
         bits = kept_bits(arm, seed, n_train, self.settings['held_out'])
         if bits is not None:
             record['kept'] = bits
@@ -124,13 +133,19 @@ class Runs:
         Unreadable if it cannot be read."""
         return self._read_run(arm, run)[0]
 
-    def _read_run(self, arm, run):
-        """(record, (size, mtime_ns, inode, ctime_ns) of the file read)."""
+    def _read_run(self, arm, run, drop=False, expected_bits=None):
+        """(record, (size, mtime_ns, inode, ctime_ns) of the file read). A 'margins' member that is not
+        (n_train,) float64 or disagrees with the logits is left out of the record (the margins are then
+        computed from the logits). drop: the file's pages are dropped from the page cache once read (it is
+        being packed: the pack is what the next reads need cached). expected_bits: a function returning
+        kept_bits of this run, where the caller draws them (a scan's, drawn ahead in another thread)."""
         path = self.run_file(arm, run)
         try:
             with open_file(path) as f:
                 st = os.fstat(f.fileno())
                 rec = _load_members(path, f, self.settings['n_train'])
+                if drop and hasattr(os, 'posix_fadvise'):
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         except FileNotFoundError:
             raise _Vanished(path) from None
         except StoreError:
@@ -158,7 +173,8 @@ class Runs:
             raise StoreError(f'{path}: logits missing or not ({n_train}, 10) float16')
         # The analysis redraws each run's kept examples from its arm and seed: they must be the ones trained on.
         drawn = self.__dict__.setdefault('_kept_bits', {})  # with, without: the same examples whatever the seed
-        bits = drawn[arm] if arm in drawn else kept_bits(arm, seed, n_train, self.settings['held_out'])
+        bits = drawn[arm] if arm in drawn else kept_bits(arm, seed, n_train, self.settings['held_out']) \
+            if expected_bits is None else expected_bits()
         if arm in ('with', 'without'):
             drawn[arm] = bits
         if bits is not None and not np.array_equal(rec.get('kept'), bits):
@@ -168,6 +184,12 @@ class Runs:
             if key not in rec or rec[key].ndim != 0 or rec[key].dtype.kind not in 'fiu':
                 raise StoreError(f'{path}: {key} missing or not a number'
                                  f'{"" if key not in rec else f" ({rec[key].dtype} {rec[key].shape})"}')
+        if 'margins' in rec:  # a file from before margins were kept has none: computed from the logits
+            m = rec['margins']
+            if m.shape != (n_train,) or m.dtype != np.float64 or not margins_agree(m, rec['logits'], self.labels, run):
+                del rec['margins']
+                self._note_once(('margins', path), f'{path}: its kept margins are not those of its logits; '
+                                'computed from the logits instead')
         return rec, [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
     def quarantine(self, arm, run, reason, identity_read=None):
@@ -245,26 +267,82 @@ NPY_HEADER = 4096  # bytes, at most, of a member's .npy header
 
 
 def _member_limits(n_train):
-    return dict(logits=n_train * 10 * 2, kept=(n_train + 7) // 8, meta=1 << 20, arm=256, run=8, seed=8,
+    return dict(logits=n_train * 10 * 2, margins=n_train * 8, kept=(n_train + 7) // 8, meta=1 << 20, arm=256, run=8, seed=8,
                 binding=256, seconds=16, test_acc=16)
 
 
 def _load_members(path, f, n_train):
     """{member: array} of the run file open as `f`, each member checked by name and size before anything
-    is read (a small file can hold a huge compressed member). allow_pickle stays False (numpy's default):
-    a run file from a shared store loads data, never code."""
+    is read (a small file can hold a huge compressed member), then read once and checked against its CRC.
+    Object arrays are refused (numpy's allow_pickle=False): a run file from a shared store loads data,
+    never code."""
     limits = _member_limits(n_train)
-    with zipfile.ZipFile(f) as z:
+    with zipfile.ZipFile(f) as z:  # the zip's central directory, parsed once
         infos = z.infolist()
-    names = [i.filename.removesuffix('.npy') for i in infos]
-    odd = [i.filename for i, n in zip(infos, names) if n not in limits or not i.filename.endswith('.npy')]
-    if odd or len(set(names)) < len(names):
-        raise StoreError(f'{path}: holds {", ".join(odd[:3]) or "a member twice"}, expected only the members of a '
-                         f'run file ({", ".join(limits)})')
-    big = [(i.filename, i.file_size) for i, n in zip(infos, names) if i.file_size > limits[n] + NPY_HEADER]
-    if big:
-        raise StoreError(f'{path}: member {big[0][0]} holds {big[0][1]:,} bytes, expected at most '
-                         f'{limits[big[0][0][:-4]] + NPY_HEADER:,} for {n_train} training examples')
-    f.seek(0)
-    with np.load(f) as z:
-        return {k: z[k] for k in z.files}
+        names = [i.filename.removesuffix('.npy') for i in infos]
+        odd = [i.filename for i, n in zip(infos, names) if n not in limits or not i.filename.endswith('.npy')]
+        if odd or len(set(names)) < len(names):
+            raise StoreError(f'{path}: holds {", ".join(odd[:3]) or "a member twice"}, expected only the members of a '
+                             f'run file ({", ".join(limits)})')
+        big = [(i.filename, i.file_size) for i, n in zip(infos, names) if i.file_size > limits[n] + NPY_HEADER]
+        if big:
+            raise StoreError(f'{path}: member {big[0][0]} holds {big[0][1]:,} bytes, expected at most '
+                             f'{limits[big[0][0][:-4]] + NPY_HEADER:,} for {n_train} training examples')
+        return {n: _npy(_member_bytes(z, f, i), i.filename) for i, n in zip(infos, names)}
+
+
+LOCAL_HEADER = struct.Struct(zipfile.structFileHeader)  # a zip member's local header: 30 bytes
+
+
+def _member_bytes(z, f, info):
+    """The bytes of one member of the zip `z` open on `f`, checked against the CRC of its directory entry.
+    A stored member (np.savez writes no other) is read with one pread; anything else through zipfile."""
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1 or info.compress_size != info.file_size:
+        with z.open(info) as member:  # zipfile checks the CRC at the member's end
+            return member.read()
+    head = os.pread(f.fileno(), LOCAL_HEADER.size, info.header_offset)
+    if len(head) < LOCAL_HEADER.size or head[:4] != zipfile.stringFileHeader:
+        raise zipfile.BadZipFile(f'Bad magic number for file header of {info.filename!r}')
+    fields = LOCAL_HEADER.unpack(head)
+    skip = fields[zipfile._FH_FILENAME_LENGTH] + fields[zipfile._FH_EXTRA_FIELD_LENGTH]
+    buf = bytearray(skip + info.file_size)  # writable: the arrays read from it are too, as np.load's are
+    if os.preadv(f.fileno(), [buf], info.header_offset + LOCAL_HEADER.size) != len(buf):
+        raise zipfile.BadZipFile(f'{info.filename!r} is truncated')
+    if buf[:fields[zipfile._FH_FILENAME_LENGTH]] != info.orig_filename.encode('utf-8'):
+        raise zipfile.BadZipFile(f'File name in directory {info.filename!r} and header differ')
+    data = memoryview(buf)[skip:]
+    if zlib.crc32(data) != info.CRC:
+        raise zipfile.BadZipFile(f'Bad CRC-32 for file {info.filename!r}')
+    return data
+
+
+_HEADERS = {}  # a .npy header's bytes -> (shape, fortran_order, dtype): run files repeat the same few headers
+
+
+def _npy(raw, name):
+    """The array of a .npy file's bytes `raw` (version 1.0 or 2.0 of the format); object arrays refused."""
+    raw = memoryview(raw)
+    version = bytes(raw[6:8])
+    if bytes(raw[:6]) != b'\x93NUMPY' or version not in (b'\x01\x00', b'\x02\x00'):
+        raise ValueError(f'{name}: not a .npy array of format version 1.0 or 2.0')
+    start = 10 if version == b'\x01\x00' else 12
+    if len(raw) < start:
+        raise ValueError(f'{name}: truncated header')
+    length = start + struct.unpack('<H' if start == 10 else '<I', raw[8:start])[0]
+    header = bytes(raw[:length])
+    got = _HEADERS.get(header)
+    if got is None:
+        fp = io.BytesIO(header)
+        read = np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(fp) == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        got = read(fp)
+        if got[2].hasobject:
+            raise ValueError(f'{name}: object arrays cannot be loaded when allow_pickle=False')
+        if len(_HEADERS) < 256:
+            _HEADERS[header] = got
+    shape, fortran, dtype = got
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(raw) - length != count * dtype.itemsize:
+        raise ValueError(f'{name}: holds {len(raw) - length} bytes of data, expected {count * dtype.itemsize} '
+                         f'for {dtype} {shape}')
+    return np.frombuffer(raw[length:], dtype, count).reshape(shape, order='F' if fortran else 'C')

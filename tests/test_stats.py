@@ -227,3 +227,44 @@ def test_null_extremes_match_the_exact_distribution_of_the_minimum():
     assert abs(np.median(draws[:, 0]) - exact) < 0.1  # 400 draws: the median's sd is about 0.02
     scaled = stats.null_extremes(np.full(m, 0.2), k=5, draws=400, seed=1)
     np.testing.assert_allclose(scaled, 0.2 * draws, rtol=1e-12)
+
+
+def _halves_by_masked_copies(chunks):
+    """scan_test_halves' sums as first written (a copy of each half's rows, np.where per side): the
+    reference its faster form must equal bit for bit."""
+    acc, shift = None, None
+    for x, inside, second in chunks:
+        if shift is None:
+            shift = x.mean(0)
+            acc = [{side: [np.zeros(x.shape[1], np.int64), np.zeros(x.shape[1]), np.zeros(x.shape[1])]
+                    for side in ('in', 'out')} for _ in range(2)]
+        d = x - shift
+        for half, rows in zip(acc, (~second, second)):
+            if not rows.any():
+                continue
+            dh, ih = d[rows], inside[rows]
+            for side, mask in (('in', ih), ('out', ~ih)):
+                count, total, squares = half[side]
+                count += mask.sum(0)
+                total += np.where(mask, dh, 0.0).sum(0)
+                squares += np.where(mask, dh * dh, 0.0).sum(0)
+    both = {side: [a + b for a, b in zip(acc[0][side], acc[1][side])] for side in ('in', 'out')}
+    return tuple(stats._scan_result(sums, shift) for sums in (both, *acc))
+
+
+@pytest.mark.parametrize('halves', ['alternate', 'irregular', 'one half'])
+def test_scan_test_halves_give_the_same_bits_as_masked_copies(halves):
+    rng = np.random.default_rng(8)
+    margins = rng.normal(3, 1, (50, 30))
+    margins[:, 0] = 2.5  # equal margins: differences of exactly zero, of either sign after a mask
+    margins[:, 1] = -np.abs(margins[:, 1])
+    included = rng.random((50, 30)) < 0.5
+    second = {'alternate': np.arange(50) % 2 == 1, 'irregular': rng.random(50) < 0.5,
+              'one half': np.zeros(50, bool)}[halves]
+    chunks = [(margins[a:a + 16], included[a:a + 16], second[a:a + 16]) for a in range(0, 50, 16)]
+    with np.errstate(invalid='ignore', divide='ignore'):
+        got, want = stats.scan_test_halves(chunks), _halves_by_masked_copies(chunks)
+    for g, w in zip(got, want):
+        for key in w:
+            assert np.array_equal(np.asarray(g[key]), np.asarray(w[key]), equal_nan=True), key
+            assert np.array_equal(np.signbit(g[key]), np.signbit(w[key])), key

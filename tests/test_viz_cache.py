@@ -151,7 +151,6 @@ def test_margins_copied_from_another_store_of_the_same_shape_are_rebuilt(tmp_pat
 
 def test_a_store_where_the_margins_cannot_be_written_is_analysed_without_them(tmp_path, monkeypatch):
     make(tmp_path, 4)
-    Store(tmp_path).load('with')  # packed, no margins yet
     real = builtins.open
 
     def refuse(file, mode='r', *args, **kwargs):
@@ -159,7 +158,8 @@ def test_a_store_where_the_margins_cannot_be_written_is_analysed_without_them(tm
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
         return real(file, mode, *args, **kwargs)
     monkeypatch.setattr(builtins, 'open', refuse)
-    kept(Store(tmp_path))
+    Store(tmp_path).load('with')  # packed in one pass with its margins, which cannot be written
+    kept(Store(tmp_path))  # nor when first read
     assert not any(os.path.exists(f) for f in files(tmp_path))
     assert not [n for n in os.listdir(tmp_path / 'packed') if '.tmp-' in n]
 
@@ -195,10 +195,10 @@ def test_reports_are_the_same_from_the_margins_file_from_a_rebuilt_one_and_from_
 
 
 def test_the_kernel_that_fills_the_margins_file_gives_stats_margins_bit_for_bit():
-    from store.margins import _Kernel
+    from store.kernel import Kernel
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 5000)
-    kernel = _Kernel(labels)
+    kernel = Kernel(labels)
     for scale in (0.01, 1, 10, 300, 30000):
         x = rng.standard_normal((5000, 10)) * scale
         x[rng.random(x.shape) < 0.01] *= 1000  # some logits far from the rest
@@ -234,3 +234,87 @@ def test_a_run_saved_through_a_store_is_in_its_next_margins(tmp_path):
     kept(s)
     add(tmp_path, s)
     assert len(kept(s)) == 5
+
+
+def rewrite(path, **changes):
+    """A run file rewritten with some members changed (None: left out), as another version wrote it."""
+    with np.load(path) as z:
+        rec = {k: z[k] for k in z.files}
+    for k, v in changes.items():
+        if v is None:
+            rec.pop(k)
+        else:
+            rec[k] = v
+    with open(path, 'wb') as f:
+        np.savez(f, **rec)
+
+
+def test_a_run_file_keeps_its_margins_and_packing_copies_them(tmp_path, monkeypatch):
+    s = make(tmp_path, 20)
+    rec = s.read_run('with', 3)
+    assert rec['margins'].dtype == np.float64
+    assert np.array_equal(rec['margins'], stats.margins(rec['logits'], s.labels), equal_nan=True)
+
+    class Refused:
+        def __init__(self, labels):
+            raise AssertionError('margins computed while packing run files that keep them')
+    monkeypatch.setattr('store.margins.Kernel', Refused)
+    kept(Store(tmp_path))  # packed with its margins file, every margin copied
+
+
+def test_run_files_written_before_margins_were_kept_are_packed_with_computed_margins(tmp_path, capsys):
+    s = make(tmp_path, 5)
+    for run in (0, 3):
+        rewrite(s.run_file('with', run), margins=None)
+    assert len(kept(Store(tmp_path))) == 5
+    assert 'kept margins' not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('wrong', ['another run', 'float32', 'one example off'])
+def test_a_margins_member_that_disagrees_with_its_logits_is_not_trusted(tmp_path, capsys, wrong):
+    s = make(tmp_path, 5)
+    path = s.run_file('with', 2)
+    m = s.read_run('with', 1)['margins'] if wrong == 'another run' else s.read_run('with', 2)['margins'].copy()
+    if wrong == 'float32':
+        m = m.astype(np.float32)
+    if wrong == 'one example off':
+        from store.kernel import spot_positions
+        m[spot_positions(N_TRAIN, 2)[3]] += 1e-12
+    rewrite(path, margins=m)
+    kept(Store(tmp_path))  # the margins of the logits, not of the member
+    assert f'{path}: its kept margins are not those of its logits' in capsys.readouterr().err
+    assert os.path.exists(path)  # the logits are good: the file stays
+
+
+def test_a_pack_rebuilt_after_new_runs_reads_only_the_new_run_files(tmp_path, monkeypatch):
+    s = make(tmp_path, 6)
+    kept(Store(tmp_path))
+    s.save_run('with', 6, 6, logits(np.random.default_rng(9)), 1.0, 0.5)
+    read = []
+    real = Store._read_run
+    monkeypatch.setattr(Store, '_read_run', lambda self, arm, run, **kw: read.append(run) or real(self, arm, run, **kw))
+    assert len(kept(Store(tmp_path))) == 7  # the six earlier rows (logits and margins) reused
+    assert read == [6]
+    os.remove(files(tmp_path)[0])  # the previous margins gone: the reused rows' margins computed from the pack
+    add_other = Store(tmp_path)
+    add_other.save_run('with', 7, 7, logits(np.random.default_rng(3)), 1.0, 0.5)
+    assert len(kept(Store(tmp_path))) == 8
+
+
+def test_a_damaged_member_fails_its_crc_and_an_object_member_is_refused_both_named_and_moved_aside(tmp_path, capsys):
+    s = make(tmp_path, 4)
+    path = s.run_file('with', 1)
+    data = bytearray(open(path, 'rb').read())
+    at = data.index(b'logits.npy') + 400  # inside the logits' data
+    data[at] ^= 0xFF
+    open(path, 'wb').write(bytes(data))
+    with np.load(s.run_file('with', 2)) as z:
+        rec = {k: z[k] for k in z.files}
+    rec['meta'] = np.array([{'code': 'run me'}], dtype=object)
+    with open(s.run_file('with', 2), 'wb') as f:
+        np.savez(f, **rec)
+    assert list(Store(tmp_path).load('with')[1]['run']) == [0, 3]
+    err = capsys.readouterr().err
+    assert "000001.npz: corrupt or truncated (BadZipFile: Bad CRC-32 for file 'logits.npy')" in err
+    assert '000002.npz: corrupt or truncated (ValueError: meta.npy: object arrays cannot be loaded' in err
+    assert len(os.listdir(tmp_path / 'corrupt')) == 2
