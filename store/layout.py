@@ -91,6 +91,10 @@ class Store(Claims, Runs, Pack, Margins):
         binding = [k for k in (*BINDING, 'labels_sha256')
                    if not (k == 'held_out' and settings['arms'] == ['scan'])]
         lines = differences(store.settings, settings, binding)
+        if store.settings.get('trainer') != settings.get('trainer'):  # its other settings are that trainer's
+            raise StoreError(f'{path} holds runs of the trainer {store.settings.get("trainer")!r}, not '
+                             f'{settings.get("trainer")!r} (so its hyperparameters differ too). Use another '
+                             '--out folder for this trainer.')
         if lines:
             raise StoreError(f'{path} holds runs made with other settings:\n' + '\n'.join(lines) +
                              '\nUse another --out folder for these settings, or rerun with the store\'s settings.')

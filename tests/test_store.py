@@ -405,6 +405,18 @@ def test_a_name_that_is_not_six_digits_is_not_a_second_copy_of_a_run(tmp_path, c
     assert s.counts(10)['with'] == 6
 
 
+def test_a_store_of_another_trainer_is_refused_in_one_line_naming_both(tmp_path):
+    toy_store(tmp_path, 1)
+    settings = dict(trainer='other', hyp={'momentum': 0.9, 'width': 4}, held_out=TOY_HELD, n_train=40,
+                    data_fingerprint='toy', seed_base=0)
+    with pytest.raises(StoreError) as e:
+        Store.create(tmp_path, settings, np.arange(40) % 10)
+    message = str(e.value)
+    assert "trainer 'toy', not 'other'" in message and '--out' in message
+    assert 'momentum' not in message and '\n' not in message  # not every hyperparameter of the other trainer
+    assert len(Store(tmp_path).stored('with')) == 1
+
+
 def test_every_run_file_foreign_means_settings_changed_and_nothing_is_moved(tmp_path):
     toy_store(tmp_path / 'a', 3)
     toy_store(tmp_path / 'b', 1, hyp={'lr': 2.0})
