@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import re
-import secrets
 import stat
 import sys
 import textwrap
@@ -22,6 +21,7 @@ import numpy as np
 
 import stats
 from store import StoreError
+from store.files import _tag, _tag_owner, identity, owner_alive
 
 LEVEL = 0.95  # confidence level of every interval
 
@@ -192,67 +192,114 @@ def rows_of(res, columns):
     return [{c: res[c][j].item() for c in columns} for j in range(len(res['index']))]
 
 
-TMP_PREFIX = '.viz-tmp-'  # + pid + '-' + 8 hex digits: short, so any legal report name works beside it
+TMP_PREFIX = '.viz-tmp-'  # + the store's tag (boot id, pid and time namespace, pid, start time, 8 hex digits):
+                          # its owner can be checked as a store file's is; short, so any legal name works beside it
+_TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r'([0-9a-fx]+\.[0-9x]+\.\d+\.[0-9x]+\.[0-9a-f]{8})')
+_UNKNOWN_OWNER = re.compile(re.escape(TMP_PREFIX) + r'\d+-[0-9a-f]{8}')  # the form before the tag: a pid alone
+STALE_S = 86400.0  # a temporary file whose owner cannot be checked from here is left over after a day
 
 
 def remove_stale_temps(paths):
-    """Remove the temporary files a killed viz left beside `paths`: TMP_PREFIX names (and NAME.tmp-PID-HEX,
-    the earlier form, for these report names only) of a process that no longer runs here, or older than a
-    day (a process of another PID namespace)."""
-    for path in {os.path.realpath(p) for p in paths if p and p != '-'}:
+    """Remove the temporary files a killed viz left beside `paths`: TMP_PREFIX names of a process of this
+    kernel and pid namespace that no longer runs; any other (another PID namespace's or machine's, or an
+    earlier viz's name that holds a pid alone, and NAME.tmp-PID-HEX, the earliest form, for these report
+    names only) once it is older than a day."""
+    for path in {os.path.realpath(p) for p in paths if p and p != '-' and _descriptor_name(p) is None}:
         folder, base = os.path.split(path)
-        earlier = re.compile(re.escape(base) + r'\.tmp-(\d+)-[0-9a-f]{8}')
+        earliest = re.compile(re.escape(base) + r'\.tmp-\d+-[0-9a-f]{8}')
         try:
             names = os.listdir(folder)
         except OSError:
             continue
+        me = identity()
         for name in names:
-            m = re.fullmatch(TMP_PREFIX.replace('.', r'\.') + r'(\d+)-[0-9a-f]{8}', name) or earlier.fullmatch(name)
-            if not m:
+            tagged = _TMP_NAME.fullmatch(name)
+            if not (tagged or _UNKNOWN_OWNER.fullmatch(name) or earliest.fullmatch(name)):
                 continue
             full = os.path.join(folder, name)
             try:
-                if os.lstat(full).st_mtime < time.time() - 86400 or not _running(int(m[1])):
+                mtime = os.lstat(full).st_mtime
+                owner = _tag_owner(tagged[1]) if tagged else {}
+                checkable = me['boot'] and (owner.get('boot'), owner.get('pidns')) == (me['boot'], me['pidns'])
+                if mtime < time.time() - STALE_S or (checkable and not owner_alive(owner, mtime)):
                     os.remove(full)
             except OSError:
                 pass
 
 
-def _running(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# Names of an open descriptor rather than of a file: writing through them must not reopen (and truncate) or
+# rename over what they point to (stdout redirected to a file, a pipe).
+_DESCRIPTOR = re.compile(r'/dev/std(?:in|out|err)|/dev/fd/\d+|/proc/[^/]+/fd/\d+')
+_STD_FD = {'/dev/stdin': 0, '/dev/stdout': 1, '/dev/stderr': 2}
+
+
+def _absolute(path):
+    return os.path.normpath(os.path.join(os.getcwd(), path))
+
+
+def _descriptor_name(path):
+    """The first name along `path`'s chain of symbolic links that names an open descriptor (/dev/stdout,
+    /dev/fd/N, /proc/PID/fd/N), else None."""
+    for _ in range(40):  # the kernel's limit on links followed
+        path = _absolute(path)
+        if _DESCRIPTOR.fullmatch(path):
+            return path
+        try:
+            target = os.readlink(path)
+        except OSError:
+            return None
+        path = os.path.join(os.path.dirname(path), target)
+    return None
+
+
+def _write_through(name, write, mode, text):
+    """Write into the descriptor `name` names: this process's own (/dev/stdout, /dev/fd/1, /proc/self/fd/1)
+    through a duplicate of it, so that the text goes on at its offset after what was printed before, as
+    `cmd > out.txt` expects; another process's opened for appending, never truncated."""
+    proc = re.fullmatch(r'/proc/([^/]+)/fd/(\d+)', name)
+    fd = _STD_FD.get(name) if name.startswith('/dev/std') else int(name.rpartition('/')[2])
+    if proc and proc[1] not in ('self', 'thread-self', str(os.getpid())):
+        fd = None  # another process's descriptor
+    sys.stdout.flush()  # the printed report comes first
+    sys.stderr.flush()
+    if fd is None:
+        f = open(name, mode.replace('w', 'a'), **text)
+    else:
+        f = os.fdopen(os.dup(fd), mode, **text)
+    with f:
+        write(f)
+        f.flush()
 
 
 def write_whole(path, write, mode='w'):
     """Write a report file. A regular file (or a new name) is written through a short temporary name in
     the same folder and renamed into place: a full disk or a kill leaves the previous file or none, never
-    a partial one. '-' is standard output; anything else that exists and is not a regular file (a device,
-    a FIFO) is written into, never replaced. A symbolic link's target is replaced, not the link.
-    write(f) fills the open file."""
+    a partial one. '-' is standard output; a name of an open descriptor (/dev/stdout, /dev/fd/N,
+    /proc/PID/fd/N, or a link to one) is written through it, and anything else that exists and is not a
+    regular file (a device, a FIFO) is written into: neither is ever renamed over. A symbolic link's
+    target is replaced, not the link. write(f) fills the open file."""
     text = {'newline': ''} if 'b' not in mode else {}
     if path == '-':
         out = sys.stdout.buffer if 'b' in mode else sys.stdout
         write(out)
         out.flush()
         return
-    target = os.path.realpath(path)
+    descriptor = _descriptor_name(path)
+    if descriptor is not None:
+        return _write_through(descriptor, write, mode, text)
     try:
-        st = os.stat(target)
+        st = os.stat(path)  # follows links: what a write would reach
     except FileNotFoundError:
         st = None
     if st is not None and not stat.S_ISREG(st.st_mode):
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, 'a folder, not a file', path)
-        with open(target, mode, **text) as f:
+        with open(path, mode, **text) as f:
             write(f)
             f.flush()
         return
-    tmp = os.path.join(os.path.dirname(target), f'{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}')
+    target = os.path.realpath(path)
+    tmp = os.path.join(os.path.dirname(target), TMP_PREFIX + _tag())
     try:
         with open(tmp, mode, **text) as f:
             write(f)

@@ -426,6 +426,38 @@ def test_dash_is_standard_output(capsys):
     assert capsys.readouterr().out.splitlines() == ['index,self_influence', '0,0.5', '1,-1.0', '2,2.0']
 
 
+def viz_to_stdout(store, stdout):
+    """viz.py STORE --csv /dev/stdout as a user runs it, its stdout a pipe or a file -> the finished process."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'viz.py'), str(store), '--controls', '0', '--csv',
+                           '/dev/stdout'], stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120, cwd=ROOT)
+
+
+def report_then_csv(text):
+    """The printed report and the CSV rows that follow it in one stream."""
+    report, head, rows = text.partition('\ngroup,index,')
+    return report, rows.splitlines()[1:] if head else []
+
+
+def test_csv_to_dev_stdout_goes_down_a_pipe_after_the_report(tmp_path):
+    fake_store(tmp_path / 'store', runs=3)
+    done = viz_to_stdout(tmp_path / 'store', subprocess.PIPE)
+    assert done.returncode == 0 and done.stderr == '', done.stderr
+    report, rows = report_then_csv(done.stdout)
+    assert report.startswith('Answer') and [r.split(',')[1] for r in rows] == ['0', '1', '5', '9']  # held out
+    assert os.listdir(tmp_path) == ['store']
+
+
+def test_csv_to_dev_stdout_redirected_to_a_file_follows_the_report_in_it(tmp_path):
+    fake_store(tmp_path / 'store', runs=3)
+    with open(tmp_path / 'out.txt', 'w') as out:  # viz.py STORE --csv /dev/stdout > out.txt
+        done = viz_to_stdout(tmp_path / 'store', out)
+    assert done.returncode == 0 and done.stderr == '', done.stderr
+    report, rows = report_then_csv((tmp_path / 'out.txt').read_text())
+    assert report.startswith('Answer') and 'Runs per arm needed' in report  # the whole report, then the CSV
+    assert [r.split(',')[1] for r in rows] == ['0', '1', '5', '9']
+    assert sorted(os.listdir(tmp_path)) == ['out.txt', 'store']
+
+
 def test_a_link_keeps_being_a_link_and_its_target_gets_the_report(tmp_path):
     (tmp_path / 'real.csv').write_text('old')
     os.symlink('real.csv', tmp_path / 'link.csv')
@@ -450,15 +482,32 @@ def test_a_legal_long_name_works(tmp_path):
 def test_stale_temporary_files_of_dead_processes_are_removed_by_the_next_viz(tmp_path):
     dead = subprocess.Popen(['true'])
     dead.wait()
-    stale = tmp_path / f'{viz_io.TMP_PREFIX}{dead.pid}-0123abcd'
-    live = tmp_path / f'{viz_io.TMP_PREFIX}{os.getpid()}-0123abcd'
-    earlier = tmp_path / f'report.csv.tmp-{dead.pid}-0123abcd'  # the form an earlier viz left
+    me = files_module.identity()
+    stale = tmp_path / f'{viz_io.TMP_PREFIX}{me["boot"]}.{me["pidns"]}.{dead.pid}.12345.0123abcd'
+    live = tmp_path / f'{viz_io.TMP_PREFIX}{files_module._tag()}'
     other = tmp_path / 'keep.csv'
     others = tmp_path / f'keep.csv.tmp-{dead.pid}-0123abcd'  # not a name of this report: left alone
-    for p in (stale, live, earlier, other, others):
+    for p in (stale, live, other, others):
         p.write_text('x')
     viz_io.remove_stale_temps([str(tmp_path / 'report.csv')])
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name, others.name])
+
+
+def test_a_temporary_file_whose_owner_cannot_be_checked_here_is_kept_for_a_day(tmp_path):
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    names = [f'{viz_io.TMP_PREFIX}abcdef01.4026531836.{dead.pid}.12345.0123abcd',  # another container's
+             f'{viz_io.TMP_PREFIX}{dead.pid}-0123abcd',  # an earlier viz's: a pid, of no known namespace
+             f'report.csv.tmp-{dead.pid}-0123abcd']  # the earliest form
+    for name in names:
+        (tmp_path / name).write_text('x')
+    viz_io.remove_stale_temps([str(tmp_path / 'report.csv')])
+    assert sorted(os.listdir(tmp_path)) == sorted(names)  # its process may be running there
+    day_ago = time.time() - 86401
+    for name in names:
+        os.utime(tmp_path / name, (day_ago, day_ago))
+    viz_io.remove_stale_temps([str(tmp_path / 'report.csv')])
+    assert os.listdir(tmp_path) == []
 
 
 def test_ctrl_c_in_viz_is_one_line(tmp_path):
