@@ -182,8 +182,8 @@ class Store(Claims, Runs, Pack, Margins):
                     if not OWN_TEMP.fullmatch(name) and not TAKEOVER.fullmatch(name) and \
                             not (sub == 'claims' and CLAIM_NAME.fullmatch(name)):
                         continue  # not a name the store writes: never removed
-                    if '.tmp-' in name:
-                        if not owner_alive(_tag_owner(name.rpartition('.tmp-')[2]), _mtime(path)):
+                    if '.tmp-' in name:  # another host's is judged by its age on the store's own clock
+                        if not owner_alive(_tag_owner(name.rpartition('.tmp-')[2]), _mtime(path), self._store_now()):
                             _remove(path)
                     elif '.reader-' in name:
                         owner, me = _tag_owner(name.rpartition('.reader-')[2]), identity()

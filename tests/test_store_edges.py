@@ -595,6 +595,20 @@ def test_a_host_whose_clock_differs_takes_no_live_claim(tmp_path, monkeypatch, a
     assert Store(tmp_path).claim('with', 3)  # silent for 601 s of the store's clock: taken over
 
 
+@pytest.mark.parametrize('ahead', [660, -660])
+def test_a_host_whose_clock_differs_removes_no_live_temporary_file(tmp_path, monkeypatch, ahead):
+    s = fake_store(tmp_path)
+    tmp = os.path.join(s.path, 'with', '000003.npz.tmp-abcdef01.4026531836.1.5.0123abcd')  # another host's
+    open(tmp, 'w').close()  # written just now by the store's (the file server's) clock
+    real = time.time
+    monkeypatch.setattr(time, 'time', lambda: real() + ahead)  # this host's clock is 11 minutes off
+    Store(tmp_path).clean_leftovers(['with'])
+    assert os.path.exists(tmp)
+    os.utime(tmp, (real() - 601, real() - 601))
+    Store(tmp_path).clean_leftovers(['with'])
+    assert not os.path.exists(tmp)  # untouched for 601 s of the store's clock: left over
+
+
 def test_a_heartbeat_a_day_in_the_future_that_does_not_advance_is_taken_over(tmp_path):
     s = fake_store(tmp_path)
     path = foreign_claim(s, 4, time.time() + 86400)
