@@ -35,14 +35,19 @@ def _number(v):
 def check_values(h):
     """ValueError for a value of a name shared by the trainers that would crash or mislead the run: momentum
     in [0, 1) (above 0 where 'nesterov' is true: torch refuses Nesterov without momentum), label_smoothing in
-    [0, 1), batch_size a positive integer, weight_decay >= 0, schedule a list of [fraction, multiplier] pairs
-    with fractions rising within [0, 1] and multipliers >= 0. Names a trainer lacks are not checked."""
+    [0, 1), bn_momentum in [0, 1] (every recipe's is the weight of the new batch in BatchNorm's running
+    statistics, PyTorch's convention: above 1 they leave every finite value), batch_size a positive integer,
+    weight_decay >= 0, schedule a list of [fraction, multiplier] pairs with fractions rising within [0, 1]
+    and multipliers >= 0. Names a trainer lacks are not checked."""
     if 'momentum' in h and not (_number(h['momentum']) and 0 <= h['momentum'] < 1):
         raise ValueError(f"momentum={h['momentum']!r}: expected a number in [0, 1)")
     if h.get('nesterov') is True:
         nesterov_momentum(h)
     if 'label_smoothing' in h and not (_number(h['label_smoothing']) and 0 <= h['label_smoothing'] < 1):
         raise ValueError(f"label_smoothing={h['label_smoothing']!r}: expected a number in [0, 1) (0: none)")
+    if 'bn_momentum' in h and not (_number(h['bn_momentum']) and 0 <= h['bn_momentum'] <= 1):
+        raise ValueError(f"bn_momentum={h['bn_momentum']!r}: expected a number in [0, 1], the weight of the new "
+                         "batch in BatchNorm's running statistics")
     if 'batch_size' in h and not (isinstance(h['batch_size'], int) and not isinstance(h['batch_size'], bool)
                                   and h['batch_size'] >= 1):
         raise ValueError(f"batch_size={h['batch_size']!r}: expected a positive integer")

@@ -52,6 +52,7 @@ BAD = [
     (['--hyp', 'momentum=0.0'], '--hyp momentum=0.0: momentum=0.0: Nesterov momentum needs a number in (0, 1)'),
     (['--hyp', 'momentum=1.0'], 'momentum=1.0: expected a number in [0, 1)'),
     (['--hyp', 'label_smoothing=1.5'], 'label_smoothing=1.5: expected a number in [0, 1)'),
+    (['--hyp', 'bn_momentum=2.0'], 'bn_momentum=2.0: expected a number in [0, 1]'),
     (['--hyp', 'schedule=[[0.0,0.1,0.2]]'], 'expected [[fraction, multiplier], ...] pairs'),
     (['--hyp', 'schedule=[[0.5,1.0],[0.2,0.0]]'], 'fractions rising within [0, 1]'),
     (['--hyp', 'schedule=[[0.0,-1.0]]'], 'each a finite number >= 0'),
@@ -138,6 +139,11 @@ def test_every_recipe_refuses_values_that_would_crash_its_run(name):
     for bad in [dict(momentum=1.0), dict(momentum=-0.1), dict(label_smoothing=1.0), dict(label_smoothing=-0.2)]:
         with pytest.raises(ValueError, match=next(iter(bad))):
             module.make_hyp(**bad)
+    if 'bn_momentum' in module.hyp:  # the weight of the new batch in BatchNorm's running statistics
+        for bad in (2.0, -0.1, float('nan')):
+            with pytest.raises(ValueError, match=r'bn_momentum=.*expected a number in \[0, 1\]'):
+                module.make_hyp(bn_momentum=bad)
+        assert [module.make_hyp(bn_momentum=v)['bn_momentum'] for v in (0.0, 1.0)] == [0.0, 1.0]
     nesterov = name != 'trainer_madry'
     if nesterov:
         with pytest.raises(ValueError, match='Nesterov momentum needs'):
