@@ -162,13 +162,14 @@ def fsync_dir(folder):
         os.close(fd)
 
 
-def publish(path, data, exclusive=False, durable=True, check=None):
+def publish(path, data, exclusive=False, durable=True, check=None, new_store=False):
     """Write `data` (bytes, or a function writing to a binary file) through a temporary file in the same
     folder, then rename it into place: readers see all or nothing. exclusive: hard-link instead, which
     fails with FileExistsError if `path` exists. durable: sync the file and the folder, so that the
     file survives a crash of the machine (claims need not: after a crash they are stale anyway).
     check: called once the file is written, right before it is put in place; if False, nothing is
-    published and publish returns False (else True)."""
+    published and publish returns False (else True). new_store: the file is part of a store being created,
+    which holds no run yet (an error's advice then says nothing of stored runs)."""
     tmp = f'{path}.tmp-{_tag()}'
     try:
         with open(tmp, 'xb') as f:
@@ -193,9 +194,9 @@ def publish(path, data, exclusive=False, durable=True, check=None):
     except FileNotFoundError as e:
         if not os.path.lexists(tmp) and os.path.isdir(os.path.dirname(path) or '.'):
             raise TempRemoved(f'{tmp} was removed before it was put in place') from e
-        raise StoreError(f'could not write {path} ({_why(e)}). {_write_advice(e)}') from e
+        raise StoreError(f'could not write {path} ({_why(e)}). {_write_advice(e, new_store=new_store)}') from e
     except OSError as e:
-        raise StoreError(f'could not write {path} ({_why(e)}). {_write_advice(e, path)}') from e
+        raise StoreError(f'could not write {path} ({_why(e)}). {_write_advice(e, path, new_store)}') from e
     finally:
         _remove(tmp)
 
@@ -212,14 +213,19 @@ def _disk_full(path):
         return False
 
 
-def _write_advice(e, path=None):
+def _write_advice(e, path=None, new_store=False):
+    """What to do about a failed write. new_store: the store is being created and holds no run, so the
+    advice does not say that its runs are intact."""
+    intact = '' if new_store else '; stored runs are intact'
     if e.errno == errno.ENOSPC and _out_of_inodes(e.filename):
         return ('No inode is left on that file system (`df -i` shows 100%), whatever space is free: remove '
-                'files there and rerun the same command; stored runs are intact.')
+                f'files there and rerun the same command{intact}.')
     if e.errno == errno.ENOSPC or (e.errno is None and path is not None and _disk_full(path)):
-        return 'The disk is full: free space and rerun the same command; stored runs are intact.'
+        return f'The disk is full: free space and rerun the same command{intact}.'
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return 'The store is not writable here: a trainer needs write access to its folder (viz.py does not).'
+    if new_store:
+        return 'Fix the folder and rerun the same command.'
     return 'Stored runs are intact; fix the folder and rerun the same command to continue.'
 
 

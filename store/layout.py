@@ -127,16 +127,23 @@ class Store(Claims, Runs, Pack, Margins):
             raise StoreError(f'{path} is not empty and not a run store (no settings.json; it holds '
                              f'{", ".join(other[:5])}{", ..." if len(other) > 5 else ""}). Nothing was changed '
                              'there: pass a new or empty folder as --out.')
+        existed = os.path.lexists(path)
+        subs = [sub for sub in (*settings['arms'], *SUBFOLDERS) if not os.path.isdir(os.path.join(path, sub))]
         try:
-            for sub in (*settings['arms'], *SUBFOLDERS):
+            for sub in subs:
                 os.makedirs(os.path.join(path, sub), exist_ok=True)
         except OSError as e:
-            raise StoreError(f'could not create the store {path} ({_why(e)}). {_write_advice(e)}') from e
+            _unmake(path, subs, existed)
+            raise StoreError(f'could not create the store {path} ({_why(e)}). {_write_advice(e, new_store=True)}') from e
         labels_file = os.path.join(path, 'labels.npy')
         try:  # exclusive: of two processes making the store at once, the labels of one stay
-            publish(labels_file, lambda f: np.save(f, labels), exclusive=True)
+            publish(labels_file, lambda f: np.save(f, labels), exclusive=True, new_store=True)
+            mine = labels_file
         except FileExistsError:
-            pass
+            mine = None
+        except StoreError:  # a full disk: the folders this call made are not left behind
+            _unmake(path, subs, existed)
+            raise
         try:
             there = np.load(labels_file)
         except Exception:
@@ -149,9 +156,13 @@ class Store(Claims, Runs, Pack, Margins):
                              f'interrupted creation left it. If no other process is running, remove {labels_file} '
                              'and rerun; otherwise use another --out.')
         try:  # settings.json last: it makes the store; exclusive, so the first one stays
-            publish(os.path.join(path, 'settings.json'), json.dumps(settings, indent=1).encode(), exclusive=True)
+            publish(os.path.join(path, 'settings.json'), json.dumps(settings, indent=1).encode(), exclusive=True,
+                    new_store=True)
         except FileExistsError:
             pass
+        except StoreError:
+            _unmake(path, subs, existed, mine)
+            raise
 
     def _folder(self, sub):
         return os.path.join(self.path, sub)
@@ -203,6 +214,19 @@ class Store(Claims, Runs, Pack, Margins):
                             self._swap(path, held, None)
                 except (OSError, StoreError):
                     pass
+
+
+def _unmake(path, subs, existed, labels_file=None):
+    """Undo a store creation that failed before settings.json appeared: the labels this process wrote
+    (labels_file), then the subfolders `subs` it made and the folder itself unless it `existed`, each by
+    rmdir, so that anything another process wrote there meanwhile stays."""
+    if labels_file is not None:
+        _remove(labels_file)
+    for folder in [os.path.join(path, sub) for sub in subs] + ([] if existed else [path]):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
 
 
 def _not_ours(path, arms):

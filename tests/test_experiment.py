@@ -446,6 +446,8 @@ def test_a_full_disk_at_store_creation_says_the_disk_is_full(tmp_path, monkeypat
                                             str(tmp_path / 'store')])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith('error: ') and 'The disk is full' in err[-1], err
+    assert 'stored runs' not in err[-1].lower()  # the store being made holds none
+    assert os.listdir(tmp_path) == []  # none of the folders this command made is left behind
 
 
 def test_a_rerun_that_cannot_find_the_data_names_the_folder_the_store_was_made_from(
