@@ -114,10 +114,11 @@ def work(store, runs, train, infer, hyp, data, test, device, block=1, progress=T
             block_s = time.perf_counter() - start
             shown.update(finished())
             _SIGNALS.check()
-    except Stopped as stop:
+    except BaseException as e:  # a signal, or a failure while claiming (a full disk at a block's second claim)
         give_back(list(mine))
-        stop.given = [job for job in held if not os.path.exists(store.run_file(*job))
-                      and not os.path.exists(store.failure_file(*job))]
+        if isinstance(e, Stopped):
+            e.given = [job for job in held if not os.path.exists(store.run_file(*job))
+                       and not os.path.exists(store.failure_file(*job))]
         raise
     finally:
         shown.close()

@@ -17,7 +17,7 @@ import block_trainer
 import design
 import experiment
 import workers
-from store import Store
+from store import Store, StoreError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'tests', 'block_trainer.py')
@@ -281,3 +281,23 @@ def test_auto_block_on_a_cpu_store_says_its_choice_and_fills_the_store(tmp_path,
     assert run_main(tmp_path, 3, '--block', 'auto') == 0
     assert re.search(r'^block auto: \d+ models at once', capsys.readouterr().err, re.M)
     assert Store(tmp_path).stored('with') == Store(tmp_path).stored('without') == [0, 1, 2]
+
+
+def test_a_full_disk_at_a_blocks_second_claim_gives_the_first_back_and_removes_the_new_store(tmp_path, monkeypatch,
+                                                                                            capsys):
+    claim, calls = Store.claim, []
+
+    def full_at_the_second(self, arm, run):
+        calls.append((arm, run))
+        if len(calls) == 2:
+            raise StoreError(f'could not claim a run: could not write {self.path}/claims/{arm}-{run:06d} '
+                             '(No space left on device). The disk is full: free space and rerun the same command.')
+        return claim(self, arm, run)
+    monkeypatch.setattr(Store, 'claim', full_at_the_second)
+    assert run_main(tmp_path / 'new', 2, '--block', '2') == 2
+    assert not os.path.exists(tmp_path / 'new')  # the first claim was given back, so the new store was unused
+    assert 'No space left on device' in capsys.readouterr().err
+    run_main(tmp_path / 'old', 1)  # a store that exists: it stays, with no claim left in it
+    calls.clear()
+    assert run_main(tmp_path / 'old', 2, '--block', '2') == 2
+    assert os.listdir(tmp_path / 'old' / 'claims') == [] and Store(tmp_path / 'old').stored('with') == [0]
