@@ -50,7 +50,7 @@ from command_line import UsageError, check_command, check_held_out, is_number, p
 from design import (ARMS, FACTORIAL_ARMS, SCAN_SEED_BASE, check_values, keep_for, nesterov_momentum,  # noqa: F401
                     override, seed_for)  # check_values, nesterov_momentum, override: the trainers call experiment.*
 from store import Store, StoreError
-from workers import Stopped, catch_signals, holding, launch, restore_signals, work
+from workers import Stopped, catch_signals, holding, launch, memory_line, out_of_memory, restore_signals, work
 
 # Held-out examples, indices in torchvision's CIFAR-10 training order (data_batch_1 .. data_batch_5).
 HELD_OUT = {
@@ -194,9 +194,12 @@ def main(trainer, argv=None):
             work(store, args.runs, t.train, t.infer, hyp, (images, labels), (test_images, test_labels), device,
                  block=block, progress=not args.worker, steps=n_steps, say_cost=not args.smoke,
                  steps_of=lambda arm, run: _steps_of(t, hyp, arm, seed_for(run, seed_base), len(labels), held_out))
-        except Exception:  # a failure, not a signal: a folder this command made for nothing is not left behind
+        except Exception as e:  # a failure, not a signal: a folder this command made for nothing is not left behind
             if not existed and store.remove_if_unused():
                 print(f'note: removed {out}, which this command made: no run was stored', file=sys.stderr)
+            if out_of_memory(e):  # too large a net for the settings, not a fault of the trainer's code
+                print(f'error: {memory_line(e, device, args.hyp, t.BLOCKS)}', file=sys.stderr)
+                return 2
             raise
     except (airbench.DataError, StoreError, UsageError) as e:
         print(f'error: {e}', file=sys.stderr)

@@ -11,6 +11,7 @@ gives back the runs in progress and stops (Stopped), a second ends the process a
 import contextlib
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -249,8 +250,8 @@ def choose_block(train, images, labels, hyp, device, largest=AUTO_MAX_BLOCK):
     while k <= largest:
         try:
             timings[k] = time_steps(train, images, labels, hyp, device, k, AUTO_STEPS)[1] / k  # s per model-step
-        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
-            if 'out of memory' not in str(e):
+        except RuntimeError as e:
+            if not out_of_memory(e):
                 raise
             why = f'K={k} ran out of memory'
             break
@@ -265,6 +266,24 @@ def choose_block(train, images, labels, hyp, device, largest=AUTO_MAX_BLOCK):
     say(f'block auto: {best} models at once (ms per model-step over {AUTO_STEPS} steps: {said}; stopped: {why})',
         sys.stderr)
     return best
+
+
+def out_of_memory(e):
+    """Whether exception `e` says memory ran out: torch.cuda.OutOfMemoryError, the CPU allocator's
+    RuntimeError ("can't allocate memory", "not enough memory"), MPS's, numpy's MemoryError."""
+    return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and bool(
+        re.search(r"out of memory|can't allocate memory|not enough memory", str(e)))
+
+
+def memory_line(e, device, overrides, blocks=False):
+    """The one line for a run that ran out of memory: how much it asked for, and what to change (blocks:
+    the trainer offers --block)."""
+    asked = re.search(r'(tried to allocate [\d.,]+ ?\w+)', str(e))
+    given = f' (--hyp {" ".join(overrides)})' if overrides else ''
+    fewer = ', or train fewer models at once (--block)' if blocks else ''
+    return (f'not enough memory on {device} for a run with these settings{given}: '
+            f'{asked[1] if asked else type(e).__name__}. The net or the batch is too large for it: lower the '
+            f'size of the net (its widths) or batch_size{fewer}.')
 
 
 def cost_of_runs(train, images, labels, hyp, device, block, steps, n_infer, left):

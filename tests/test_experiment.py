@@ -450,6 +450,16 @@ def test_a_full_disk_at_store_creation_says_the_disk_is_full(tmp_path, monkeypat
     assert os.listdir(tmp_path) == []  # none of the folders this command made is left behind
 
 
+def test_a_net_too_large_for_the_memory_is_one_line_naming_the_cause(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    code = experiment.main(trainer_digits, ['--smoke', '--runs', '2', '--device', 'cpu', '--out', str(tmp_path / 'store'),
+                                            '--hyp', 'widths=[10000000000000]'])  # 10 PB of weights: refused at once
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
+    assert code == 2 and len(err) == 1, err
+    assert 'not enough memory on cpu' in err[0] and 'widths=[10000000000000]' in err[0] and 'batch_size' in err[0]
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_rerun_that_cannot_find_the_data_names_the_folder_the_store_was_made_from(
         cifar_dir, held_out_file, tmp_path, monkeypatch, capsys):
     import torchvision.datasets.utils
