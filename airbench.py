@@ -112,6 +112,9 @@ def load_cifar10(data_dir='data', train=True, download=True, md5=CIFAR10_MD5):
     archive. Returns images uint8 (N, 32, 32, 3), labels int64 (N,), on CPU. The batches are pickles:
     they are read without running anything from them (see _BatchUnpickler).
     """
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f'--data-dir {data_dir} is a file, expected a folder holding cifar-10-batches-py/ or '
+                        'cifar-10-python.tar.gz (or the extracted cifar-10-batches-py/ itself): pass that folder.')
     names = TRAIN_FILES if train else TEST_FILES
     folder = os.path.join(data_dir, 'cifar-10-batches-py')
     archive = os.path.join(data_dir, 'cifar-10-python.tar.gz')

@@ -25,3 +25,17 @@ def test_a_failed_download_leaves_none_of_the_folders_it_made(tmp_path, monkeypa
     with pytest.raises(airbench.DataError, match='download failed'):
         airbench.load_cifar10(str(tmp_path / 'nonexistent' / 'cifar'))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_file_as_data_dir_is_refused_in_one_line_and_nothing_is_downloaded(tmp_path, monkeypatch):
+    import pytest
+    import torchvision.datasets.utils
+
+    def fetched(*a, **k):
+        raise AssertionError('a download was tried')
+    monkeypatch.setattr(torchvision.datasets.utils, 'download_url', fetched)
+    (tmp_path / 'cifar.tar.gz').write_text('not a folder')
+    with pytest.raises(airbench.DataError) as e:
+        airbench.load_cifar10(str(tmp_path / 'cifar.tar.gz'))
+    assert 'is a file, expected a folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz' in str(e.value)
+    assert '\n' not in str(e.value) and os.listdir(tmp_path) == ['cifar.tar.gz']
