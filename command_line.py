@@ -38,7 +38,8 @@ def parse_args(trainer, doc, argv=None, runs=1000, hyp=None, smoke=None, data_di
                                  '--design factorial, then -smoke with --smoke, then each --hyp override: e.g. '
                                  f'runs/{trainer}-factorial-smoke-epochs=2)')
     if data_dir:
-        p.add_argument('--data-dir', default='data', help='folder with CIFAR-10 (downloaded there if absent)')
+        p.add_argument('--data-dir', help='folder with CIFAR-10 (downloaded there if absent; default: the folder the '
+                                          'store was made from if it is there, else data)')
     else:
         p.set_defaults(data_dir=None)  # the data ship with a package
     p.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda if present)')

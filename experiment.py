@@ -154,6 +154,8 @@ def main(trainer, argv=None):
         device = torch.device(args.device or (devices[0] if devices else airbench.default_device()))  # --gpus 1: cuda:1
         if 'precision' in hyp:  # the store records what the runs were made in, not 'auto'
             hyp['precision'] = resolve_precision(hyp['precision'], device)
+        if t.DATA_DIR and args.data_dir is None:
+            args.data_dir = _recorded_data_dir(out) or 'data'
         try:
             images, labels, test_images, test_labels = t.load(args.data_dir)
         except airbench.DataError as e:
@@ -219,6 +221,16 @@ def held_out_line(held_out, path):
     groups = ', '.join(f'{name} {len(g)}' for name, g in held_out.items())
     total = sum(len(g) for g in held_out.values())
     return f'held out: {total} examples from {source}: {groups}'
+
+
+def _recorded_data_dir(out):
+    """The data folder the store at `out` was made from (settings data_dir), if it is still there: a rerun
+    without --data-dir reads it rather than downloading CIFAR-10 into ./data."""
+    try:
+        made = Store(out).settings.get('data_dir')
+    except StoreError:
+        return None
+    return made if isinstance(made, str) and os.path.isdir(made) else None
 
 
 def _made_from(out, data_dir):

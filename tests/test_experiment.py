@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -467,14 +468,31 @@ def test_a_rerun_that_cannot_find_the_data_names_the_folder_the_store_was_made_f
     def offline(url, root, filename):
         raise OSError('Network is unreachable')
     monkeypatch.setattr(torchvision.datasets.utils, 'download_url', offline)
-    assert run_main(cifar_dir, held_out_file, tmp_path / 'store', 2) == 0
-    assert Store(tmp_path / 'store').settings['data_dir'] == os.path.abspath(cifar_dir)
+    made_from = str(tmp_path / 'cifar')
+    shutil.copytree(cifar_dir, made_from)
+    assert run_main(made_from, held_out_file, tmp_path / 'store', 2) == 0
+    assert Store(tmp_path / 'store').settings['data_dir'] == made_from
+    os.rename(made_from, tmp_path / 'moved')  # the data moved since
     capsys.readouterr()
     monkeypatch.chdir(tmp_path)  # a rerun from elsewhere, without --data-dir: ./data does not exist
-    args = [a for a in argv(cifar_dir, held_out_file, tmp_path / 'store', 4) if a not in ('--data-dir', cifar_dir)]
+    args = [a for a in argv(made_from, held_out_file, tmp_path / 'store', 4) if a not in ('--data-dir', made_from)]
     assert experiment.main(airbench_with(), args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
-    assert len(err) == 1 and f'was made from the data in {os.path.abspath(cifar_dir)}: pass --data-dir' in err[0]
+    assert len(err) == 1 and f'was made from the data in {made_from}: pass --data-dir' in err[0]
+
+
+def test_a_rerun_without_data_dir_reads_the_folder_the_store_was_made_from(cifar_dir, held_out_file, tmp_path,
+                                                                         monkeypatch):
+    import torchvision.datasets.utils
+
+    def offline(url, root, filename):
+        raise AssertionError('a download was tried')
+    monkeypatch.setattr(torchvision.datasets.utils, 'download_url', offline)
+    assert run_main(cifar_dir, held_out_file, tmp_path / 'store', 2) == 0
+    monkeypatch.chdir(tmp_path)  # elsewhere, and without --data-dir
+    args = [a for a in argv(cifar_dir, held_out_file, tmp_path / 'store', 3) if a not in ('--data-dir', cifar_dir)]
+    assert experiment.main(airbench_with(), args) == 0
+    assert Store(tmp_path / 'store').stored('with') == [0, 1, 2] and sorted(os.listdir(tmp_path)) == ['store']
 
 
 def test_a_run_that_fails_before_any_result_leaves_no_store_folder_a_store_with_runs_stays(
