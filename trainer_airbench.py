@@ -14,10 +14,21 @@ random flip + 2 px translation, 9.9 epochs, no test-time augmentation; float16 o
 (--hyp precision=float16|float32), BatchNorm after each conv (--hyp norm=layer|none: the ablations). Measured costs and results:
 docs/speed.md, docs/results.md.
 """
+import os
+import signal
 import sys
 
-import airbench
-import experiment
+
+def _interrupted_while_starting(signum, frame):
+    os.write(2, b'\ninterrupted while starting; nothing was written.\n')
+    os._exit(130)
+
+
+if __name__ == '__main__':  # Ctrl-C while torch imports (seconds) is one line; experiment.main then takes over
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import airbench  # noqa: E402
+import experiment  # noqa: E402
 
 NAME = 'airbench'
 hyp = airbench.make_hyp(

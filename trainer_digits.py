@@ -19,15 +19,26 @@ example changes no other example's weight (see train). `hyp['norm']` switches Ba
 kept rows. Measured costs and results: docs/speed.md, docs/results.md.
 """
 
+import os
+import signal
 import sys
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 
-import digits
-import experiment
-from digits import HELD_OUT, load  # noqa: F401 (the harness reads them from this module)
+def _interrupted_while_starting(signum, frame):
+    os.write(2, b'\ninterrupted while starting; nothing was written.\n')
+    os._exit(130)
+
+
+if __name__ == '__main__':  # Ctrl-C while torch imports (seconds) is one line; experiment.main then takes over
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import digits  # noqa: E402
+import experiment  # noqa: E402
+from digits import HELD_OUT, load  # noqa: E402, F401 (the harness reads them from this module)
 
 NAME = 'digits'                # the store folder runs/digits and the trainer's name in its settings
 DATA_DIR = False               # the data ship with scikit-learn: no --data-dir

@@ -14,14 +14,25 @@ Measured costs and results: docs/speed.md, docs/results.md.
 """
 import copy
 import math
+import os
+import signal
 import sys
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-import airbench
-import experiment
+def _interrupted_while_starting(signum, frame):
+    os.write(2, b'\ninterrupted while starting; nothing was written.\n')
+    os._exit(130)
+
+
+if __name__ == '__main__':  # Ctrl-C while torch imports (seconds) is one line; experiment.main then takes over
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import airbench  # noqa: E402
+import experiment  # noqa: E402
 
 NAME = 'madry'
 # The parameters' and inputs' dtype (autocast picks float16 per op in float16). float64 only in tests, where a

@@ -26,12 +26,21 @@ import os
 import signal
 import sys
 
-import viz_controls
-import viz_factorial
-import viz_scan
-import viz_with_without
-from store import Store, StoreError
-from viz_io import remove_stale_temps, write_csv, write_json, write_plot
+
+def _interrupted_while_starting(signum, frame):
+    os.write(2, b'\nviz: interrupted while starting; nothing was written.\n')
+    os._exit(130)
+
+
+if __name__ == '__main__':  # Ctrl-C during the imports below (scipy: most of a second) is one line too
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import viz_controls  # noqa: E402
+import viz_factorial  # noqa: E402
+import viz_scan  # noqa: E402
+import viz_with_without  # noqa: E402
+from store import Store, StoreError  # noqa: E402
+from viz_io import remove_stale_temps, write_csv, write_json, write_plot  # noqa: E402
 
 
 PLOT_EXTENSIONS = ('.png', '.pdf', '.svg', '.eps', '.ps', '.jpg', '.jpeg', '.tif', '.tiff', '.webp')  # matplotlib writes these
@@ -136,6 +145,7 @@ def _stop(signum, frame):
 def main(argv=None):
     """The command line; Ctrl-C or SIGTERM ends it with one line (exit 130), removing its temporary files."""
     previous = signal.signal(signal.SIGTERM, _stop)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # from here it unwinds, cleaning up
     try:
         return _main(argv)
     except KeyboardInterrupt:
@@ -144,6 +154,7 @@ def main(argv=None):
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _main(argv):

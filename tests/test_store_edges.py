@@ -522,6 +522,25 @@ def test_ctrl_c_in_viz_is_one_line(tmp_path):
     assert 'Traceback' not in done.stderr
 
 
+@pytest.mark.parametrize('script', ['viz.py', 'trainer_digits.py'])
+def test_ctrl_c_at_any_moment_of_the_start_is_one_line(tmp_path, script):
+    if script == 'viz.py':
+        fake_store(tmp_path / 'store', runs=3)
+        args = [str(tmp_path / 'store'), '--controls', '0']
+    else:
+        args = ['--smoke', '--runs', '2', '--out', str(tmp_path / 'store'), '--device', 'cpu']
+    for delay in (0.1, 0.3, 0.6, 0.9):  # the imports (scipy, torch) take most of a second or more
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=tmp_path, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+        late = p.returncode in (0, -signal.SIGINT) and delay > 0.5  # its work done, it was exiting: no message due
+        assert 'Traceback' not in err and (p.returncode == 130 or late), (delay, p.returncode, err)
+        if p.returncode == 130:
+            assert 'interrupted' in err.strip().splitlines()[-1] or 'stopped by SIGINT' in err, (delay, err)
+
+
 def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
     def write(f):
         f.write('partial')
