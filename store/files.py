@@ -148,6 +148,44 @@ def _tag_owner(tag):
     return dict(boot=parts[0], pidns=parts[1], pid=int(parts[2]), start=int(parts[3]) if parts[3].isdigit() else None)
 
 
+class SyncBehind:
+    """A file written sequentially and synced behind the writing: every EVERY bytes written, the disk is
+    given what is written so far in another thread (fdatasync releases the GIL), so that the final sync
+    finds little left to write. An error of a sync behind is raised by finish()."""
+    EVERY = 64 << 20
+
+    def __init__(self, f):
+        from concurrent.futures import ThreadPoolExecutor
+        self.f, self.since, self.job = f, 0, None
+        self.pool = ThreadPoolExecutor(1)
+
+    def write(self, data):
+        self.f.write(data)
+        self.since += memoryview(data).nbytes
+        if self.since >= self.EVERY and (self.job is None or self.job.done()):
+            self.f.flush()
+            self.job, self.since = self.pool.submit(os.fdatasync, self.f.fileno()), 0
+
+    def finish(self):
+        """Everything written made durable (fsync), the thread ended."""
+        try:
+            if self.job is not None:
+                self.job.result()
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        finally:
+            self.close()
+
+    def close(self):
+        self.pool.shutdown(wait=True)  # no sync outlives the file
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def fsync_dir(folder):
     """Make a rename or link in `folder` durable."""
     try:

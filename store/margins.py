@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from design import keep_for, kept_bits, kept_mask
-from store.files import StoreError, _read_json, _remove, _tag, fsync_dir, open_file, publish
+from store.files import StoreError, SyncBehind, _read_json, _remove, _tag, fsync_dir, open_file, publish
 from store.kernel import Kernel
 from store.pack import HEADER_BYTES, _data_stat, _npy_header
 
@@ -251,8 +251,9 @@ class _Writer:
 
     def __init__(self, path, n_train, scan):
         self.tmp = f'{path}.tmp-{_tag()}'
-        self.out = open(self.tmp, 'xb')
-        self.out.seek(HEADER_BYTES)
+        self.file = open(self.tmp, 'xb')
+        self.file.seek(HEADER_BYTES)
+        self.out = SyncBehind(self.file)
         self.chunk = np.empty((CHUNK, n_train), '<f8')  # 6.4 MB at 50,000 examples
         self.k = self.runs = 0
         self.total, self.count = np.zeros(n_train), np.zeros(n_train, np.int64)
@@ -265,7 +266,7 @@ class _Writer:
     def add(self, bits=None):
         """The row filled; bits: a scan run's examples, packed (design.kept_bits)."""
         if self.bits is not None:
-            self.bits.append(bits)
+            self.bits.append(np.array(bits))  # a copy: a run file's record may be a view of a reused buffer
         self.k += 1
         if self.k == CHUNK:
             self._flush()
@@ -274,8 +275,12 @@ class _Writer:
         m = self.chunk[:self.k]  # (k, n_train)
         self.out.write(memoryview(m).cast('B'))
         ok = np.isfinite(m)  # as viz_io.mean_margins sums: chunk by chunk
-        self.total += np.where(ok, m, 0.0).sum(0)
-        self.count += ok.sum(0)
+        if ok.all():  # the same sums, without the copy
+            self.total += m.sum(0)
+            self.count += self.k
+        else:
+            self.total += np.where(ok, m, 0.0).sum(0)
+            self.count += ok.sum(0)
         self.runs += self.k
         self.k = 0
 
@@ -287,15 +292,15 @@ class _Writer:
         out.write(self.total.astype('<f8').tobytes() + self.count.astype('<f8').tobytes())  # counts < 2^53: exact
         for bits in self.bits or ():
             out.write(bits.tobytes())
-        out.seek(0)
-        out.write(_npy_header((self.runs + 2, len(self.total)), '<f8'))
-        out.flush()
-        os.fsync(out.fileno())
-        out.close()
+        self.file.seek(0)
+        self.file.write(_npy_header((self.runs + 2, len(self.total)), '<f8'))
+        out.finish()
+        self.file.close()
         return open(self.tmp, 'rb')
 
     def abandon(self):
         self.out.close()
+        self.file.close()
         _remove(self.tmp)
 
 

@@ -9,9 +9,9 @@ import numpy as np
 
 from design import kept_bits, seed_for
 
-from store.files import (OWN_TEMP, StoreError, Unreadable, _Vanished, _read_json, _remove, _tag, _why, fsync_dir,
+from store.files import (OWN_TEMP, StoreError, SyncBehind, Unreadable, _Vanished, _read_json, _remove, _tag, _why, fsync_dir,
                          open_file, publish)
-from store.runs import RUN_NAME
+from store.runs import RUN_NAME, largest_run_file
 
 HEADER_BYTES = 128  # of a pack's .npy header: fixed, so the shape can be rewritten in place
 
@@ -139,8 +139,9 @@ class Pack:
         rows = self._margin_rows(arm, old_margins, None if old is None else len(old))
         to_read = [run for run in sorted(files) if run not in reuse or reuse[run][1] != files[run]]
         ahead = _draw_ahead(self, arm, to_read)  # a scan's halves, drawn in another thread meanwhile
+        read = _ReadAhead(self, arm, to_read, files, bad, ahead)  # run files read by another thread meanwhile
         try:
-            with open(tmp, 'xb') as out:
+            with open(tmp, 'xb') as f, SyncBehind(f) as out:
                 out.write(_npy_header((len(files), n_train, 10)))
                 for run in sorted(files):
                     if run in reuse and reuse[run][1] == files[run]:
@@ -148,8 +149,7 @@ class Pack:
                         logits, rec = old[i], {k: old_index[k][i] for k in keys}
                         rows.reused(i, logits, rec['seed'])
                     else:
-                        got = self._read_valid(arm, run, files, bad, drop=True,
-                                               expected_bits=None if ahead is None else ahead.get(run))
+                        got = read.next(run)
                         if got is None:
                             continue
                         found, stat = got
@@ -162,11 +162,10 @@ class Pack:
                     for k in keys:
                         index[k].append(rec[k])
                 if len(index['run']) < len(files):  # some runs were bad: the header says how many are here
-                    out.seek(0)
-                    out.write(_npy_header((len(index['run']), n_train, 10)))
-                    out.truncate(HEADER_BYTES + len(index['run']) * n_train * 20)
-                out.flush()
-                os.fsync(out.fileno())
+                    f.seek(0)
+                    f.write(_npy_header((len(index['run']), n_train, 10)))
+                    f.truncate(HEADER_BYTES + len(index['run']) * n_train * 20)
+                out.finish()
             del old
             self._set_aside_runs(arm, bad, good=len(index['run']))
             if not index['run']:
@@ -190,6 +189,7 @@ class Pack:
         finally:
             _remove(tmp)
             rows.close(keep='data' in index)
+            read.close()
             if ahead is not None:
                 ahead.close()
         if 'data' in index:  # published: the margins' key (store/margins.py), and the margins beside it
@@ -199,12 +199,12 @@ class Pack:
                 self.__dict__.setdefault('_margin_sources', {})[arm] = (logits, written)
         return logits, {k: np.asarray(index[k]) for k in ('run', 'seed', 'seconds', 'test_acc')}
 
-    def _read_valid(self, arm, run, files, bad, drop=False, expected_bits=None):
+    def _read_valid(self, arm, run, files, bad, drop=False, expected_bits=None, buf=None):
         """(record, stat) of one run file for packing, or None if it vanished or failed its checks (then
         appended to `bad` with the reason, to be moved aside). An unreadable file stops the reading.
-        drop, expected_bits: as Runs._read_run takes them."""
+        drop, expected_bits, buf: as Runs._read_run takes them."""
         try:
-            return self._read_run(arm, run, drop=drop, expected_bits=expected_bits)
+            return self._read_run(arm, run, drop=drop, expected_bits=expected_bits, buf=buf)
         except _Vanished:
             return None
         except Unreadable:
@@ -245,6 +245,37 @@ class Pack:
                 run_info[k].append(rec[k].item())
         self._set_aside_runs(arm, bad, good=len(run_info['run']))
         return logits[:len(run_info['run'])], {k: np.asarray(v) for k, v in run_info.items()}
+
+
+class _ReadAhead:
+    """The run files to be packed, each read and checked (Pack._read_valid) by one other thread while this
+    one writes the previous run: reading, its CRC and writing release the GIL, so a second core reads while
+    the first writes. Each file is read into one of three buffers in turn: a record stays valid until the
+    caller has asked for the next two runs."""
+
+    def __init__(self, store, arm, runs, files, bad, ahead):
+        self.read = lambda run, buf: store._read_valid(arm, run, files, bad, drop=True, buf=buf,
+                                                      expected_bits=None if ahead is None else ahead.get(run))
+        self.runs, self.i = runs, 0
+        self.pool = ThreadPoolExecutor(1)
+        self.buffers = [bytearray(largest_run_file(store.settings['n_train'])) for _ in range(3)]
+        self.pending = {}
+        self._submit(0)
+
+    def _submit(self, i):
+        if i < len(self.runs):
+            buf = self.buffers[i % 3]
+            self.pending[self.runs[i]] = self.pool.submit(self.read, self.runs[i], buf)
+
+    def next(self, run):
+        """(record, stat) of `run`, the next run of the list, or None (as Pack._read_valid)."""
+        assert run == self.runs[self.i]
+        self.i += 1
+        self._submit(self.i)  # into the buffer of two runs ago, no longer used
+        return self.pending.pop(run).result()
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)  # no read outlives the pack
 
 
 class _DrawAhead:

@@ -133,17 +133,19 @@ class Runs:
         Unreadable if it cannot be read."""
         return self._read_run(arm, run)[0]
 
-    def _read_run(self, arm, run, drop=False, expected_bits=None):
+    def _read_run(self, arm, run, drop=False, expected_bits=None, buf=None):
         """(record, (size, mtime_ns, inode, ctime_ns) of the file read). A 'margins' member that is not
         (n_train,) float64 or disagrees with the logits is left out of the record (the margins are then
         computed from the logits). drop: the file's pages are dropped from the page cache once read (it is
         being packed: the pack is what the next reads need cached). expected_bits: a function returning
-        kept_bits of this run, where the caller draws them (a scan's, drawn ahead in another thread)."""
+        kept_bits of this run, where the caller draws them (a scan's, drawn ahead in another thread). buf: a
+        bytearray the file is read into where it fits (a packer's, reused: the arrays returned are views of it
+        until the next file is read into it)."""
         path = self.run_file(arm, run)
         try:
             with open_file(path) as f:
                 st = os.fstat(f.fileno())
-                rec = _load_members(path, f, self.settings['n_train'])
+                rec = _load_members(path, f, self.settings['n_train'], st.st_size, buf)
                 if drop and hasattr(os, 'posix_fadvise'):
                     os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         except FileNotFoundError:
@@ -271,11 +273,11 @@ def _member_limits(n_train):
                 binding=256, seconds=16, test_acc=16)
 
 
-def _load_members(path, f, n_train):
-    """{member: array} of the run file open as `f`, each member checked by name and size before anything
-    is read (a small file can hold a huge compressed member), then read once and checked against its CRC.
-    Object arrays are refused (numpy's allow_pickle=False): a run file from a shared store loads data,
-    never code."""
+def _load_members(path, f, n_train, size, buf=None):
+    """{member: array} of the run file open as `f` (of `size` bytes), each member checked by name and size
+    before anything is read (a small file can hold a huge compressed member), then read once and checked
+    against its CRC. Object arrays are refused (numpy's allow_pickle=False): a run file from a shared store
+    loads data, never code. The file is read whole with one pread, into `buf` where it fits."""
     limits = _member_limits(n_train)
     with zipfile.ZipFile(f) as z:  # the zip's central directory, parsed once
         infos = z.infolist()
@@ -288,29 +290,43 @@ def _load_members(path, f, n_train):
         if big:
             raise StoreError(f'{path}: member {big[0][0]} holds {big[0][1]:,} bytes, expected at most '
                              f'{limits[big[0][0][:-4]] + NPY_HEADER:,} for {n_train} training examples')
-        return {n: _npy(_member_bytes(z, f, i), i.filename) for i, n in zip(infos, names)}
+        if size > largest_run_file(n_train):
+            raise StoreError(f'{path}: holds {size:,} bytes, expected at most {largest_run_file(n_train):,} for a '
+                             f'run file of {n_train} training examples')
+        # writable, as np.load's arrays are; a view of `buf` where it fits (a packer's, reused)
+        whole = memoryview(buf)[:size] if buf is not None and len(buf) >= size else memoryview(bytearray(size))
+        if os.preadv(f.fileno(), [whole], 0) != size:
+            raise zipfile.BadZipFile('truncated while it was read')
+        return {n: _npy(_member_bytes(z, f, i, whole), i.filename) for i, n in zip(infos, names)}
 
 
 LOCAL_HEADER = struct.Struct(zipfile.structFileHeader)  # a zip member's local header: 30 bytes
+ZIP_ENTRY = 512  # bytes, at most, a member adds to a run file besides its data (headers, name, zip64 fields)
 
 
-def _member_bytes(z, f, info):
+def largest_run_file(n_train):
+    """The most bytes a run file of every member at its largest takes (the largest read whole)."""
+    return sum(_member_limits(n_train).values()) + len(_member_limits(n_train)) * (NPY_HEADER + ZIP_ENTRY)
+
+
+def _member_bytes(z, f, info, whole):
     """The bytes of one member of the zip `z` open on `f`, checked against the CRC of its directory entry.
-    A stored member (np.savez writes no other) is read with one pread; anything else through zipfile."""
+    A stored member (np.savez writes no other) is sliced from `whole`, the file's bytes; anything else is
+    read through zipfile."""
     if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1 or info.compress_size != info.file_size:
         with z.open(info) as member:  # zipfile checks the CRC at the member's end
             return member.read()
-    head = os.pread(f.fileno(), LOCAL_HEADER.size, info.header_offset)
+    head = bytes(whole[info.header_offset:info.header_offset + LOCAL_HEADER.size])
     if len(head) < LOCAL_HEADER.size or head[:4] != zipfile.stringFileHeader:
         raise zipfile.BadZipFile(f'Bad magic number for file header of {info.filename!r}')
     fields = LOCAL_HEADER.unpack(head)
-    skip = fields[zipfile._FH_FILENAME_LENGTH] + fields[zipfile._FH_EXTRA_FIELD_LENGTH]
-    buf = bytearray(skip + info.file_size)  # writable: the arrays read from it are too, as np.load's are
-    if os.preadv(f.fileno(), [buf], info.header_offset + LOCAL_HEADER.size) != len(buf):
+    name = info.header_offset + LOCAL_HEADER.size  # then the extra field, then the data
+    start = name + fields[zipfile._FH_FILENAME_LENGTH] + fields[zipfile._FH_EXTRA_FIELD_LENGTH]
+    data = whole[start:start + info.file_size]
+    if len(data) != info.file_size:
         raise zipfile.BadZipFile(f'{info.filename!r} is truncated')
-    if buf[:fields[zipfile._FH_FILENAME_LENGTH]] != info.orig_filename.encode('utf-8'):
+    if whole[name:name + fields[zipfile._FH_FILENAME_LENGTH]] != info.orig_filename.encode('utf-8'):
         raise zipfile.BadZipFile(f'File name in directory {info.filename!r} and header differ')
-    data = memoryview(buf)[skip:]
     if zlib.crc32(data) != info.CRC:
         raise zipfile.BadZipFile(f'Bad CRC-32 for file {info.filename!r}')
     return data

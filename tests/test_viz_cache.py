@@ -318,3 +318,34 @@ def test_a_damaged_member_fails_its_crc_and_an_object_member_is_refused_both_nam
     assert "000001.npz: corrupt or truncated (BadZipFile: Bad CRC-32 for file 'logits.npy')" in err
     assert '000002.npz: corrupt or truncated (ValueError: meta.npy: object arrays cannot be loaded' in err
     assert len(os.listdir(tmp_path / 'corrupt')) == 2
+
+
+def test_a_pack_read_ahead_holds_each_run_files_own_rows_around_a_bad_file(tmp_path):
+    """Packing reads the next run file in another thread, into one of a few reused buffers: every row of
+    the pack and of its margins file must still be that run file's own, and a bad file among them left out."""
+    s = make(tmp_path, 12)
+    path = s.run_file('with', 5)
+    data = bytearray(open(path, 'rb').read())
+    data[data.index(b'logits.npy') + 400] ^= 0xFF  # fails its CRC: moved aside, its neighbours packed
+    open(path, 'wb').write(bytes(data))
+    fresh = Store(tmp_path)
+    packed, info = fresh.load('with')
+    assert list(info['run']) == [r for r in range(12) if r != 5]
+    for row, run in zip(packed, info['run']):
+        assert np.array_equal(row, Store(tmp_path).read_run('with', int(run))['logits'])
+    kept(fresh)  # each margins row that of its run's logits
+
+
+
+def test_a_run_file_larger_than_any_run_file_is_named_and_moved_aside_unread(tmp_path, capsys, monkeypatch):
+    s = make(tmp_path, 3)
+    path = s.run_file('with', 1)
+    data = open(path, 'rb').read()
+    with open(path, 'wb') as f:  # a zip still (zipfile skips what comes before its first member), but
+        f.write(bytes(4 << 20) + data)  # larger than any run file of 60 examples can be
+    preads = []
+    real = os.preadv
+    monkeypatch.setattr(os, 'preadv', lambda fd, bufs, at: preads.append(sum(len(b) for b in bufs)) or real(fd, bufs, at))
+    assert list(Store(tmp_path).load('with')[1]['run']) == [0, 2]
+    assert max(preads) < 1 << 20  # the large file was never read
+    assert '000001.npz: holds 4,' in capsys.readouterr().err
