@@ -32,47 +32,36 @@ def parse_args(trainer, doc, argv=None, runs=1000, hyp=None, smoke=None, data_di
     when its hyp has 'precision' and --block when it trains blocks of any size (`blocks`). An option not
     offered is still read, hidden, so that check_command can say why it does not apply."""
     hyp, smoke = hyp or {}, smoke or {}
-    p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--runs', type=int, default=runs, help=f'runs per arm (default {runs}); rerun with more to extend')
-    p.add_argument('--out', help=f'store folder (default runs/{trainer}, then -scan with --scan or -factorial with '
-                                 '--design factorial, then -smoke with --smoke, then each --hyp override: e.g. '
-                                 f'runs/{trainer}-factorial-smoke-epochs=2)')
+    # One line per option at 80 columns: the help column sits just past the longest option, --workers-per-gpu N;
+    # what each option does in full is in docs/trainers.md, which the trainer's docstring points to.
+    p = _Parser(usage='python %(prog)s [options]', description=doc,
+                formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=23))
+    p.add_argument('--runs', type=int, default=runs, metavar='N',
+                   help=f'runs per arm (default {runs}); rerun with more to extend')
+    p.add_argument('--out', metavar='DIR', help=f'store folder (default runs/{trainer}, then -smoke...)')
     if data_dir:
-        p.add_argument('--data-dir', help='folder with CIFAR-10 (downloaded there if absent; default: the folder the '
-                                          'store was made from if it is there, else data)')
+        p.add_argument('--data-dir', metavar='DIR',
+                       help='folder with CIFAR-10, downloaded if absent (default: the store\'s own, else data)')
     else:
         p.set_defaults(data_dir=None)  # the data ship with a package
-    p.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda if present)')
-    p.add_argument('--gpus', help='comma-separated GPU ids, one worker each (default: every visible GPU)')
+    p.add_argument('--device', metavar='DEV', help='cpu, cuda or cuda:N (default: cuda if present)')
+    p.add_argument('--gpus', metavar='IDS', help='comma-separated GPU ids, one worker each (default all)')
     p.add_argument('--workers-per-gpu', type=int, default=1, metavar='N',
-                   help='worker processes per GPU, all filling the one store (default 1); more than one helps '
-                        'when a run is bound by kernel launches rather than arithmetic')
-    p.add_argument('--block', metavar='K|auto',
-                   help='models trained at once, each its own run (its seed, its examples); runs of one block take '
-                        'equal steps. auto: before its first run each worker times a few steps at K = 1, 2, 4, 8, '
-                        '... and keeps the fastest per model (default: auto on CUDA, 1 on a CPU)'
+                   help='worker processes per GPU, filling one store (default 1)')
+    p.add_argument('--block', metavar='K|auto', help='models trained at once (default auto on CUDA, 1 on CPU)'
                    if blocks else argparse.SUPPRESS)
-    p.add_argument('--precision', choices=PRECISIONS,
-                   help='arithmetic of training and inference: float16 (the CUDA recipe, on any device) or float32; '
-                        'auto (the default): float16 on CUDA, float32 elsewhere. The store records the precision '
-                        'its runs were made in and refuses a worker of the other; the same as --hyp precision=..., '
-                        'so the default --out names it (e.g. -precision=float16)'
-                   if 'precision' in hyp else argparse.SUPPRESS)
+    p.add_argument('--precision', choices=PRECISIONS, metavar='P',
+                   help='float16, float32 or auto (default: float16 on CUDA)' if 'precision' in hyp else argparse.SUPPRESS)
     p.add_argument('--smoke', action='store_true', help=smoke_help(hyp, smoke))
-    p.add_argument('--scan', action='store_true',
-                   help='instead of the with/without arms: runs on a random half of the training set each '
-                        '(arm "scan"), to estimate the self-influence of every example (python viz.py --scan)')
-    p.add_argument('--design', choices=('with-without', 'factorial'), default='with-without',
-                   help='with-without: arms with (all examples) and without (all but the held-out ones); '
-                        'factorial: arms a and b, run k of both with seed k, each held-out example removed from '
-                        'one of the two by a coin drawn from the seed (separates self- from cross-influence)')
-    p.add_argument('--seed-base', type=int, help=f'run k uses seed seed_base + k (default 0; '
-                                                 f'{SCAN_SEED_BASE} with --scan, so the ranges are disjoint)')
-    p.add_argument('--held-out', help='JSON file {"random": [...], "easy": [...]} replacing the default indices')
+    p.add_argument('--scan', action='store_true', help='each run on a random half, to screen every example')
+    p.add_argument('--design', choices=('with-without', 'factorial'), default='with-without', metavar='DESIGN',
+                   help='with-without (default) or factorial (arms a and b)')
+    p.add_argument('--seed-base', type=int, metavar='N',
+                   help=f'run k uses seed N + k (default 0; {SCAN_SEED_BASE} with --scan)')
+    p.add_argument('--held-out', metavar='FILE', help='JSON {"easy": [indices], ...} replacing the defaults')
     p.add_argument('--hyp', action='append', default=[], metavar='KEY=VALUE',
-                   help='override a hyperparameter of the trainer\'s hyp dict (repeatable)' + hyp_example(hyp) +
-                        '; VALUE must have the type and sign of the default; the default --out then names '
-                        'the overrides' + (f'. KEY one of: {", ".join(hyp)}' if hyp else ''))
+                   help='override a hyperparameter' + hyp_example(hyp) + '; repeatable' +
+                        (f'; KEY one of: {", ".join(hyp)}' if hyp else ''))
     p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)  # a child of a multi-GPU launch
     return p.parse_args(argv)
 
@@ -83,7 +72,7 @@ def smoke_help(hyp, smoke):
         return 'a short training to check the plumbing'
     changes = ', '.join(f'{k}={json.dumps(v)}' + (f' (default {json.dumps(hyp[k])})' if k in hyp else '')
                         for k, v in smoke.items())
-    return f'check the plumbing in seconds per run: {changes}'
+    return f'check the plumbing: {changes}'
 
 
 def hyp_example(hyp):

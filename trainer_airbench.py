@@ -1,18 +1,9 @@
 """trainer_airbench.py: does adding an example make the airbench94 net more or less confident on it?
 
-Trains N networks on all 50,000 CIFAR-10 training images (arm `with`) and N on all but 40 held-out
-examples (arm `without`: 20 random, 20 "easy"), storing every run's float16 logits on all 50,000
-training images. Run k of both arms shares seed k (init, data order, augmentation). Then
-`python viz.py` prints, per held-out example, the self-influence: mean margin with - without.
-Killing it loses at most the runs in progress; the same command continues.
-
     python trainer_airbench.py                       # 1000 runs per arm into runs/airbench/, every GPU
     python trainer_airbench.py --smoke --runs 2      # a tiny net on a CPU: the whole pipeline
 
-Recipe: airbench94 (airbench.py) with the experiment's settings: lr 5.0, no label smoothing, batch 512,
-random flip + 2 px translation, 9.9 epochs, no test-time augmentation; float16 on CUDA, float32 on a CPU
-(--hyp precision=float16|float32), BatchNorm after each conv (--hyp norm=layer|none: the ablations). Measured costs and results:
-docs/speed.md, docs/results.md.
+The recipe, how the runs are paired, more commands, every option in full: docs/trainers.md.
 """
 import os
 import signal

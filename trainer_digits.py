@@ -1,22 +1,9 @@
 """trainer_digits.py: the self-influence experiment on real data, on a laptop CPU.
 
-Does adding an easy training example make the retrained net less confident on it (negative
-self-influence), while a random example makes it more confident? The same designs as the CIFAR-10
-trainers, on scikit-learn's 8x8 handwritten digits (digits.py: 1437 training and 360 test images, no
-download) with a 64-256-256-10 MLP with BatchNorm, BLOCK models trained at once in one batched forward.
+    python trainer_digits.py --design factorial --runs 200 && python viz.py runs/digits-factorial
+    python trainer_digits.py --smoke --runs 20      # the plumbing, in seconds
 
-    python trainer_digits.py --scan --runs 500 && python viz.py --scan --trainer digits     # screen every digit
-    python trainer_digits.py --design factorial --runs 200 && python viz.py runs/digits-factorial   # confirm
-    python trainer_digits.py --runs 100 && python viz.py --trainer digits                   # with/without, controls
-    python trainer_digits.py --smoke --runs 20                                              # the plumbing
-
-Run k of both arms shares seed k: it fixes the init (a torch generator) and the order of the examples
-(a numpy generator), and a run that must not see an example removes it from the batch it falls in, so
-both arms take the same steps on the same batches. BatchNorm statistics, the loss and the gradients of
-a model see only its kept examples, and the loss is divided by the nominal batch size, so a removed
-example changes no other example's weight (see train). `hyp['norm']` switches BatchNorm for LayerNorm
-('layer') or no normalisation ('none'); `hyp['loss_norm'] = 'kept'` restores the earlier mean over the
-kept rows. Measured costs and results: docs/speed.md, docs/results.md.
+The recipe, how the runs are paired, more commands, every option in full: docs/trainers.md.
 """
 
 import os

@@ -1,29 +1,9 @@
-"""trainer_digits_conv.py: the self-influence experiment on the 8x8 digits with a small airbench-style convnet.
-
-Does negative self-influence of easy examples appear, on a CPU, with settings closer to the airbench
-recipe than trainer_digits.py's MLP? Same data and held-out digits (digits.py), but the net and its
-training follow airbench94: conv groups (3x3 conv -> 2x2 max-pool -> BatchNorm -> GELU -> 3x3 conv ->
-BatchNorm -> GELU) with BatchNorm scale frozen at 1, a global max-pool and a bias-free linear layer
-times a fixed factor; random translation (and, with flip=random, flips) per model, per example, per
-epoch; cross-entropy summed over the kept rows of a batch with hyperparameters per 1024 examples (so a
-removed example up-weights nothing); Nesterov SGD; a triangular lr; lookahead. BLOCK models train at
-once: grouped convolutions (groups = models) and masked BatchNorm over each model's kept rows
-(digits.batch_norm).
+"""trainer_digits_conv.py: the self-influence experiment on the 8x8 digits with an airbench-style convnet.
 
     python trainer_digits_conv.py --design factorial --runs 350 && python viz.py runs/digitsconv-factorial
-    python trainer_digits_conv.py --design factorial --runs 160 --hyp epochs=16   # a variant: its own store
-    python trainer_digits_conv.py --smoke --runs 4                                # the plumbing
+    python trainer_digits_conv.py --smoke --runs 4      # the plumbing
 
-Left out of airbench: the whitening layer (its statistics would be one more place to mask; BatchNorm
-follows the first conv anyway) and input normalisation (the canvas is zero-padded, and 0 is the digits'
-background, so padding and translation add background and nothing else).
-
-Data per model and epoch, all drawn from np.random.default_rng(seed): a permutation of the 1437 digits
-cut into batches (digits.epoch_order), then a horizontal flip (probability 1/2; used only with
-flip=random) and a shift of -translate..+translate pixels in each direction for every digit, whether
-the run keeps it or not. So the two runs of a pair (same seed) see the same batches with the same
-augmentations, minus the examples one of them removes; those are masked out: zeros in, no loss, no
-gradient, no BatchNorm statistic. Measured costs and results: docs/speed.md, docs/results.md.
+The recipe, how the runs are paired, more commands, every option in full: docs/trainers.md.
 """
 
 import os

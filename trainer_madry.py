@@ -1,16 +1,9 @@
 """trainer_madry.py: the with/without self-influence experiment with the Madry-lab ResNet-9 recipe.
 
-Does adding an easy CIFAR-10 training example make the retrained net less confident on it (negative
-self-influence), while adding a random example makes it more confident, with a second, conventional
-recipe? The ResNet-9 of the datamodels CIFAR-10 example: residual conv-BN-ReLU net, heavy-ball SGD,
-24 epochs, flip + translate + cutout, float16 autocast on a GPU, logits from a float16 copy of the net;
-to see whether the effect survives outside airbench's training tricks. --block K trains K nets at once
-as one fused net (train_block; on CUDA `auto` times a few sizes), each the run it would be alone.
-
     python trainer_madry.py                       # 1000 runs per arm into runs/madry/
     python trainer_madry.py --smoke --runs 2      # tiny net, a fraction of an epoch: checks the plumbing
 
-Measured costs and results: docs/speed.md, docs/results.md.
+The recipe, how the runs are paired, more commands, every option in full: docs/trainers.md.
 """
 import copy
 import math

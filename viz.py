@@ -75,7 +75,7 @@ def make_parser():
     parser.add_argument('--controls', type=int, metavar='K',
                         help=f'controls per held-out example (default {viz_controls.CONTROLS}; 0: raw shift)')
     parser.add_argument('--scan', action='store_true', help="report a scan store: every example's self-influence")
-    parser.add_argument('--top', type=int, metavar='N', help='examples listed with --scan (20), or cross-influences (10)')
+    parser.add_argument('--top', type=int, metavar='N', help='examples listed with --scan (10), or cross-influences (10)')
     parser.add_argument('--seed-folders', nargs=2, metavar=('WITH', 'WITHOUT'),
                         help="the original scripts' folders of <uuid>.pt logits instead of a store")
     parser.add_argument('--data-dir', default='data', metavar='DIR', help='with --seed-folders: where CIFAR-10 is (its labels)')
@@ -107,7 +107,7 @@ def report(parser, args, store):
     it. -> (its module, its result, its printed lines)."""
     if args.scan:
         res = viz_scan.analyse(store, args.alpha, args.top or viz_scan.TOP)
-        return viz_scan, res, viz_scan.lines(res, args.top or viz_scan.TOP)
+        return viz_scan, res, viz_scan.lines(res, args.top or viz_scan.LISTED)
     if viz_factorial.is_factorial(store):
         if args.test != 'welch':
             parser.error('--test z belongs to the with/without report; the factorial report uses paired t-tests')

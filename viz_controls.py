@@ -23,8 +23,6 @@ price is variance: sum of squared weights = 1/K + gap^2 / sum (x_c - mean x)^2, 
 example sits beyond its controls; the tests see it, since they use the per-run differences. A planted
 store (tests/test_controls.py, docs/controls.md) shows the plain mean's intervals missing and these covering.
 """
-import textwrap
-
 import numpy as np
 
 import stats
@@ -127,14 +125,14 @@ def analyse(res, compare, a, b, ca, cb, matched):
 
 
 def section(res, explanation):
-    """The report's control section: `explanation` (a paragraph, wrapped here), then per group (all its
+    """The report's control section: `explanation` (one line: viz_io.controls_intro), then per group (all its
     examples with controls) and per example (those with control-adjusted p < alpha)."""
     if not res['control_k']:
         return []
     if 'control_adjusted' not in res:
         return ['', f'Controls: none analysed; {res["control_skipped"]}']
     pct, alpha = f'{LEVEL:.0%}', res['alpha']
-    lines = ['', *textwrap.wrap(explanation, 110),
+    lines = ['', explanation,
              f'{"group":<12}{"examples":>8}  {"shift":>7}  {"control shift":>13}  {pct + " CI":<18}  {"adjusted":>8}  '
              f'{pct + " CI":<18}  {"p":>6}  {"sig. +":>6}  {"sig. -":>6}  {"margin gap":>10}']
     for name, g in res['group_summary'].items():
@@ -152,18 +150,6 @@ def section(res, explanation):
         lines.append(group_title(name))
         lines += [row(res, j) for j in pos if res['control_adjusted_p'][j] < alpha] or ['(none)']
     return lines
-
-
-def describe(res):
-    """The opening of the explanation: how many controls, matched where, how close."""
-    count, gap = res['control_count'], res['control_gap']
-    per = f'{count.min()}' if count.min() == count.max() else f'{count.min()} to {count.max()}'
-    return (f'Controls: for each held-out example, up to {res["control_k"]} training examples never held out, with '
-            f'its label and the nearest mean margin over both arms ({per} per example; margin gap to the farthest: '
-            f'median {np.nanmedian(gap):.3f}, max {np.nanmax(gap):.3f}). Near the top of a class they sit below '
-            'the example: margin gap = its mean margin - the mean of its controls\', averaged over the group in '
-            'the last column. The control shift is read at the example\'s own mean margin, from the least-squares '
-            'line of the controls\' margins on their mean margins in each run, so the gap does not lean it.')
 
 
 def head(adjusted_p=False):

@@ -29,8 +29,8 @@ import stats
 import viz_controls
 from design import FACTORIAL_ARMS, factorial_split
 from store import StoreError
-from viz_io import (LEVEL, controls_intro, example_head, example_line, group_summary, headline, held_out_groups,
-                    listed, mean_margins, note, note_progress, per_group, positions_of, ptext, read_margins)
+from viz_io import (LEVEL, controls_intro, example_head, example_line, group_summary, group_title, headline,
+                    held_out_groups, listed, mean_margins, note, note_progress, positions_of, ptext, read_margins)
 
 TOP = 10  # cross-influences printed (--top)
 
@@ -155,8 +155,8 @@ def analyse_controls(store, res, ma, mb, kept_in_a, pair_info):
 ############################################
 
 def lines(res, top=TOP, every=False):
-    """The printed report: design, group means, every held-out example, controls, cross-influences;
-    every=True (--all) adds every example's control row and every cross-influence that passes BH."""
+    """The printed report: design, group means, the held-out examples with p < alpha, controls, cross-influences;
+    every=True (--all) lists every held-out example and its control row, and every cross-influence that passes BH."""
     pct, alpha, m = f'{LEVEL:.0%}', res['alpha'], len(res['index'])
     text = (f'Factorial design, store {res["path"]} (trainer {res["trainer"]}): {res["pairs"]} pairs of runs; each '
             'held-out example removed from one run of its pair by a coin (method: docs/analysis.md). Paired t-test '
@@ -173,9 +173,15 @@ def lines(res, top=TOP, every=False):
     def row(j):
         return example_line(res, j, 'mean_kept', 'mean_removed') + (
             f'  {res["regression_self_influence"][j]:>+10.3f}  {res["regression_p"][j]:>6.4f}' if regression else '')
-    out += ['', f'Every held-out example. * marks p < {alpha:g}; kept / removed: its mean margin in the run that '
-                'kept / removed it;', 'regression: the coefficient of its own assignment (see cross-influences).'
-                if regression else f'(no regression estimate: {res["cross_skipped"]})', head, *per_group(res, row)]
+    # By default only the examples with p < alpha, as the with/without report's table; --all lists every one.
+    title = f'Every held-out example. * marks p < {alpha:g}' if every else \
+        f'Held-out examples with p < {alpha:g} (every one: --all)'
+    out += ['', f'{title}; kept / removed: its mean margin in the run that kept / removed it;',
+            'regression: the coefficient of its own assignment (see cross-influences).'
+            if regression else f'(no regression estimate: {res["cross_skipped"]})', head]
+    for name, pos in res['groups']:
+        out.append(group_title(name))
+        out += [row(j) for j in pos if every or res['significant'][j]] or ['(none)']
     out += controls_section(res) + cross_section(res, top, every)
     if every:
         out += viz_controls.all_rows(res)

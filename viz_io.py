@@ -421,10 +421,9 @@ def headline(res, sample):
 
 def controls_intro(res, test):
     """The one line above the control tables: how many controls, how close, which test; the method is
-    docs/controls.md's."""
+    docs/analysis.md's."""
     count, gap = res['control_count'], res['control_gap']
     per = f'{count.min()}' if count.min() == count.max() else f'{count.min()} to {count.max()}'
-    return (f'Controls (method: docs/controls.md): up to {res["control_k"]} never held out per example, of its label and '
-            f'nearest mean margin ({per} per example; margin gap to the farthest: median {np.nanmedian(gap):.3f}, '
-            f'max {np.nanmax(gap):.3f}), their shift read at its mean margin from the line through them, so the gap '
-            f'does not lean it; control-adjusted = shift - control shift ({test}, {LEVEL:.0%} CI):')
+    up_to = '' if per == str(res['control_k']) else f' (of up to {res["control_k"]})'
+    return (f'Controls (method: docs/analysis.md): {per} per example{up_to}, farthest margin gap median '
+            f'{np.nanmedian(gap):.3f}, max {np.nanmax(gap):.3f}; {test}:')

@@ -25,11 +25,13 @@ import numpy as np
 import stats
 from design import keep_for, kept_mask
 from store import Store, StoreError
-from viz_io import LEVEL, group_title, listed, note, note_progress, ptext
+from viz_io import LEVEL, listed, note, note_progress, ptext
+from viz_with_without import wrap_items
 
 HIGH_MARGIN_QUANTILE = 0.75  # high margin: mean margin when included at or above this quantile of the tested
 NULL_DRAWS = 200             # simulated scans with no effect, for the extremes (stats.null_extremes)
-TOP = 20                     # examples per printed list (--top)
+TOP = 20                     # the noise check's k: easy candidates compared across halves, extremes (--top)
+LISTED = 10                  # examples per printed list; --top N sets both to N
 
 
 def check(store):
@@ -233,8 +235,9 @@ def answer(res):
     return [*textwrap.wrap(text, 110), ''], doc
 
 
-def lines(res, top=TOP):
-    """The scan's printed report: the answer, header, the top-k lists and the store's held-out examples."""
+def lines(res, top=LISTED):
+    """The scan's printed report: the answer, header, the top-k lists, where the store's held-out examples
+    rank, and whether it is more than noise."""
     tested, order = res['tested'], res['order']
     counts = res['n_in']
     significant = tested & (res['p_bh'] < res['alpha'])
@@ -257,12 +260,22 @@ def lines(res, top=TOP):
                 f'{res["high_margin_threshold"]:.3f}, the top quartile; {res["high_margin"].sum()} examples), '
                 f'the candidates for an "easy" held-out set:', scan_head()]
     out += [scan_row(res, j) for j in easy_candidates(res, top)]
-    out += ['', f'Held-out examples of the store, where they fall among the {tested.sum()} tested:']
+    return out + held_out_section(res) + noise_section(res)
+
+
+def held_out_section(res):
+    """Where the store's held-out examples rank, a few per line: index: rank (self-influence, * where BH
+    p < alpha); their other columns are in --csv and --json."""
+    out = ['', f'Held-out examples of the store, index: rank among the {res["tested"].sum()} tested (self-influence, '
+               f'* BH p < {res["alpha"]:g}; every column: --csv):']
     if not res['groups']:
         out.append('(the store lists none)')
     for name, ix in res['groups']:
-        out += [group_title(name), scan_head()] + [scan_row(res, j) for j in ix]
-    return out + noise_section(res)
+        items = [f'{j}: {res["rank"][j]:.0f} ({res["self_influence"][j]:+.3f}'
+                 f'{"*" if res["p_bh"][j] < res["alpha"] else ""})' if res['tested'][j] else f'{j}: - (left out)'
+                 for j in ix]
+        out += wrap_items(items, first=f'{name.capitalize() + ":":<8}', width=110)
+    return out
 
 
 def noise_section(res):
@@ -270,16 +283,12 @@ def noise_section(res):
     rel = res['reliability']
     r, sb, n = rel['split_half']
     r_high, _, n_high = rel['split_half_high']
-    text = ('Is it more than noise? Split halves: the runs with even and with odd run numbers, each estimated '
-            f'alone; their estimates correlate at r = {r:.2f} over {n} tested examples'
-            + (f' (Spearman-Brown reliability of the estimates on all runs: {sb:.2f})' if r > 0 else '')
-            + f' and at r = {r_high:.2f} over the {n_high} high-margin ones. ')
+    text = (f'Is it more than noise (method: docs/analysis.md)? Split halves: r = {r:.2f} over {n} '
+            'tested' + (f' (reliability {sb:.2f})' if r > 0 else '') + f', {r_high:.2f} over {n_high} high-margin')
     if rel['overlap_k']:
-        text += (f'Easy candidates (the {rel["overlap_k"]} most negative high-margin) of the even runs that are also '
-                 f'candidates of the odd runs: {rel["overlap"]} ({rel["overlap_chance"]:.1f} expected by chance). ')
-    text += (f'No effect anywhere, simulated: {NULL_DRAWS} draws of independent normal estimates with mean 0 and '
-             'each example\'s observed standard error; the k-th most extreme estimate of each list against the '
-             'k-th of the draws:')
+        text += (f'; easy candidates in both: {rel["overlap"]} of {rel["overlap_k"]} '
+                 f'({rel["overlap_chance"]:.1f} by chance)')
+    text += f'; against {NULL_DRAWS} scans of no effect:'
     lines = ['', *textwrap.wrap(text, 110),
              f'{"list":<27}{"examples":>8}  {"k":>4}  {"observed":>8}  {"no effect":>9}  {"95% of draws":<18}  verdict']
     for name, e in rel['extremes'].items():

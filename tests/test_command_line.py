@@ -133,6 +133,27 @@ def test_each_trainers_help_says_what_that_trainer_does(name):
     assert ('--data-dir' in lines) == (name in ('trainer_airbench', 'trainer_madry'))
 
 
+@pytest.mark.parametrize('name', TRAINERS)
+def test_each_trainers_help_is_one_screen_of_options_and_two_examples(name):
+    """At 80 columns: a one-line usage, two example commands, one line pointing to docs/trainers.md, and
+    every option once, its help on its own line but for --smoke and --hyp, which list the trainer's values."""
+    result = subprocess.run([sys.executable, f'{name}.py', '--help'], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT, env={**os.environ, 'COLUMNS': '80'})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) <= 32 and max(map(len, lines)) <= 120 and lines[0] == f'usage: python {name}.py [options]'
+    assert sum(line.startswith(f'    python {name}.py ') for line in lines) == 2
+    assert sum('docs/trainers.md' in line for line in lines) == 1
+    cifar = name in ('trainer_airbench', 'trainer_madry')
+    options = ['--runs', '--out', '--device', '--gpus', '--workers-per-gpu', '--smoke', '--scan', '--design',
+               '--seed-base', '--held-out', '--hyp'] + (['--data-dir', '--block', '--precision'] if cifar else [])
+    starts = [line.lstrip().split()[0] if line.startswith('  -') else None for line in lines] + [None]
+    for option in options:
+        assert starts.count(option) == 1, option
+        after = lines[starts.index(option) + 1] if starts.index(option) + 1 < len(lines) else ''
+        assert option in ('--smoke', '--hyp') or not after.startswith(' ' * 20), f'{option} wraps: {after}'
+
+
 @pytest.mark.parametrize('name', ['trainer_digits', 'trainer_digits_conv', 'trainer_madry', 'airbench'])
 def test_every_recipe_refuses_values_that_would_crash_its_run(name):
     module = __import__(name)

@@ -3,6 +3,8 @@ planted stores written in the store format: they recover self-influence under a 
 what they claim to be, they reach every output, and they do not lean where the control shift depends on
 margin and the examples sit at the top of their class."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,8 @@ import stats
 from conftest import report, written
 from planted_stores import TOP_K, plain_mean_controls, top_of_class_store, write_arms
 from store import Store
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CROSS_N, CROSS_RUNS = 1000, 40
 CROSS_HELD = {'random': list(range(0, 100, 10)), 'easy': list(range(505, 605, 10))}
@@ -128,9 +132,12 @@ def test_controls_of_examples_at_the_top_of_their_class_do_not_lean(top_store, c
     assert abs(np.mean(res['control_adjusted'][easy] - self_effect[easy])) < 0.05
     for name, pos in res['groups']:  # group means: within 0.03 of the truth, against a lean of 0.14
         assert abs(res['group_summary'][name]['control_adjusted'] - self_effect[pos].mean()) < 0.03
-    # The report gives each group's mean margin gap to its controls, and says the line corrects for it.
+    # The report gives each group's mean margin gap to its controls; why the line corrects for it is in
+    # docs/analysis.md, which the report's one line on the controls points to.
     rows = {line.split()[0]: line.split() for line in lines if line.startswith(('Random ', 'Easy ')) and line.count('[') == 2}
     for name, pos in res['groups']:
         assert rows[name.capitalize()][-1] == f'{np.mean(res["control_margin_gap"][pos]):+.3f}'
     assert float(rows['Easy'][-1]) > 0.3 > abs(float(rows['Random'][-1]))
-    assert 'so the gap does not lean it' in ' '.join(lines)
+    assert sum(line.startswith('Controls (method: docs/analysis.md): ') for line in lines) == 1
+    with open(os.path.join(ROOT, 'docs', 'analysis.md')) as f:
+        assert 'so the gap does not lean it' in ' '.join(f.read().split())

@@ -101,8 +101,8 @@ def test_report_recovers_planted_self_and_cross_influences(planted, capsys):
     assert f'{len(planted_pairs)} pass BH p < 0.01' in ' '.join(lines)
 
 
-def test_report_lists_every_example_and_the_group_means(planted, capsys):
-    res, lines, _ = report([planted, '--controls', '0'], capsys)
+def test_report_lists_every_example_with_all_and_the_group_means(planted, capsys):
+    res, lines, _ = report([planted, '--controls', '0', '--all'], capsys)
     assert 'control_adjusted' not in res and not any(line.startswith('Controls:') for line in lines)
     assert body(lines)[1].startswith(f'Factorial design, store {planted} (trainer toy): {PAIRS} pairs of runs')
     start = lines.index('Random examples:')
@@ -110,6 +110,11 @@ def test_report_lists_every_example_and_the_group_means(planted, capsys):
     assert [int(r[0]) for r in rows] == list(held_out_indices(HELD))
     for r, j in zip(rows, range(M)):
         assert r[3] == f'{res["self_influence"][j]:+.3f}' and (r[7] == '*') == bool(res['p'][j] < 0.01)
+    _, default, _ = report([planted, '--controls', '0'], capsys)  # without --all: only those with p < alpha
+    assert any(line.startswith('Held-out examples with p < 0.01 (every one: --all)') for line in default)
+    start = default.index('Random examples:')
+    rows = [line.split() for line in default[start:default.index('', start)] if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == [i for i, p in zip(held_out_indices(HELD), res['p']) if p < 0.01]
     self_truth, _, _ = truth()
     for name, pos in res['groups']:
         g = res['group_summary'][name]

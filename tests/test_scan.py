@@ -1,6 +1,8 @@
 """Claims about the scan (python viz.py --scan): every example's self-influence from runs on random
 halves of the training set, on generated scan stores built with the real Store API."""
 
+import re
+
 import numpy as np
 import pytest
 from scipy import stats as sps
@@ -182,6 +184,18 @@ def test_report_puts_the_planted_examples_at_the_top_of_their_lists(planted, cap
     assert 'beyond what no effect gives' in head
 
 
+def test_default_lists_ten_while_the_noise_check_compares_twenty(planted, capsys):
+    """The lists are cut to one screen (LISTED); the noise check keeps its k (TOP), so its figures are those
+    of a report with --top 20; --top N sets both."""
+    res, lines, _ = report(['--scan', planted], capsys)
+    assert len(section(lines, '10 most negative')) == len(section(lines, '10 most positive')) == 10
+    assert len(section(lines, 'Most negative among high-margin')) == 10
+    assert res['reliability']['overlap_k'] == 20 and len(res['reliability']['extremes']['most negative']['observed']) == 20
+    res20, lines20, _ = report(['--scan', planted, '--top', '20'], capsys)
+    assert lines[-8:] == lines20[-8:]  # the noise section, line for line
+    assert len(section(lines20, '20 most negative')) == 20
+
+
 def test_header_gives_the_runs_and_the_spread_of_inclusions(planted, capsys):
     res, lines, _ = report(['--scan', planted], capsys)
     counts = res['n_in']
@@ -195,18 +209,20 @@ def test_high_margin_list_is_the_top_quartile_sorted_by_self_influence(planted, 
     rows = section(lines, 'Most negative among high-margin')
     threshold = np.quantile(res['mean_in'], 0.75)
     high = np.flatnonzero(res['mean_in'] >= threshold)
-    want = high[np.argsort(res['self_influence'][high])][:20]
+    want = high[np.argsort(res['self_influence'][high])][:viz_scan.LISTED]  # 10 by default
     assert [int(r[1]) for r in rows] == list(want)
     assert all(float(r[3]) >= round(threshold, 3) for r in rows)
 
 
 def test_held_out_examples_are_placed_among_all(planted, capsys):
+    """One short line per group: index: rank (self-influence, * where BH p < alpha)."""
     res, lines, _ = report(['--scan', planted], capsys)
-    start = lines.index('Easy examples:')
-    rows = [line.split() for line in lines[start + 2:start + 4]]
-    assert [int(r[1]) for r in rows] == HELD['easy']
-    assert rows[0][0] == f'{res["rank"][150]:.0f}' and int(rows[0][0]) <= len(DOWN)  # planted: near the top
-    assert rows[0][5] == f'{res["self_influence"][150]:+.3f}'
+    easy = next(line for line in lines if line.startswith('Easy:'))
+    items = re.findall(r'(\d+): (\d+) \(([-+]\d+\.\d+)(\*?)\)', easy)
+    assert [int(i) for i, _, _, _ in items] == HELD['easy']
+    index, rank, effect, star = items[0]
+    assert rank == f'{res["rank"][150]:.0f}' and int(rank) <= len(DOWN)  # planted: near the top
+    assert effect == f'{res["self_influence"][150]:+.3f}' and star == ('*' if res['p_bh'][150] < 0.01 else '')
 
 
 def test_csv_and_json_hold_the_numbers_printed(planted, capsys, tmp_path):
@@ -214,8 +230,8 @@ def test_csv_and_json_hold_the_numbers_printed(planted, capsys, tmp_path):
                            capsys)
     from_csv, doc = written(tmp_path / 'scan.csv', tmp_path / 'scan.json')
     assert len(from_csv) == len(doc['examples']) == N_TRAIN and doc['runs'] == RUNS
-    printed = section(lines, '20 most negative') + section(lines, '20 most positive')
-    head = lines[next(k for k, line in enumerate(lines) if line.startswith('20 most negative')) + 1].split('  ')
+    printed = section(lines, '10 most negative') + section(lines, '10 most positive')
+    head = lines[next(k for k, line in enumerate(lines) if line.startswith('10 most negative')) + 1].split('  ')
     assert [h.strip() for h in head if h.strip()][3:5] == ['mean margin in', 'mean margin out']  # named as what they hold
     for r in printed:
         row, ex = from_csv[int(r[1])], doc['examples'][int(r[1])]
@@ -272,7 +288,7 @@ def test_examples_never_included_or_never_excluded_are_named_and_left_out(tmp_pa
     np.testing.assert_array_equal(res['tested'], ~left)
     assert np.all(np.isnan(res['rank'][left])) and np.all(np.isnan(res['p_bh'][left]))
     assert sorted(res['rank'][~left]) == list(range(1, (~left).sum() + 1))
-    listed = [int(r[1]) for r in section(lines, f'{min(20, (~left).sum())} most negative')]
+    listed = [int(r[1]) for r in section(lines, f'{min(10, (~left).sum())} most negative')]
     assert not set(listed) & set(np.flatnonzero(left))
 
 
@@ -318,7 +334,7 @@ def test_split_half_reliability_is_high_with_effects_and_near_zero_without(effec
     r, _, n = res['reliability']['split_half']
     assert abs(r) < 4 / np.sqrt(n)  # no effect: r has sd about 1 / sqrt(n)
     text = ' '.join(lines)
-    assert f'their estimates correlate at r = {r:.2f} over {n} tested examples' in text
+    assert f'Split halves: r = {r:.2f} over {n} tested' in text
 
 
 def extremes_rows(lines):

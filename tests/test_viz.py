@@ -334,7 +334,7 @@ def test_default_report_is_unchanged_above_the_controls(planted, capsys):
     assert capsys.readouterr().out == golden
     viz.main([str(planted)])
     out, below = capsys.readouterr().out, golden.split('\n\n', 1)[1]
-    assert out.split('\n\n', 1)[1].startswith(below) and out.split('\n\n', 1)[1][len(below):].startswith('\nControls (method: docs/controls.md): ')
+    assert out.split('\n\n', 1)[1].startswith(below) and out.split('\n\n', 1)[1][len(below):].startswith('\nControls (method: docs/analysis.md): ')
 
 
 def test_the_headline_is_the_control_adjusted_group_effect_in_words(planted, capsys, tmp_path):
