@@ -41,7 +41,7 @@ def parse_args(trainer, doc, argv=None, runs=1000, hyp=None, smoke=None, data_di
     p.add_argument('--out', metavar='DIR', help=f'store folder (default runs/{trainer}, then -smoke...)')
     if data_dir:
         p.add_argument('--data-dir', metavar='DIR',
-                       help='folder with CIFAR-10, downloaded if absent (default: the store\'s own, else data)')
+                       help='CIFAR-10 folder (default: the store\'s own, else data/)')
     else:
         p.set_defaults(data_dir=None)  # the data ship with a package
     p.add_argument('--device', metavar='DEV', help='cpu, cuda or cuda:N (default: cuda if present)')
