@@ -15,10 +15,14 @@ SMALL = dict(widths=(16, 32, 32), batch_size=100, lr=5.0, label_smoothing=0.0, f
 # Logits of a model in a block against the same run alone, relative to the largest logit. The fused net
 # sums in other orders than the single one (grouped against plain convolutions; BatchNorm statistics of a
 # padded batch by masked sums against PyTorch's kernel), so each step differs by float32 rounding (about
-# 1e-7 relative); training amplifies it step by step. Measured after 20 steps here: at most 1e-5 of the
-# largest logit. A model that saw one wrong example, one padded row in its statistics or another model's
-# gradient differs by 1e-2 or more after its first step.
-TOLERANCE = 1e-4
+# 1e-7 relative), and training amplifies it, unevenly from run to run. Measured on a 2-core CPU, 20 steps
+# of these settings: median 1e-5, but one run in about 14 reaches 1e-3; and the same run alone at 1 and at
+# 2 threads (PyTorch's kernels split their sums by thread) spreads just as far, 1.06e-3. So no tolerance
+# below that holds on every machine, pinned threads or not. The data order and augmentation are compared
+# exactly (the recorded batches); this catches the arithmetic: padded rows in a model's BatchNorm
+# statistics give 2e-2, one example or one flip wrong once in 2,000 example-steps 6e-3 to 9e-3, another
+# data order 9e-2.
+TOLERANCE = 3e-3
 
 
 @pytest.fixture(scope='module')
