@@ -485,8 +485,8 @@ def make_net(widths=hyp['widths'], bn_momentum=hyp['bn_momentum'], scaling_facto
     net[0].weight.requires_grad = False
     net = net.to(device=device, dtype=dtype or dtype_for(device), memory_format=torch.channels_last)
     for m in net.modules():
-        if isinstance(m, NORM_LAYERS):
-            m.float()  # norm parameters and statistics in float32 under a float16 net
+        if isinstance(m, NORM_LAYERS) and net[0].weight.dtype == torch.float16:
+            m.float()  # norm parameters and statistics in float32 under a float16 net, else the net's dtype
     return net
 
 
@@ -802,7 +802,9 @@ def train_block(images, labels, *, keep, seed, device=None, compile=False, **hyp
             logits = model(x, None if min(sizes) == b else valid)                        # (k, B, 10)
             losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), label_smoothing=h['label_smoothing'],
                                      reduction='none')
-            losses = torch.where(valid.flatten(), losses, 0.0).float().view(k, b).sum(1)  # (k,): each model's own
+            # (k,): each model's own, summed in float32 at least (float64 where tests check a block in float64)
+            losses = torch.where(valid.flatten(), losses, 0.0)
+            losses = losses.to(torch.promote_types(losses.dtype, torch.float32)).view(k, b).sum(1)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()  # model m's weights get the gradient of model m's loss only
             optimizer.step()
