@@ -32,11 +32,15 @@ def cifar10_labels(data_dir):
         raise StoreError(f'{e} (the labels of the seed\'s runs; pass --data-dir)') from None
 
 
+def check_folder(folder):
+    if not os.path.isdir(folder):
+        raise StoreError(f'{folder} is not a folder; expected one of the original\'s run folders (e.g. nets10_default)')
+
+
 def read_folder(folder, n_train):
     """Every run file of one of the original's folders, sorted by name -> [(name, logits (n_train, 10) float16)]."""
     import torch
-    if not os.path.isdir(folder):
-        raise StoreError(f'{folder} is not a folder; expected one of the original\'s run folders (e.g. nets10_default)')
+    check_folder(folder)
     names = sorted(os.listdir(folder))
     other = [n for n in names if not n.endswith('.pt')]
     if other:

@@ -78,7 +78,7 @@ def make_parser():
     parser.add_argument('--top', type=int, metavar='N', help='examples listed with --scan (10), or cross-influences (10)')
     parser.add_argument('--seed-folders', nargs=2, metavar=('WITH', 'WITHOUT'),
                         help="the original scripts' folders of <uuid>.pt logits instead of a store")
-    parser.add_argument('--data-dir', default='data', metavar='DIR', help='with --seed-folders: where CIFAR-10 is (its labels)')
+    parser.add_argument('--data-dir', metavar='DIR', help='with --seed-folders: where CIFAR-10 is (its labels; default data)')
     return parser
 
 
@@ -98,6 +98,8 @@ def check_flags(parser, args):
         args.controls = viz_controls.CONTROLS
     if args.seed_folders and (args.store or args.scan):
         parser.error('--seed-folders WITH WITHOUT replaces the store folder and --scan; pass one or the other')
+    if args.data_dir is not None and not args.seed_folders:
+        parser.error('--data-dir goes with --seed-folders (a store holds its own labels)')
     if args.top is not None and args.top < 1:
         parser.error(f'--top {args.top}: expected a number of examples, 1 or more')
 
@@ -127,7 +129,9 @@ def seed_report(parser, args):
     import tempfile
 
     import seed_import
-    labels = seed_import.cifar10_labels(args.data_dir)
+    for folder in args.seed_folders:  # the folders first: a mistyped one is the likelier mistake
+        seed_import.check_folder(folder)
+    labels = seed_import.cifar10_labels(args.data_dir or 'data')
     tmp = tempfile.mkdtemp(prefix='viz-seed-')
     try:
         store = seed_import.import_folders(*args.seed_folders, os.path.join(tmp, 'store'), labels)

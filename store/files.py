@@ -9,6 +9,7 @@ import socket
 import stat
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 CLAIM_TIMEOUT = 600.0  # seconds without a touch after which a claim (or temporary file) of a process
                        # this machine cannot check counts as dead
@@ -155,7 +156,6 @@ class SyncBehind:
     EVERY = 64 << 20
 
     def __init__(self, f):
-        from concurrent.futures import ThreadPoolExecutor
         self.f, self.since, self.job = f, 0, None
         self.pool = ThreadPoolExecutor(1)
 

@@ -110,3 +110,15 @@ def test_without_cifar10_the_labels_are_asked_for_in_one_line(seed_run, tmp_path
     message, out = refusal(capsys, '--seed-folders', with_dir, without_dir, '--data-dir', tmp_path)
     assert out == '' and len(message.splitlines()) == 1
     assert message.startswith(f'viz: CIFAR-10 not found in {tmp_path}') and '--data-dir' in message
+
+
+def test_a_missing_folder_is_named_before_the_labels_and_data_dir_needs_seed_folders(seed_run, tmp_path, capsys):
+    (with_dir, _), _, _ = seed_run
+    message, out = refusal(capsys, '--seed-folders', with_dir, tmp_path / 'nets10_minus_n40', '--data-dir', tmp_path)
+    assert out == '' and message == f"viz: {tmp_path / 'nets10_minus_n40'} is not a folder; expected one of the " \
+                                    "original's run folders (e.g. nets10_default)"
+    with pytest.raises(SystemExit) as e:
+        viz.main([str(tmp_path), '--data-dir', str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == '' and len(err.splitlines()) == 1
+    assert err.startswith('viz: --data-dir goes with --seed-folders (a store holds its own labels)')
