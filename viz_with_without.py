@@ -204,8 +204,9 @@ def describe_test(res):
             else "z-test (Welch's statistic, normal p-value)")
 
 
-def summary(res):
-    """After the table: all-example group means with CIs, paired design, runs needed."""
+def summary(res, every=False):
+    """After the table: all-example group means with CIs, paired design, runs needed (each example's with
+    every=True, else each group's median)."""
     pct = f'{LEVEL:.0%}'
     lines = ['', f'Store {res["path"]} (trainer {res["trainer"]}): {res["n_with"]} runs with, '
                  f'{res["n_without"]} without; {describe_test(res)}, alpha {res["alpha"]:g}.',
@@ -218,7 +219,7 @@ def summary(res):
         lines.append(f'{name.capitalize():<12}{g["examples"]:>8}  {g["mean"]:>+7.3f}  {ci:<18}  '
                      f'{g["significant_positive"]:>6}  {g["significant_negative"]:>6}  {sig_mean:>21}')
 
-    return lines + paired_table(res) + runs_needed_lines(res)
+    return lines + paired_table(res) + runs_needed_lines(res, every)
 
 
 def paired_table(res):
@@ -246,15 +247,25 @@ def paired_table(res):
     return lines
 
 
-def runs_needed_lines(res):
+def runs_needed_lines(res, every=False):
     """Runs per arm each example needs for the report's test at POWER, and, where runs are seed-matched and
-    the number differs, the pairs the paired t-test needs."""
+    the number differs, the pairs the paired t-test needs: each group's median, each example's with every."""
     head = (f'Runs per arm needed for p < {res["alpha"]:g} with {POWER:.0%} power at the observed effect and '
             f'spread\n(index: runs for {describe_test(res).split(" (")[0]}')
     paired = 'runs_needed_paired' in res and np.isfinite(res['runs_needed_paired']).any()
     if np.isnan(res['runs_needed']).all():
         return ['', f'Runs per arm needed for p < {res["alpha"]:g}: not estimated from {res["n_with"]} runs with and '
                     f'{res["n_without"]} without; at least {MIN_RUNS} per arm are needed to plan from their spread.']
+    if not every:  # one line a group: the median example (each example's in --all, --csv and --json)
+        lines = ['', head.split('\n')[0] + (', median over each group (in brackets, seed-matched pairs for the '
+                                             'paired t-test; each example with --all):' if paired else
+                                             ', median over each group (each example with --all):')]
+        for name, pos in res['groups']:
+            item = runs_text(np.ceil(np.median(res['runs_needed'][pos])))  # a median of two rounded up
+            if paired:
+                item += f' ({runs_text(np.ceil(np.median(res["runs_needed_paired"][pos])))})'
+            lines.append(f'{name.capitalize() + ":":<8}{item}')
+        return lines
     lines = ['', *(head + ('; in brackets, seed-matched pairs for the paired t-test where that differs):'
                            if paired else '):')).split('\n')]
     for name, pos in res['groups']:
@@ -326,7 +337,7 @@ def lines(res, every=False):
     """The printed report: the answer, the original's table, the summary (secondary tests), the controls;
     every=True (--all) adds every held-out example, raw and control-adjusted."""
     out = answer(res)[0] + faithful_table(res) + ['', 'Details (every test but the answer above is secondary):'] \
-        + summary(res) + controls_section(res)
+        + summary(res, every) + controls_section(res)
     return out + (all_examples(res) + viz_controls.all_rows(res) if every else [])
 
 

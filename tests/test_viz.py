@@ -103,6 +103,12 @@ def test_runs_needed_follow_the_paired_test_where_runs_are_seed_matched(planted,
     np.testing.assert_array_equal(res['runs_needed_paired'][finite],
                                   np.maximum(2, np.ceil(welch * res['pairing_ratio'])[finite]))
     assert np.all(res['runs_needed_paired'][finite] < res['runs_needed'][finite])  # shared seed noise: r 0.8
+    # by default each group's median example; every example with --all
+    start = next(k for k, line in enumerate(lines) if line.startswith('Runs per arm needed'))
+    for line, (name, pos) in zip(lines[start + 1:start + 3], res['groups']):
+        median = [np.ceil(np.median(res[key][pos])) for key in ('runs_needed', 'runs_needed_paired')]
+        assert line.split() == [name.capitalize() + ':', f'{median[0]:.0f}', f'({median[1]:.0f})']
+    _, lines, _ = report([planted, '--all'], capsys)
     start = next(k for k, line in enumerate(lines) if line.startswith('Runs per arm needed'))
     assert lines[start + 1] == ("(index: runs for Welch's t-test; in brackets, seed-matched pairs for the paired "
                                 't-test where that differs):')
