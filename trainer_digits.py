@@ -6,18 +6,12 @@
 The recipe, how the runs are paired, more commands, every option in full: docs/trainers.md.
 """
 
-import os
-import signal
 import sys
 
-
-def _interrupted_while_starting(signum, frame):
-    os.write(2, b'\ninterrupted while starting; nothing was written.\n')
-    os._exit(130)
-
+import startup
 
 if __name__ == '__main__':  # Ctrl-C while torch imports (seconds) is one line; experiment.main then takes over
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
+    startup.ctrl_c_is_one_line()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

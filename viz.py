@@ -26,14 +26,10 @@ import os
 import signal
 import sys
 
-
-def _interrupted_while_starting(signum, frame):
-    os.write(2, b'\nviz: interrupted while starting; nothing was written.\n')
-    os._exit(130)
-
+import startup
 
 if __name__ == '__main__':  # Ctrl-C during the imports below (scipy: most of a second) is one line too
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
+    startup.ctrl_c_is_one_line('viz')
 
 import viz_controls  # noqa: E402
 import viz_factorial  # noqa: E402
