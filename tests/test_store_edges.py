@@ -561,7 +561,6 @@ import time
 import store as store_module
 import store.claims as claims_module
 import store.files as files_module
-from test_store import fake_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOREIGN = dict(host='elsewhere', boot='other', pidns='1', pid=1, start=5, token='x')  # another machine's
@@ -587,7 +586,7 @@ def test_a_worker_in_another_time_namespace_leaves_a_live_claim(tmp_path):
 
 
 def test_a_process_hidden_by_hidepid_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
-    s = fake_store(tmp_path)
+    fake_store(tmp_path)
     sleeper = subprocess.Popen(['sleep', '60'])
     try:
         me = store_module.identity()
@@ -640,7 +639,7 @@ def test_a_heartbeat_a_day_in_the_future_that_does_not_advance_is_taken_over(tmp
 
 def test_a_heartbeat_that_cannot_be_corrected_is_trusted_only_while_it_changes(tmp_path, monkeypatch):
     s = fake_store(tmp_path)
-    path = foreign_claim(s, 5, time.time() + 86400)
+    foreign_claim(s, 5, time.time() + 86400)
     now = [time.time()]
     monkeypatch.setattr(claims_module.Claims, '_store_now', lambda self: now[0])
 
