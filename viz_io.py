@@ -185,6 +185,17 @@ def plain(v):
     return v.tolist() if isinstance(v, np.ndarray) else v.item() if isinstance(v, np.generic) else v
 
 
+def wrap_items(items, first, width):
+    """Join items with two spaces into lines of at most `width` characters, never splitting an item."""
+    lines, line = [], first
+    for item in items:
+        if len(line) + len(item) > width and line.strip():
+            lines.append(line.rstrip())
+            line = ' ' * len(first)
+        line += item + '  '
+    return lines + [line.rstrip()]
+
+
 def rows_of(res, columns):
     """One dict per example (row of res['index']) with the columns of `columns` that res holds, plain
     Python values (NaN/inf kept as floats)."""

@@ -25,8 +25,7 @@ import numpy as np
 import stats
 from design import keep_for, kept_mask
 from store import Store, StoreError
-from viz_io import LEVEL, listed, note, note_progress, ptext
-from viz_with_without import wrap_items
+from viz_io import LEVEL, listed, note, note_progress, ptext, wrap_items
 
 HIGH_MARGIN_QUANTILE = 0.75  # high margin: mean margin when included at or above this quantile of the tested
 NULL_DRAWS = 200             # simulated scans with no effect, for the extremes (stats.null_extremes)

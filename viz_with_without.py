@@ -35,7 +35,7 @@ import viz_controls
 from store import StoreError
 from viz_io import (LEVEL, controls_intro, drop_nonfinite, example_head, example_line, group_summary, group_title,
                     headline, held_out_groups, listed, mean_margins, note, note_progress, per_group, positions_of,
-                    read_margins)
+                    read_margins, wrap_items)
 
 POWER = 0.8     # for "runs per arm needed": chance of reaching p < alpha if the observed effect is real
 MIN_RUNS = 10   # runs per arm (or seed-matched pairs) below which no run count is planned from their spread
@@ -275,17 +275,6 @@ def runs_needed_lines(res, every=False):
                      for item, n, q in zip(items, res['runs_needed'][pos], res['runs_needed_paired'][pos])]
         lines += wrap_items(items, first=f'{name.capitalize() + ":":<8}', width=100)
     return lines
-
-
-def wrap_items(items, first, width):
-    """Join items with two spaces into lines of at most `width` characters, never splitting an item."""
-    lines, line = [], first
-    for item in items:
-        if len(line) + len(item) > width and line.strip():
-            lines.append(line.rstrip())
-            line = ' ' * len(first)
-        line += item + '  '
-    return lines + [line.rstrip()]
 
 
 def runs_text(n):
