@@ -154,8 +154,9 @@ def main(trainer, argv=None):
         device = torch.device(args.device or (devices[0] if devices else airbench.default_device()))  # --gpus 1: cuda:1
         if 'precision' in hyp:  # the store records what the runs were made in, not 'auto'
             hyp['precision'] = resolve_precision(hyp['precision'], device)
-        if t.DATA_DIR and args.data_dir is None:
-            args.data_dir = _recorded_data_dir(out) or 'data'
+        if t.DATA_DIR and args.data_dir is None:  # a rerun reads the folder its store was made from, if there
+            made = _store_data_dir(out)
+            args.data_dir = made if made and os.path.isdir(made) else 'data'
         try:
             images, labels, test_images, test_labels = t.load(args.data_dir)
         except airbench.DataError as e:
@@ -223,23 +224,19 @@ def held_out_line(held_out, path):
     return f'held out: {total} examples from {source}: {groups}'
 
 
-def _recorded_data_dir(out):
-    """The data folder the store at `out` was made from (settings data_dir), if it is still there: a rerun
-    without --data-dir reads it rather than downloading CIFAR-10 into ./data."""
+def _store_data_dir(out):
+    """The data folder the store at `out` was made from (its settings' data_dir), or None."""
     try:
         made = Store(out).settings.get('data_dir')
     except StoreError:
         return None
-    return made if isinstance(made, str) and os.path.isdir(made) else None
+    return made if isinstance(made, str) and made else None
 
 
 def _made_from(out, data_dir):
     """' The store OUT was made from the data in DIR: ...' when `out` is a store made from another data folder."""
-    try:
-        made = Store(out).settings.get('data_dir')
-    except StoreError:
-        return ''
-    if not made or os.path.abspath(data_dir) == made:
+    made = _store_data_dir(out)
+    if made is None or os.path.abspath(data_dir) == made:
         return ''
     return f' The store {out} was made from the data in {made}: pass --data-dir {made}.'
 
