@@ -21,7 +21,7 @@ import numpy as np
 
 import stats
 from store import StoreError
-from store.files import _tag, _tag_owner, identity, owner_alive
+from store.files import TAG, _tag, _tag_owner, identity, owner_alive
 
 LEVEL = 0.95  # confidence level of every interval
 
@@ -205,7 +205,7 @@ def rows_of(res, columns):
 
 TMP_PREFIX = '.viz-tmp-'  # + the store's tag (boot id, pid and time namespace, pid, start time, 8 hex digits):
                           # its owner can be checked as a store file's is; short, so any legal name works beside it
-_TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r'([0-9a-fx]+\.[0-9x]+\.\d+\.[0-9x]+\.[0-9a-f]{8})')
+_TMP_NAME = re.compile(re.escape(TMP_PREFIX) + f'({TAG})')
 _UNKNOWN_OWNER = re.compile(re.escape(TMP_PREFIX) + r'\d+-[0-9a-f]{8}')  # the form before the tag: a pid alone
 STALE_S = 86400.0  # a temporary file whose owner cannot be checked from here is left over after a day
 

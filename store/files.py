@@ -121,9 +121,11 @@ def _tag():
     return f'{me["boot"] or "x"}.{me["pidns"] or "x"}.{me["pid"]}.{me["start"] or "x"}.{secrets.token_hex(4)}'
 
 
-# The names of the store's own temporary files and private links: NAME.tmp-TAG, NAME.reader-TAG, TAG as
-# _tag writes it. Only these (and run files, claims, markers, records) are ever removed or moved.
-OWN_TEMP = re.compile(r'.+\.(tmp|reader)-[0-9a-fx]+\.[0-9x]+\.\d+\.[0-9x]+\.[0-9a-f]{8}')
+TAG = r'[0-9a-fx]+\.[0-9x]+\.\d+\.[0-9x]+\.[0-9a-f]{8}'  # what _tag writes, as a regular expression
+
+# The names of the store's own temporary files and private links: NAME.tmp-TAG, NAME.reader-TAG. Only these
+# (and run files, claims, markers, records) are ever removed or moved.
+OWN_TEMP = re.compile(r'.+\.(tmp|reader)-' + TAG)
 
 
 def check_folder(path):
