@@ -250,24 +250,24 @@ def paired_table(res):
 def runs_needed_lines(res, every=False):
     """Runs per arm each example needs for the report's test at POWER, and, where runs are seed-matched and
     the number differs, the pairs the paired t-test needs: each group's median, each example's with every."""
-    head = (f'Runs per arm needed for p < {res["alpha"]:g} with {POWER:.0%} power at the observed effect and '
-            f'spread\n(index: runs for {describe_test(res).split(" (")[0]}')
-    paired = 'runs_needed_paired' in res and np.isfinite(res['runs_needed_paired']).any()
+    title = f'Runs per arm needed for p < {res["alpha"]:g}'
     if np.isnan(res['runs_needed']).all():
-        return ['', f'Runs per arm needed for p < {res["alpha"]:g}: not estimated from {res["n_with"]} runs with and '
-                    f'{res["n_without"]} without; at least {MIN_RUNS} per arm are needed to plan from their spread.']
+        return ['', f'{title}: not estimated from {res["n_with"]} runs with and {res["n_without"]} without; at '
+                    f'least {MIN_RUNS} per arm are needed to plan from their spread.']
+    title += f' with {POWER:.0%} power at the observed effect and spread'
+    paired = 'runs_needed_paired' in res and np.isfinite(res['runs_needed_paired']).any()
     if not every:  # one line a group: the median example (each example's in --all, --csv and --json)
-        lines = ['', head.split('\n')[0] + (', median over each group (in brackets, seed-matched pairs for the '
-                                             'paired t-test; each example with --all):' if paired else
-                                             ', median over each group (each example with --all):')]
+        lines = ['', title + (', median over each group (in brackets, seed-matched pairs for the paired t-test; '
+                              'each example with --all):' if paired else ', median over each group (each example '
+                              'with --all):')]
         for name, pos in res['groups']:
             item = runs_text(np.ceil(np.median(res['runs_needed'][pos])))  # a median of two rounded up
             if paired:
                 item += f' ({runs_text(np.ceil(np.median(res["runs_needed_paired"][pos])))})'
             lines.append(f'{name.capitalize() + ":":<8}{item}')
         return lines
-    lines = ['', *(head + ('; in brackets, seed-matched pairs for the paired t-test where that differs):'
-                           if paired else '):')).split('\n')]
+    lines = ['', title, f'(index: runs for {describe_test(res).split(" (")[0]}' +
+             ('; in brackets, seed-matched pairs for the paired t-test where that differs):' if paired else '):')]
     for name, pos in res['groups']:
         items = [f'{res["index"][j]}: {runs_text(res["runs_needed"][j])}' for j in pos]
         if paired:
